@@ -1,0 +1,52 @@
+"""The FastAPI app: thin routes over the services in api/services and the repositories in core/."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.routes import adapters, datasets, health, jobs
+from core.reconcile import ReconcilerThread
+from core.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        reconciler = ReconcilerThread(settings) if settings.reconcile_interval_seconds > 0 else None
+        if reconciler:
+            reconciler.start()
+        yield
+        if reconciler:
+            reconciler.stop()
+
+    app = FastAPI(
+        title="tuneserve",
+        version="0.1.0",
+        description="Fine-tune LoRA adapters and serve them hot-swapped",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for module in (health, datasets, jobs, adapters):
+        app.include_router(module.router)
+    return app
+
+
+def run() -> None:
+    """`tuneserve-api`: serve the app with uvicorn."""
+    import uvicorn
+
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=os.environ.get("TUNESERVE_API_HOST", "127.0.0.1"),
+        port=int(os.environ.get("TUNESERVE_API_PORT", "8000")),
+    )

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import SessionDep, SettingsDep
+from api.schemas import JobEventOut, JobOut, ListResponse
+from api.services import jobs as service
+from core.jobspec import JobSpec
+from core.models import JobStatus
+from core.repository import jobs as jobs_repo
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, response_model=JobOut)
+def create_job(session: SessionDep, settings: SettingsDep, spec: JobSpec) -> JobOut:
+    return JobOut.of(service.create_job(session, settings, spec))
+
+
+@router.get("", response_model=ListResponse[JobOut])
+def list_jobs(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=40)] = None,
+    status: JobStatus | None = None,
+) -> ListResponse[JobOut]:
+    rows, has_more = jobs_repo.list_jobs(session, limit=limit, after=after, status=status)
+    return ListResponse[JobOut](data=[JobOut.of(j) for j in rows], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(session: SessionDep, job_id: str) -> JobOut:
+    return JobOut.of(service.get_job_or_404(session, job_id))
+
+
+@router.get("/{job_id}/events", response_model=ListResponse[JobEventOut])
+def list_job_events(
+    session: SessionDep,
+    job_id: str,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[int | None, Query(ge=0, description="Continue after this event id")] = None,
+) -> ListResponse[JobEventOut]:
+    service.get_job_or_404(session, job_id)
+    rows, has_more = jobs_repo.list_events(session, job_id, limit=limit, after=after)
+    return ListResponse[JobEventOut](data=[JobEventOut.of(e) for e in rows], has_more=has_more)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(session: SessionDep, job_id: str) -> JobOut:
+    return JobOut.of(service.cancel_job(session, job_id))

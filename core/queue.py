@@ -1,0 +1,50 @@
+"""The Celery app (broker carries job ids only) and the one way to send work to it."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from core.settings import Settings
+
+TRAIN_TASK = "tuneserve.train"
+RECONCILE_TASK = "tuneserve.reconcile"
+
+
+@lru_cache(maxsize=4)
+def make_celery(broker_url: str, queue_name: str) -> Celery:
+    app = Celery("tuneserve", broker=broker_url)
+    app.conf.update(
+        task_default_queue=queue_name,
+        # SQL is the source of truth; a message is acked only after the task ran, and a duplicate is
+        # turned away by the job lease (DESIGN invariants 1 and 2).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    if broker_url.startswith(("redis://", "rediss://")):
+        # Redis re-delivers an unacked message after this long; longer than any training attempt,
+        # and a duplicate delivery is turned away by the lease anyway.
+        app.conf.broker_transport_options = {"visibility_timeout": 6 * 3600}
+    return app
+
+
+def celery_for(settings: Settings) -> Celery:
+    return make_celery(settings.broker_url, settings.queue_name)
+
+
+def send_train(settings: Settings, job_id: str) -> None:
+    """Send a committed job's id to the workers."""
+    # Few, short publish retries: a broker that is down must not hold the API request for minutes;
+    # the job row is already committed and the reconciler re-sends it.
+    celery_for(settings).send_task(
+        TRAIN_TASK,
+        args=[job_id],
+        queue=settings.queue_name,
+        retry=True,
+        retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+    )

@@ -1,0 +1,55 @@
+"""The reconciler: SQL is the source of truth, so whatever the broker lost is sent again from SQL."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from core.db import session_scope
+from core.models import utcnow
+from core.queue import send_train
+from core.repository import jobs as jobs_repo
+from core.settings import Settings
+
+log = logging.getLogger("tuneserve.reconcile")
+
+
+def reconcile_once(settings: Settings) -> list[str]:
+    """Re-send queued jobs nobody picked up and running jobs whose lease expired; returns the ids sent."""
+    now = utcnow()
+    with session_scope(settings.database_url) as s:
+        jobs_repo.fail_abandoned(s, now=now)
+        stale = jobs_repo.stale_jobs(s, queued_before=now - timedelta(seconds=settings.requeue_after_seconds), now=now)
+    sent = []
+    for job_id in stale:
+        try:
+            send_train(settings, job_id)
+        except Exception:  # noqa: BLE001 - broker still down; try again next round
+            log.warning("reconciler could not send job %s", job_id, exc_info=True)
+            continue
+        with session_scope(settings.database_url) as s:
+            jobs_repo.touch_job(s, job_id)
+        sent.append(job_id)
+    if sent:
+        log.info("reconciler re-sent %d job(s): %s", len(sent), ", ".join(sent))
+    return sent
+
+
+class ReconcilerThread(threading.Thread):
+    """Runs reconcile_once every interval until stopped (started by the API process)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="tuneserve-reconciler", daemon=True)
+        self.settings = settings
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.reconcile_interval_seconds):
+            try:
+                reconcile_once(self.settings)
+            except Exception:  # noqa: BLE001 - a database hiccup must not kill the loop
+                log.exception("reconcile round failed")
+
+    def stop(self) -> None:
+        self.stopped.set()

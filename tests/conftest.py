@@ -1,0 +1,180 @@
+"""Test fixtures: real Postgres + Redis and embedded SQLite stacks, a real Celery worker process, a tiny model."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from core.demo_data import write_demo_dataset
+from core.migrate import upgrade
+from core.modelzoo import build_model
+from core.settings import Settings
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("TUNESERVE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TUNESERVE_TEST_REDIS", "redis://127.0.0.1:6379/15")
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=256, n_test=32, seed=0)
+
+
+def create_pg_database() -> str:
+    name = f"tuneserve_test_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_pg_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_url(name: str) -> str:
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return f"{base}/{name}"
+
+
+@dataclass
+class Stack:
+    """One deployment under test: settings, the API in-process, a Celery worker as a real process."""
+
+    kind: str
+    settings: Settings
+    env: dict[str, str]
+    client: TestClient
+    worker: subprocess.Popen[bytes] | None = None
+    worker_log: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def start_worker(self) -> None:
+        assert self.worker_log is not None
+        log = self.worker_log.open("ab")
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
+             "-Q", self.settings.queue_name, "--loglevel=INFO", "--without-gossip", "--without-mingle"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def stop_worker(self, sig: int = signal.SIGTERM) -> None:
+        if self.worker is None:
+            return
+        try:
+            os.killpg(self.worker.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.worker.pid, signal.SIGKILL)
+            self.worker.wait()
+        self.worker = None
+
+    def wait_for_job(self, job_id: str, *, until: set[str] | None = None, timeout: float = 240,
+                     condition: Any = None) -> dict[str, Any]:
+        """Poll the job until it reaches one of `until` (default: a terminal state) or `condition(job)`."""
+        until = until or TERMINAL
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.client.get(f"/jobs/{job_id}").json()
+            if job["status"] in until or (condition is not None and condition(job)):
+                return job
+            if self.worker is not None and self.worker.poll() is not None:
+                raise AssertionError(f"worker exited with {self.worker.returncode}; log: {self.worker_log}")
+            time.sleep(0.25)
+        raise AssertionError(f"job {job_id} did not reach {until} in {timeout}s: {job}")
+
+
+def _stack_settings(kind: str, data_dir: Path, model_dir: Path) -> tuple[Settings, list[str]]:
+    cleanup: list[str] = []
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "base_model": str(model_dir),
+        "queue_name": f"tuneserve-test-{secrets.token_hex(4)}",
+        "heartbeat_seconds": 1.0,
+        "lease_seconds": 20,
+        "cancel_grace_seconds": 20.0,
+        "event_every_steps": 2,
+        "reconcile_interval_seconds": 2.0,
+        "requeue_after_seconds": 60,
+        "max_upload_bytes": 2 * 1024 * 1024,
+    }
+    if kind == "postgres":
+        name = create_pg_database()
+        cleanup.append(name)
+        values["database_url"] = pg_url(name)
+        values["broker_url"] = REDIS_URL
+    return Settings(**values), cleanup
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            "TUNESERVE_DATA_DIR": str(settings.data_dir),
+            "TUNESERVE_DATABASE_URL": settings.database_url,
+            "TUNESERVE_BROKER_URL": settings.broker_url,
+            "TUNESERVE_BASE_MODEL": settings.base_model,
+            "TUNESERVE_QUEUE_NAME": settings.queue_name,
+            "TUNESERVE_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+            "TUNESERVE_LEASE_SECONDS": str(settings.lease_seconds),
+            "TUNESERVE_CANCEL_GRACE_SECONDS": str(settings.cancel_grace_seconds),
+            "TUNESERVE_EVENT_EVERY_STEPS": str(settings.event_every_steps),
+        }
+    )
+    return env
+
+
+@pytest.fixture(scope="session", params=["postgres", "sqlite"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+    """A full deployment: (a) Postgres + Redis, (b) SQLite + Celery over SQLite."""
+    from api.main import create_app
+
+    kind = request.param
+    data_dir = tmp_path_factory.mktemp(f"stack-{kind}")
+    settings, pg_databases = _stack_settings(kind, data_dir, model_dir)
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    with TestClient(create_app(settings)) as client:
+        stack = Stack(kind=kind, settings=settings, env=settings_env(settings), client=client,
+                      worker_log=data_dir / "worker.log")
+        stack.start_worker()
+        try:
+            yield stack
+        finally:
+            stack.stop_worker()
+    for name in pg_databases:
+        drop_pg_database(name)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(stack: Stack, demo_files: tuple[Path, Path]) -> dict[str, Any]:
+    """The demo task uploaded once per stack, with its test split."""
+    train, test = demo_files
+    with train.open("rb") as f, test.open("rb") as t:
+        response = stack.client.post("/datasets", files={"file": ("train.jsonl", f), "test_file": ("test.jsonl", t)})
+    assert response.status_code == 201, response.text
+    return response.json()
