@@ -242,7 +242,8 @@ def publish_adapter(attempt: Attempt, job: Job, model: Any, hp: Hyperparameters,
         model.save_pretrained(str(staged), safe_serialization=True)
         files, size = hash_dir(staged)
         store.publish(staged, relative)
-    target_modules = sorted(model.peft_config["default"].target_modules)
+    # PEFT expands "all-linear" to full module paths; record the layer names users know (q_proj, ...).
+    target_modules = sorted({m.rsplit(".", 1)[-1] for m in model.peft_config["default"].target_modules})
     with session_scope(settings.database_url) as s:
         if not jobs_repo.finish_job(
             s, job.id, owner=attempt.owner, status=JobStatus.succeeded, adapter_name=name, train_tokens=train_tokens
