@@ -1,0 +1,161 @@
+"""The embedded demo: build a tiny model and a task, start api + worker on SQLite, fine-tune, show the result.
+
+Run with `make demo`. Every process it starts is stopped on success, failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from core.demo_data import write_demo_dataset
+from core.migrate import upgrade
+from core.modelzoo import build_model
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+API_PORT = int(os.environ.get("TUNESERVE_DEMO_PORT", "8765"))
+DEMO_HYPERPARAMETERS = {"max_steps": 300, "learning_rate": 3e-3, "batch_size": 16, "lora_r": 8, "lora_alpha": 16}
+
+
+class Processes:
+    """Child processes started by the demo, each in its own process group so nothing outlives it."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("wb")
+        child = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.children.append((name, child))
+        return child
+
+    def check_alive(self) -> None:
+        for name, child in self.children:
+            if child.poll() is not None:
+                raise RuntimeError(f"{name} exited with {child.returncode}; see {self.log_dir / (name + '.log')}")
+
+    def stop_all(self) -> None:
+        for name, child in reversed(self.children):
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        for name, child in reversed(self.children):
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            print(f"  stopped {name} (pid {child.pid})")
+
+
+@contextmanager
+def managed(log_dir: Path) -> Iterator[Processes]:
+    processes = Processes(log_dir)
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield processes
+    finally:
+        print("cleaning up:")
+        processes.stop_all()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_until(check, *, timeout: float, processes: Processes, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        processes.check_alive()
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
+
+
+def _ready(client: httpx.Client) -> bool:
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TUNESERVE_DATA_DIR", str(ROOT / "var" / "demo"))
+    settings = Settings()
+    settings.ensure_dirs()
+    log_dir = settings.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    print(f"== tuneserve embedded demo (data in {settings.data_dir})")
+    model_dir = build_model(Path(settings.base_model), preset="tiny", seed=0)
+    train_file, test_file = write_demo_dataset(settings.data_dir / "demo-task", n_train=512, n_test=64, seed=0)
+    upgrade(settings.database_url)
+    print(f"  base model: {model_dir}\n  database:   {settings.database_url}\n  broker:     {settings.broker_url}")
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TUNESERVE_BASE_MODEL=str(model_dir))
+    with managed(log_dir) as processes:
+        processes.start("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo",
+                                   "--concurrency=1", "-Q", settings.queue_name, "--loglevel=INFO"], env)
+        processes.start("api", [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
+                                "--host", "127.0.0.1", "--port", str(API_PORT)], env)
+        with httpx.Client(base_url=f"http://127.0.0.1:{API_PORT}", timeout=60) as client:
+            wait_until(lambda: _ready(client), timeout=60, processes=processes, what="api readiness")
+            print(f"  api ready on http://127.0.0.1:{API_PORT} (docs at /docs)")
+            run_story(client, processes, train_file, test_file)
+    return 0
+
+
+def run_story(client: httpx.Client, processes: Processes, train_file: Path, test_file: Path) -> None:
+    with train_file.open("rb") as f, test_file.open("rb") as t:
+        response = client.post("/datasets", files={"file": ("train.jsonl", f), "test_file": ("test.jsonl", t)})
+    response.raise_for_status()
+    dataset = response.json()
+    print(f"\n== dataset {dataset['id']}: {dataset['format']}, splits {dataset['splits']}")
+
+    submitted_at = time.monotonic()
+    response = client.post("/jobs", json={"dataset_id": dataset["id"], "suffix": "demo", "hyperparameters": DEMO_HYPERPARAMETERS})
+    response.raise_for_status()
+    job = response.json()
+    print(f"== job {job['id']} {job['status']}: lora r={DEMO_HYPERPARAMETERS['lora_r']}, {DEMO_HYPERPARAMETERS['max_steps']} steps")
+
+    def finished():  # type: ignore[no-untyped-def]
+        current = client.get(f"/jobs/{job['id']}").json()
+        progress = current["progress"]
+        loss = current["last_loss"]
+        print(
+            f"\r  {current['status']:<10} step {progress['step']:>4}/{progress['total_steps'] or '?':<4} "
+            f"loss {loss if loss is None else round(loss, 4)!s:<8} eta {progress['eta_seconds'] or '-'}s   ",
+            end="",
+            flush=True,
+        )
+        return current if current["status"] in ("succeeded", "failed", "cancelled") else None
+
+    job = wait_until(finished, timeout=1800, processes=processes, what="training")
+    print(f"\n  {job['status']} in {time.monotonic() - submitted_at:.1f}s from POST /jobs")
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job ended {job['status']}: {job['error']}")
+    adapter = client.get(f"/adapters/{job['fine_tuned_model']}").json()
+    print(f"\n== adapter {adapter['name']} (rank {adapter['rank']}, alpha {adapter['alpha']}, {adapter['size_bytes']} bytes)")
+    for name, digest in adapter["files"].items():
+        print(f"  {name:<28} sha256 {digest[:16]}...")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        sys.exit(130)
