@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import adapters, datasets, health, jobs
+from api.metrics import install_metrics
+from api.routes import adapters, datasets, evaluations, generation, health, jobs, openai_compat
+from api.services.serving_client import close_serving_client
 from core.reconcile import ReconcilerThread
 from core.settings import Settings, get_settings
 
@@ -19,13 +21,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.ensure_dirs()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reconciler = ReconcilerThread(settings) if settings.reconcile_interval_seconds > 0 else None
         if reconciler:
             reconciler.start()
         yield
         if reconciler:
             reconciler.stop()
+        await close_serving_client(app.state)
 
     app = FastAPI(
         title="tuneserve",
@@ -35,8 +38,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    for module in (health, datasets, jobs, adapters):
+    install_metrics(app, settings)
+    for module in (health, datasets, jobs, adapters, evaluations, generation, openai_compat):
         app.include_router(module.router)
+    app.include_router(adapters.operations_router)
     return app
 
 

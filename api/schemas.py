@@ -7,7 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from core.models import Adapter, Dataset, Job, JobEvent, utcnow
+from core.models import Adapter, AdapterOperation, Dataset, Evaluation, EvaluationSample, Job, JobEvent, utcnow
 
 T = TypeVar("T")
 
@@ -93,6 +93,7 @@ class JobOut(BaseModel):
     attempts: int
     cancel_requested: bool
     error: ErrorBody | None
+    evaluation: "JobEvaluationSummary | None" = None
 
     @classmethod
     def of(cls, job: Job) -> "JobOut":
@@ -171,6 +172,8 @@ class AdapterOut(BaseModel):
     servable: bool
     servable_reason: str | None
     created_at: int
+    parent: str | None = None
+    scale: float | None = None
 
     @classmethod
     def of(cls, a: Adapter) -> "AdapterOut":
@@ -189,9 +192,189 @@ class AdapterOut(BaseModel):
             servable=a.servable,
             servable_reason=a.servable_reason,
             created_at=unix(a.created_at) or 0,
+            parent=a.parent_name,
+            scale=a.scale,
         )
+
+
+class CheckpointOut(BaseModel):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    step: int
+    complete: bool
+    created_at: int
+    size_bytes: int
 
 
 class HealthOut(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+def _work_error(row: Evaluation | AdapterOperation) -> ErrorBody | None:
+    if row.status.value != "failed" or not row.error_code:
+        return None
+    return ErrorBody(type="worker_error", code=row.error_code, message=row.error_message or "", param=row.error_param)
+
+
+class EvaluationResult(BaseModel):
+    scale: float | None
+    metrics: dict[str, float]
+    n_examples: int
+    seconds: float
+
+
+class EvaluationProgress(BaseModel):
+    done_examples: int
+    total_examples: int | None
+
+
+class EvaluationOut(BaseModel):
+    id: str
+    object: Literal["evaluation"] = "evaluation"
+    status: str
+    dataset_id: str
+    split: str
+    base_model: str
+    adapter: str | None
+    job_id: str | None
+    role: str | None
+    metrics: list[str]
+    scales: list[float] | None
+    batch_size: int
+    max_new_tokens: int
+    max_examples: int | None
+    n_examples: int | None
+    progress: EvaluationProgress
+    results: list[EvaluationResult]
+    duration_seconds: float | None
+    attempts: int
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+    error: ErrorBody | None
+
+    @classmethod
+    def of(cls, e: Evaluation) -> "EvaluationOut":
+        total = e.n_examples * len(e.scales or [None]) if e.n_examples is not None else None
+        return cls(
+            id=e.id,
+            status=e.status.value,
+            dataset_id=e.dataset_id,
+            split=e.split,
+            base_model=e.base_model,
+            adapter=e.adapter_name,
+            job_id=e.job_id,
+            role=e.role,
+            metrics=e.metrics,
+            scales=e.scales,
+            batch_size=e.batch_size,
+            max_new_tokens=e.max_new_tokens,
+            max_examples=e.max_examples,
+            n_examples=e.n_examples,
+            progress=EvaluationProgress(done_examples=e.done_examples, total_examples=total),
+            results=[EvaluationResult.model_validate(r) for r in e.results],
+            duration_seconds=e.duration_seconds,
+            attempts=e.attempt_count,
+            created_at=unix(e.created_at) or 0,
+            started_at=unix(e.started_at),
+            finished_at=unix(e.finished_at),
+            error=_work_error(e),
+        )
+
+
+class EvaluationSampleOut(BaseModel):
+    object: Literal["evaluation.sample"] = "evaluation.sample"
+    index: int
+    scale: float | None
+    prompt: str
+    reference: str
+    prediction: str
+    scores: dict[str, float]
+
+    @classmethod
+    def of(cls, s: EvaluationSample) -> "EvaluationSampleOut":
+        return cls(
+            index=s.example_index, scale=s.scale, prompt=s.prompt, reference=s.reference, prediction=s.prediction,
+            scores=s.scores,
+        )
+
+
+class EvaluationSamplePage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EvaluationSampleOut]
+    total: int
+    offset: int
+    has_more: bool
+
+
+class MetricComparison(BaseModel):
+    name: str
+    base: float | None
+    adapter: float | None
+    delta: float | None
+    lower_is_better: bool
+    improved: bool | None
+
+
+class JobEvaluationSummary(BaseModel):
+    status: str
+    base_evaluation_id: str | None
+    adapter_evaluation_id: str | None
+    base: dict[str, float]
+    adapter: dict[str, float]
+    delta: dict[str, float]
+
+
+class ExampleComparison(BaseModel):
+    index: int
+    prompt: str
+    reference: str
+    base: str
+    adapter: str
+
+
+class JobReport(BaseModel):
+    object: Literal["fine_tuning.job.report"] = "fine_tuning.job.report"
+    job_id: str
+    job_status: str
+    adapter: str | None
+    dataset_id: str
+    split: str
+    n_examples: int | None
+    evaluation: JobEvaluationSummary
+    metrics: list[MetricComparison]
+    adapter_scale: float | None
+    scale_sweep: list[EvaluationResult]
+    examples: list[ExampleComparison]
+
+
+class AdapterOperationOut(BaseModel):
+    id: str
+    object: Literal["adapter.operation"] = "adapter.operation"
+    kind: str
+    status: str
+    source_adapter: str
+    scale: float
+    result: str | None
+    attempts: int
+    created_at: int
+    finished_at: int | None
+    error: ErrorBody | None
+
+    @classmethod
+    def of(cls, o: AdapterOperation) -> "AdapterOperationOut":
+        return cls(
+            id=o.id,
+            kind=o.kind,
+            status=o.status.value,
+            source_adapter=o.source_adapter,
+            scale=o.scale,
+            result=o.result_name,
+            attempts=o.attempt_count,
+            created_at=unix(o.created_at) or 0,
+            finished_at=unix(o.finished_at),
+            error=_work_error(o),
+        )
+
+
+JobOut.model_rebuild()

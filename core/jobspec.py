@@ -7,11 +7,29 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.errors import InvalidInput
+from core.evaluation.spec import JobEvaluation
 from core.settings import Settings
 
 TargetModules = Literal["all-linear", "attention"] | list[str]
 # The q/k/v/o projections of Qwen2/Llama-style attention (the lecture's W_q, W_k, W_v, W_o).
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+Method = Literal["lora", "qlora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "full"]
+# Methods that add virtual tokens instead of changing weights (the lecture's prompt / P- / prefix tuning).
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
+LORA_METHODS = ("lora", "qlora", "dora")
+
+
+class Distributed(BaseModel):
+    """Multi-process training: DDP through torchrun, or FSDP / DeepSpeed ZeRO through accelerate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    num_processes: int = Field(2, ge=1, le=64)
+    zero_stage: Literal[1, 2, 3] = 2
+    offload: Literal["none", "cpu"] = "none"
 
 
 class Hyperparameters(BaseModel):
@@ -25,13 +43,26 @@ class Hyperparameters(BaseModel):
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r (rsLoRA)")
     target_modules: TargetModules = "all-linear"
+    num_virtual_tokens: int = Field(16, ge=1, le=512, description="prompt_tuning, p_tuning, prefix_tuning")
+    encoder_hidden_size: int = Field(128, ge=8, le=8192, description="p_tuning's prompt encoder width")
     max_seq_length: int = Field(512, ge=8)
     seed: int = Field(42, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    optimizer: Literal["adamw_torch", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    packing: bool = Field(False, description="Padding-free batches: examples concatenated, attention kept apart")
     completion_only_loss: bool = Field(True, description="Loss on the assistant tokens only")
+    qlora_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="qlora only")
+    checkpoint_every_steps: int = Field(100, ge=1, description="Save a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(
+        2, ge=2, le=100, description="Keep the last K checkpoints (at least 2, so a crash mid-save leaves a whole one)"
+    )
+    distributed: Distributed | None = None
 
     @model_validator(mode="after")
     def _default_epochs(self) -> "Hyperparameters":
@@ -44,9 +75,9 @@ class Hyperparameters(BaseModel):
             return ATTENTION_MODULES
         return self.target_modules
 
-    def check_limits(self, settings: Settings) -> None:
+    def check_limits(self, settings: Settings, method: str = "lora") -> None:
         """Refuse what the deployment cannot train or serve, naming the parameter."""
-        if self.lora_r not in settings.allowed_lora_ranks:
+        if method in LORA_METHODS and self.lora_r not in settings.allowed_lora_ranks:
             raise InvalidInput(
                 f"lora_r must be one that vLLM can serve: one of {list(settings.allowed_lora_ranks)}; got {self.lora_r}",
                 param="hyperparameters.lora_r",
@@ -63,9 +94,38 @@ class Hyperparameters(BaseModel):
             )
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise InvalidInput("target_modules must not be empty", param="hyperparameters.target_modules")
-
-
-Method = Literal["lora"]
+        on_cpu = settings.training_device == "cpu"
+        if on_cpu and self.precision == "fp16":
+            raise InvalidInput(
+                "precision fp16 needs a CUDA worker (this deployment trains on CPU); use bf16 or fp32",
+                param="hyperparameters.precision",
+            )
+        if on_cpu and self.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+            raise InvalidInput(
+                f"optimizer {self.optimizer} needs a CUDA worker (this deployment trains on CPU); use adamw_torch or adafactor",
+                param="hyperparameters.optimizer",
+            )
+        if method in VIRTUAL_TOKEN_METHODS and self.packing:
+            raise InvalidInput(
+                f"packing cannot be combined with {method}: virtual tokens need one sequence per row",
+                param="hyperparameters.packing",
+            )
+        if method == "qlora" and self.qlora_compute_dtype == "float16" and on_cpu:
+            raise InvalidInput("qlora_compute_dtype float16 needs a CUDA worker", param="hyperparameters.qlora_compute_dtype")
+        if self.distributed is not None:
+            d = self.distributed
+            if d.strategy in ("fsdp", "deepspeed") and on_cpu:
+                raise InvalidInput(
+                    f"distributed.strategy {d.strategy} needs CUDA workers (this deployment trains on CPU); use ddp",
+                    param="hyperparameters.distributed.strategy",
+                )
+            if d.num_processes > settings.max_training_processes:
+                raise InvalidInput(
+                    f"distributed.num_processes must be at most {settings.max_training_processes}",
+                    param="hyperparameters.distributed.num_processes",
+                )
+            if method == "qlora" and d.strategy != "ddp":
+                raise InvalidInput("qlora trains with ddp only", param="hyperparameters.distributed.strategy")
 
 
 class JobSpec(BaseModel):
@@ -78,3 +138,6 @@ class JobSpec(BaseModel):
     method: Method = "lora"
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[a-zA-Z0-9_-]+$")
+    evaluation: JobEvaluation = Field(
+        default_factory=JobEvaluation, description="Base vs adapter on the test split after training"
+    )

@@ -88,6 +88,8 @@ class Job(Base):
     last_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     train_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     adapter_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # The before/after evaluation to run when the job succeeds (core.jobspec.JobEvaluation); null: none.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -133,3 +135,86 @@ class Adapter(Base):
     servable: Mapped[bool] = mapped_column(Boolean, default=True)
     servable_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # A derived adapter (or merged model) records where it came from: the source adapter and the scale s.
+    parent_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    scale: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class WorkStatus(str, enum.Enum):
+    """States of worker-run records other than jobs: evaluations and adapter operations."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (WorkStatus.succeeded, WorkStatus.failed)
+
+
+class LeasedWork:
+    """Columns of a record a worker claims with a lease (as jobs are): status, attempts, lease, error, times."""
+
+    status: Mapped[WorkStatus] = mapped_column(_enum(WorkStatus), index=True, default=WorkStatus.queued)
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_param: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Evaluation(LeasedWork, Base):
+    """Greedy predictions and metrics of the base model or an adapter (at one or more scales) on a split."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("eval"))
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    split: Mapped[str] = mapped_column(String(16))
+    base_model: Mapped[str] = mapped_column(String(512))
+    adapter_name: Mapped[str | None] = mapped_column(String(128), nullable=True, doc="null: the base model")
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True, doc="a job's 'base' or 'adapter' side")
+    metrics: Mapped[list[str]] = mapped_column(JSON)
+    scales: Mapped[list[float] | None] = mapped_column(JSON, nullable=True, doc="adapter scales; null for the base")
+    batch_size: Mapped[int] = mapped_column(Integer)
+    max_new_tokens: Mapped[int] = mapped_column(Integer)
+    max_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    done_examples: Mapped[int] = mapped_column(Integer, default=0, doc="progress over all scales")
+    results: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, doc="per scale: metrics, seconds")
+    duration_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class EvaluationSample(Base):
+    """One example's prompt, reference, prediction and scores, at one scale of one evaluation."""
+
+    __tablename__ = "evaluation_samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    evaluation_id: Mapped[str] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    scale: Mapped[float | None] = mapped_column(Float, nullable=True)
+    example_index: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    reference: Mapped[str] = mapped_column(Text)
+    prediction: Mapped[str] = mapped_column(Text)
+    scores: Mapped[dict[str, float]] = mapped_column(JSON)
+
+
+class AdapterOperation(LeasedWork, Base):
+    """A request to derive a scaled adapter or merge one into a full model, run by a worker."""
+
+    __tablename__ = "adapter_operations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("adop"))
+    kind: Mapped[str] = mapped_column(String(16), doc="derive | merge")
+    source_adapter: Mapped[str] = mapped_column(String(128))
+    scale: Mapped[float] = mapped_column(Float)
+    result_name: Mapped[str | None] = mapped_column(String(128), nullable=True)

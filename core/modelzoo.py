@@ -10,8 +10,12 @@ import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.demo_data import DEMO_VOCABULARY, demo_rows
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -47,6 +51,9 @@ class ModelPreset:
     vocab_size: int
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
+    # With tied embeddings a logit is at most about hidden_size * std; HF's 0.02 caps a tiny model's
+    # best token probability near 0.13, so a LoRA never converges and diverges at lr 3e-3.
+    initializer_range: float = 0.05
 
     def __post_init__(self) -> None:
         # Qwen2 (HF and vLLM) derives head_dim as hidden_size // num_attention_heads.
@@ -124,7 +131,7 @@ def _corpus(seed: int = 1234) -> list[str]:
     words = sorted(set(_ENGLISH))
     lines: list[str] = []
     # Repeat task words so each becomes one token in both " word" and "word" form.
-    for _ in range(20):
+    for _ in range(100):
         lines.append(" ".join(DEMO_VOCABULARY))
         lines.append("\n".join(DEMO_VOCABULARY))
     for row in demo_rows(300, seed=seed):
@@ -148,7 +155,7 @@ def _corpus(seed: int = 1234) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int, model_max_length: int = 2048):
+def build_tokenizer(vocab_size: int, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer with ChatML special tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -184,8 +191,8 @@ def build_tokenizer(vocab_size: int, model_max_length: int = 2048):
     return hf_tok
 
 
-def _write_model(out_dir: Path, preset: ModelPreset, seed: int) -> int:
-    """Write tokenizer, config and weights into out_dir; return the parameter count."""
+def _write_model(out_dir: Path, preset: ModelPreset, seed: int) -> None:
+    """Write tokenizer, config and weights into out_dir."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import logging as hf_logging
@@ -207,6 +214,7 @@ def _write_model(out_dir: Path, preset: ModelPreset, seed: int) -> int:
         num_key_value_heads=preset.num_key_value_heads,
         max_position_embeddings=preset.max_position_embeddings,
         tie_word_embeddings=preset.tie_word_embeddings,
+        initializer_range=preset.initializer_range,
         use_sliding_window=False,
         bos_token_id=endoftext,
         eos_token_id=im_end,
@@ -221,16 +229,13 @@ def _write_model(out_dir: Path, preset: ModelPreset, seed: int) -> int:
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    return sum(p.numel() for p in model.parameters())
 
 
 def _make_readable(directory: Path) -> None:
-    """Give the build the usual umask modes; mkdtemp (and some writers) create owner-only files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
+    """Give the build ordinary modes; mkdtemp (and some writers) create owner-only files."""
+    os.chmod(directory, 0o755)
     for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+        os.chmod(path, 0o644)
 
 
 def build_model(out_dir: Path, preset: str = "tiny", seed: int = 0, force: bool = False) -> Path:
@@ -240,12 +245,15 @@ def build_model(out_dir: Path, preset: str = "tiny", seed: int = 0, force: bool 
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if (out_dir / "config.json").exists() and not force:
         return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
+        # Never replace a directory that is not a model: --out may be a typo for something precious.
+        raise FileExistsError(f"{out_dir} exists, is not empty and holds no model")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old: Path | None = None
     try:
         _write_model(tmp, PRESETS[preset], seed)
         _make_readable(tmp)
-        old = None
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.rename(out_dir, old / "model")
@@ -254,11 +262,13 @@ def build_model(out_dir: Path, preset: str = "tiny", seed: int = 0, force: bool 
         except OSError:
             # Another builder got there first; its result is as good as ours.
             if not (out_dir / "config.json").exists():
+                if old is not None and not out_dir.exists():
+                    os.rename(old / "model", out_dir)
                 raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 

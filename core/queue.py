@@ -10,6 +10,8 @@ from core.settings import Settings
 
 TRAIN_TASK = "tuneserve.train"
 RECONCILE_TASK = "tuneserve.reconcile"
+EVALUATE_TASK = "tuneserve.evaluate"
+ADAPTER_OPERATION_TASK = "tuneserve.adapter_operation"
 
 
 @lru_cache(maxsize=4)
@@ -39,11 +41,25 @@ def celery_for(settings: Settings) -> Celery:
 
 def send_train(settings: Settings, job_id: str) -> None:
     """Send a committed job's id to the workers."""
+    _send(settings, TRAIN_TASK, job_id)
+
+
+def send_evaluate(settings: Settings, evaluation_id: str) -> None:
+    """Send a committed evaluation's id to the workers."""
+    _send(settings, EVALUATE_TASK, evaluation_id)
+
+
+def send_adapter_operation(settings: Settings, operation_id: str) -> None:
+    """Send a committed adapter operation's (derive, merge) id to the workers."""
+    _send(settings, ADAPTER_OPERATION_TASK, operation_id)
+
+
+def _send(settings: Settings, task: str, record_id: str) -> None:
     # Few, short publish retries: a broker that is down must not hold the API request for minutes;
-    # the job row is already committed and the reconciler re-sends it.
+    # the row is already committed and the reconciler re-sends it.
     celery_for(settings).send_task(
-        TRAIN_TASK,
-        args=[job_id],
+        task,
+        args=[record_id],
         queue=settings.queue_name,
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},

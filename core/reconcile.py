@@ -8,8 +8,10 @@ from datetime import timedelta
 
 from core.db import session_scope
 from core.models import utcnow
-from core.queue import send_train
+from core.models import AdapterOperation, Evaluation
+from core.queue import send_adapter_operation, send_evaluate, send_train
 from core.repository import jobs as jobs_repo
+from core.repository import leases
 from core.settings import Settings
 
 log = logging.getLogger("tuneserve.reconcile")
@@ -33,6 +35,26 @@ def reconcile_once(settings: Settings) -> list[str]:
         sent.append(job_id)
     if sent:
         log.info("reconciler re-sent %d job(s): %s", len(sent), ", ".join(sent))
+    return sent + reconcile_leased_work(settings)
+
+
+def reconcile_leased_work(settings: Settings) -> list[str]:
+    """The same for evaluations and adapter operations."""
+    now = utcnow()
+    sent = []
+    for model, send in ((Evaluation, send_evaluate), (AdapterOperation, send_adapter_operation)):
+        with session_scope(settings.database_url) as s:
+            leases.fail_abandoned(s, model, now=now)
+            stale = leases.stale(s, model, queued_before=now - timedelta(seconds=settings.requeue_after_seconds), now=now)
+        for record_id in stale:
+            try:
+                send(settings, record_id)
+            except Exception:  # noqa: BLE001 - broker still down; try again next round
+                log.warning("reconciler could not send %s", record_id, exc_info=True)
+                continue
+            with session_scope(settings.database_url) as s:
+                leases.touch(s, model, record_id)
+            sent.append(record_id)
     return sent
 
 

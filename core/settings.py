@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(64, description="Highest LoRA rank a job may ask for (and serving loads)")
     max_seq_length: int = Field(4096, gt=0)
     max_steps: int = Field(100_000, gt=0)
+    training_device: str = Field("cpu", description="cpu | cuda: what the workers train on (checks precision, optimizers)")
+    max_training_processes: int = Field(2, ge=1, description="Highest distributed.num_processes a job may ask for")
 
     lease_seconds: int = Field(60, gt=0, description="A claimed job's lease; the heartbeat renews it")
     heartbeat_seconds: float = Field(5.0, gt=0)
@@ -37,6 +39,25 @@ class Settings(BaseSettings):
     requeue_after_seconds: int = Field(120, gt=0, description="Re-send a queued job nobody claimed after this long")
     max_attempts: int = Field(3, ge=1)
     event_every_steps: int = Field(5, ge=1, description="Write a loss event every N optimizer steps")
+
+    # Serving: one vLLM engine (enable_lora) in its own process, reachable only from the API.
+    serving_host: str = Field("127.0.0.1", description="Serving binds here: loopback or an internal network only")
+    serving_port: int = Field(8100, gt=0, lt=65536)
+    serving_url: str = Field("", description="Where the API reaches serving; default http://serving_host:serving_port")
+    serving_token: str = Field("", description="Shared secret the API sends to serving; required off loopback")
+    serving_max_loras: int = Field(4, ge=1, description="Distinct adapters batched together in one engine step")
+    serving_max_cpu_loras: int = Field(8, ge=1, description="Adapters kept loaded (LRU cache); >= serving_max_loras")
+    serving_max_model_len: int = Field(2048, gt=0, description="Prompt plus completion tokens per request")
+    serving_max_num_seqs: int = Field(64, gt=0, description="Requests batched together in one engine step")
+    serving_kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
+    serving_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only")
+    serving_dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
+    serving_tensor_parallel_size: int = Field(1, ge=1)
+    serving_enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (faster start)")
+    serving_max_tokens: int = Field(1024, gt=0, description="Highest max_tokens a request may ask for")
+    serving_max_prompt_tokens: int = Field(0, ge=0, description="Longest prompt in tokens; 0: max_model_len - 1")
+    serving_timeout_seconds: float = Field(600.0, gt=0, description="The API's read timeout on a serving call")
+    serving_retry_after_seconds: int = Field(5, ge=1, description="Retry-After sent while serving is unreachable")
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":
@@ -52,6 +73,14 @@ class Settings(BaseSettings):
             self.served_model_name = Path(self.base_model).name or self.base_model
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
+        if not self.serving_url:
+            self.serving_url = f"http://{self.serving_host}:{self.serving_port}"
+        if self.serving_max_cpu_loras < self.serving_max_loras:
+            raise ValueError("serving_max_cpu_loras must be >= serving_max_loras")
+        if not self.serving_max_prompt_tokens:
+            self.serving_max_prompt_tokens = self.serving_max_model_len - 1
+        if self.serving_max_prompt_tokens >= self.serving_max_model_len:
+            raise ValueError("serving_max_prompt_tokens must be < serving_max_model_len")
         return self
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
@@ -56,6 +57,11 @@ def pg_url(name: str) -> str:
     return f"{base}/{name}"
 
 
+def die_with_parent() -> None:
+    """Runs in a test's child process: the kernel sends it SIGTERM if pytest dies without its teardown."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 @dataclass
 class Stack:
     """One deployment under test: settings, the API in-process, a Celery worker as a real process."""
@@ -75,6 +81,7 @@ class Stack:
             [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
              "-Q", self.settings.queue_name, "--loglevel=INFO", "--without-gossip", "--without-mingle"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
@@ -178,3 +185,98 @@ def demo_dataset(stack: Stack, demo_files: tuple[Path, Path]) -> dict[str, Any]:
         response = stack.client.post("/datasets", files={"file": ("train.jsonl", f), "test_file": ("test.jsonl", t)})
     assert response.status_code == 201, response.text
     return response.json()
+
+
+@dataclass
+class ServingProcess:
+    """`python -m serving` started on a stack's settings: the one vLLM engine of a test session."""
+
+    url: str
+    token: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# Small enough for 2 CPU cores: max_cpu_loras below the number of adapters the tests make, so the LRU churns.
+SERVING_TEST_SETTINGS: dict[str, Any] = {
+    "max_lora_rank": 8,
+    "serving_max_loras": 2,
+    "serving_max_cpu_loras": 4,
+    "serving_max_model_len": 512,
+    "serving_max_prompt_tokens": 384,
+    "serving_max_tokens": 64,
+    "serving_max_num_seqs": 32,
+    "serving_kv_cache_gib": 1,
+    "serving_dtype": "float32",
+}
+
+
+@pytest.fixture(scope="session")
+def serving_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+    """The embedded stack (SQLite, Celery over SQLite; worker started on demand) plus one serving process.
+
+    stack.extra["serving"] is the ServingProcess. The API (TestClient) reaches serving over real HTTP.
+    """
+    import httpx
+
+    from api.main import create_app
+
+    data_dir = tmp_path_factory.mktemp("stack-serving")
+    base, _ = _stack_settings("sqlite", data_dir, model_dir)
+    port, token = _free_port(), secrets.token_hex(8)
+    serving_values = dict(SERVING_TEST_SETTINGS, serving_port=port, serving_token=token,
+                          serving_url=f"http://127.0.0.1:{port}")
+    settings = Settings(**{**base.model_dump(exclude={"serving_url", "serving_max_prompt_tokens"}), **serving_values})
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    env = settings_env(settings)
+    env.update({f"TUNESERVE_{k.upper()}": str(v) for k, v in serving_values.items()})
+    log_path = data_dir / "serving.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    serving = ServingProcess(url=settings.serving_url, token=token, process=process, log=log_path)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # readiness: serving opens its port only once the engine is up
+            if process.poll() is not None:
+                raise AssertionError(f"serving exited with {process.returncode}; log: {log_path}")
+            try:
+                if httpx.get(f"{serving.url}/health", headers={"X-Tuneserve-Serving-Token": token}).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"serving not ready in 300 s; log: {log_path}")
+            time.sleep(0.5)
+        with TestClient(create_app(settings)) as client:
+            stack = Stack(kind="sqlite", settings=settings, env=env, client=client,
+                          worker_log=data_dir / "worker.log", extra={"serving": serving})
+            try:
+                yield stack
+            finally:
+                stack.stop_worker()
+    finally:
+        _stop_process_group(process)
+
+
+def _stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process and its children (vLLM's engine core), SIGKILL after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

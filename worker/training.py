@@ -1,9 +1,10 @@
 """The training child process: one attempt of one job, with transformers + peft.
 
-Run as `python -m worker.training JOB_ID OWNER`. It writes progress and events to SQL, stops at the
-cancel flag, saves the adapter atomically into the store and registers it in the same transaction
-that marks the job succeeded (only while it still holds the lease). Exit codes: 0 when the job
-reached a terminal state, EXIT_TRANSIENT when another attempt may succeed.
+Run as `python -m worker.training JOB_ID OWNER` (or under torchrun for DDP). It writes progress and
+events to SQL, stops at the cancel flag, checkpoints every N steps and resumes from the last complete
+checkpoint, saves the adapter atomically into the store and registers it in the same transaction that
+marks the job succeeded (only while it still holds the lease). Exit codes: 0 when the job reached a
+terminal state, EXIT_TRANSIENT when another attempt may succeed.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from core.chat import IGNORE_INDEX, encode_for_training
+from core.checkpoints import checkpoints_dir, latest_complete, mark_complete
 from core.db import session_scope
 from core.errors import TrainingError
 from core.jobspec import Hyperparameters
@@ -25,13 +26,29 @@ from core.repository import adapters as adapters_repo
 from core.repository import jobs as jobs_repo
 from core.settings import Settings, get_settings
 from core.storage import Store, hash_dir
+from worker.collators import PackingCollator, PaddingCollator
+from worker.distributed import trainer_distributed_arguments
+from worker.peft_methods import load_base_model, servability, trained_target_modules, wrap_for_method
 
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
 log = logging.getLogger("tuneserve.training")
+# Our optimizer names -> transformers' `optim` names.
+OPTIMIZERS = {
+    "adamw_torch": "adamw_torch",
+    "adafactor": "adafactor",
+    "sgd": "sgd",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+}
+STOP_CANCEL, STOP_LEASE_LOST = 1, 2
 
 
 def adapter_name_for(job: Job) -> str:
-    return f"ft-{job.suffix or job.method}-{job.id.split('-', 1)[1]}"
+    return f"ft-{job.suffix or job.method.replace('_', '-')}-{job.id.split('-', 1)[1]}"
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def load_rows(store: Store, dataset_path: str, split: str) -> list[list[dict[str, str]]]:
@@ -41,22 +58,40 @@ def load_rows(store: Store, dataset_path: str, split: str) -> list[list[dict[str
     return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+def training_command(settings: Settings, job_id: str, owner: str) -> list[str]:
+    """How the supervisor starts a job's child: plain, or under torchrun for DDP."""
+    with session_scope(settings.database_url) as s:
+        job = jobs_repo.get_job(s, job_id)
+        distributed = (job.hyperparameters or {}).get("distributed") if job else None
+    if distributed and distributed.get("num_processes", 1) > 1:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={distributed['num_processes']}", "-m", "worker.training", job_id, owner,
+        ]
+    return [sys.executable, "-m", "worker.training", job_id, owner]
+
+
 class Attempt:
-    """Everything one attempt needs to talk to SQL."""
+    """Everything one attempt needs to talk to SQL; only the main process of a DDP group writes."""
 
     def __init__(self, settings: Settings, job_id: str, owner: str, attempt: int) -> None:
         self.settings = settings
         self.job_id = job_id
         self.owner = owner
         self.attempt = attempt
+        self.main = is_main_process()
 
     def event(self, message: str, *, kind: str = "message", level: str = "info", **metrics: Any) -> None:
+        if not self.main:
+            return
         with session_scope(self.settings.database_url) as s:
             jobs_repo.add_event(
                 s, JobEvent(job_id=self.job_id, kind=kind, level=level, attempt=self.attempt, message=message, **metrics)
             )
 
     def progress(self, step: int, total: int | None, loss: float | None) -> bool:
+        if not self.main:
+            return True
         with session_scope(self.settings.database_url) as s:
             return jobs_repo.record_progress(s, self.job_id, owner=self.owner, step=step, total_steps=total, loss=loss)
 
@@ -65,6 +100,8 @@ class Attempt:
             return jobs_repo.is_cancel_requested(s, self.job_id)
 
     def finish(self, status: JobStatus, *, error: TrainingError | None = None) -> None:
+        if not self.main:
+            return
         with session_scope(self.settings.database_url) as s:
             jobs_repo.finish_job(
                 s,
@@ -85,32 +122,51 @@ class Attempt:
             )
 
 
+def _agree_on_stop(flag: int) -> int:
+    """Every DDP rank must stop at the same step, or the others hang in their next all-reduce."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    import torch
+
+    tensor = torch.tensor([flag], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def _make_callback(attempt: Attempt):  # type: ignore[no-untyped-def]
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):  # type: ignore[misc]
-        """Loss events every few steps, the cancel flag every step, the lease as a guard."""
+        """Loss events every few steps, the cancel flag every step, checkpoints marked complete."""
 
-        cancelled = False
-        lease_lost = False
+        stop_reason = 0
+        pending_flag = 0
 
         def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             attempt.progress(state.global_step, state.max_steps, None)
 
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            if attempt.cancel_requested():
-                self.cancelled = True
+            flag = self.pending_flag | (STOP_CANCEL if attempt.cancel_requested() else 0)
+            flag = _agree_on_stop(flag)
+            if flag:
+                self.stop_reason = flag
                 control.should_training_stop = True
+                control.should_save = False
             return control
 
+        def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if attempt.main:
+                mark_complete(checkpoints_dir(attempt.settings, attempt.job_id) / f"checkpoint-{state.global_step}", state.global_step)
+                attempt.event(f"checkpoint saved at step {state.global_step}", step=state.global_step)
+
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-            logs = logs or {}
-            loss = logs.get("loss")
-            if loss is None:
+            loss = (logs or {}).get("loss")
+            if loss is None or not attempt.main:
                 return
             if not attempt.progress(state.global_step, state.max_steps, float(loss)):
-                self.lease_lost = True
-                control.should_training_stop = True
+                self.pending_flag |= STOP_LEASE_LOST  # acted on at the next step end, by every rank together
                 return
             attempt.event(
                 f"step {state.global_step}/{state.max_steps}: loss {loss:.4f}",
@@ -124,72 +180,23 @@ def _make_callback(attempt: Attempt):  # type: ignore[no-untyped-def]
     return ProgressCallback()
 
 
-class PaddingCollator:
-    """Right padding for training; labels padded with IGNORE_INDEX so padding never counts in the loss."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
-        import torch
-
-        width = max(len(f["input_ids"]) for f in features)
-        ids, labels, mask = [], [], []
-        for f in features:
-            pad = width - len(f["input_ids"])
-            ids.append(f["input_ids"] + [self.pad_token_id] * pad)
-            labels.append(f["labels"] + [IGNORE_INDEX] * pad)
-            mask.append([1] * len(f["input_ids"]) + [0] * pad)
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
-
-
-def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-
-    settings = attempt.settings
-    store = Store(settings)
-    hp = Hyperparameters.model_validate(job.hyperparameters)
-    rows = load_rows(store, dataset_path, "train")
-
-    tokenizer = AutoTokenizer.from_pretrained(settings.base_model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+def encode_rows(tokenizer: Any, rows: list, hp: Hyperparameters) -> tuple[list[dict[str, list[int]]], int]:
+    """Token ids and labels of every row that still has a label after truncation; and how many were truncated."""
     encoded = [
         encode_for_training(tokenizer, m, max_length=hp.max_seq_length, completion_only=hp.completion_only_loss)
         for m in rows
     ]
-    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if any(l != IGNORE_INDEX for l in e.labels)]
-    truncated = sum(e.truncated for e in encoded)
-    if not examples:
-        raise TrainingError(
-            "no_trainable_tokens",
-            "after truncation to max_seq_length no example has assistant tokens left; raise max_seq_length",
-            param="hyperparameters.max_seq_length",
-        )
-    train_tokens = sum(len(e["input_ids"]) for e in examples)
-    attempt.event(
-        f"{len(examples)} training examples, {train_tokens} tokens, {truncated} truncated to {hp.max_seq_length} tokens"
-    )
+    examples = [
+        {"input_ids": e.input_ids, "labels": e.labels} for e in encoded if any(t != IGNORE_INDEX for t in e.labels)
+    ]
+    return examples, sum(e.truncated for e in encoded)
 
-    torch.manual_seed(hp.seed)
-    model = AutoModelForCausalLM.from_pretrained(settings.base_model, dtype=torch.float32)
-    lora = LoraConfig(
-        r=hp.lora_r,
-        lora_alpha=hp.lora_alpha,
-        lora_dropout=hp.lora_dropout,
-        target_modules=hp.resolved_target_modules(),
-        task_type="CAUSAL_LM",
-    )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as e:
-        raise TrainingError("invalid_target_modules", str(e), param="hyperparameters.target_modules") from None
 
-    workdir = store.job_dir(job.id)
-    args = TrainingArguments(
-        output_dir=str(workdir / "trainer"),
+def training_arguments(hp: Hyperparameters, *, output_dir: str, logging_steps: int, use_cpu: bool, distributed: bool) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
         per_device_train_batch_size=hp.batch_size,
         gradient_accumulation_steps=hp.gradient_accumulation_steps,
         learning_rate=hp.learning_rate,
@@ -198,52 +205,131 @@ def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
         lr_scheduler_type=hp.lr_scheduler_type,
         warmup_steps=hp.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=hp.weight_decay,
-        logging_steps=settings.event_every_steps,
+        optim=OPTIMIZERS[hp.optimizer],
+        bf16=hp.precision == "bf16",
+        fp16=hp.precision == "fp16",
+        gradient_checkpointing=hp.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if hp.gradient_checkpointing else None,
+        logging_steps=logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=hp.checkpoint_every_steps,
+        save_total_limit=hp.keep_checkpoints,
         report_to=[],
         seed=hp.seed,
         data_seed=hp.seed,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=use_cpu,
+        ddp_backend=("gloo" if use_cpu else "nccl") if distributed else None,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
+        **trainer_distributed_arguments(hp),
     )
+
+
+def build_trainer(
+    *,
+    base_model: str,
+    method: str,
+    hp: Hyperparameters,
+    examples: list[dict[str, list[int]]],
+    pad_token_id: int,
+    output_dir: str,
+    logging_steps: int,
+    use_cpu: bool,
+    callbacks: list[Any] | None = None,
+) -> tuple[Any, PaddingCollator | PackingCollator]:
+    """The Trainer for a method and its knobs (also what bench/train.py measures)."""
+    import torch
+    from transformers import Trainer
+
+    torch.manual_seed(hp.seed)
+    model = wrap_for_method(load_base_model(base_model, method, hp), method, hp)
+    collator: PaddingCollator | PackingCollator = PackingCollator() if hp.packing else PaddingCollator(pad_token_id)
+    args = training_arguments(
+        hp, output_dir=output_dir, logging_steps=logging_steps, use_cpu=use_cpu,
+        distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks or [])  # type: ignore[arg-type]
+    return trainer, collator
+
+
+def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    settings = attempt.settings
+    hp = Hyperparameters.model_validate(job.hyperparameters)
+    rows = load_rows(Store(settings), dataset_path, "train")
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.base_model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples, truncated = encode_rows(tokenizer, rows, hp)
+    if not examples:
+        raise TrainingError(
+            "no_trainable_tokens",
+            "after truncation to max_seq_length no example has assistant tokens left; raise max_seq_length",
+            param="hyperparameters.max_seq_length",
+        )
+    dataset_tokens = sum(len(e["input_ids"]) for e in examples)
+    attempt.event(
+        f"{len(examples)} training examples, {dataset_tokens} tokens, {truncated} truncated to {hp.max_seq_length} tokens"
+    )
+
     callback = _make_callback(attempt)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=examples,  # type: ignore[arg-type]
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
+    trainer, collator = build_trainer(
+        base_model=settings.base_model,
+        method=job.method,
+        hp=hp,
+        examples=examples,
+        pad_token_id=tokenizer.pad_token_id,
+        output_dir=str(checkpoints_dir(settings, job.id)),
+        logging_steps=settings.event_every_steps,
+        use_cpu=settings.training_device == "cpu" or not torch.cuda.is_available(),
         callbacks=[callback],
     )
+    model = trainer.model
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    checkpoint = latest_complete(settings, job.id)
+    if checkpoint is not None:
+        attempt.event(f"resuming from checkpoint at step {checkpoint.step}", step=checkpoint.step)
     started = time.monotonic()
-    trainer.train()
-    if callback.lease_lost:
+    trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+    elapsed = time.monotonic() - started
+
+    if callback.stop_reason & STOP_LEASE_LOST:
         log.warning("job %s: lease lost, leaving the job to its new owner", job.id)
         return
-    if callback.cancelled:
+    if callback.stop_reason & STOP_CANCEL:
         attempt.finish(JobStatus.cancelled)
         return
-    elapsed = time.monotonic() - started
+    if not attempt.main:
+        return
     steps = trainer.state.global_step
     attempt.progress(steps, steps, None)
-    attempt.event(f"trained {steps} steps in {elapsed:.1f}s ({train_tokens * (hp.n_epochs or 1) / max(elapsed, 1e-9):.0f} tokens/s)")
-    publish_adapter(attempt, job, model, hp, train_tokens)
+    attempt.event(
+        f"trained {steps} steps in {elapsed:.1f}s: {collator.real_tokens * world_size / max(elapsed, 1e-9):.0f} tokens/s, "
+        f"{collator.real_tokens / max(collator.batch_tokens, 1):.0%} of computed tokens were not padding"
+    )
+    publish_adapter(attempt, job, model, tokenizer, hp, dataset_tokens)
 
 
-def publish_adapter(attempt: Attempt, job: Job, model: Any, hp: Hyperparameters, train_tokens: int) -> None:
+def publish_adapter(attempt: Attempt, job: Job, model: Any, tokenizer: Any, hp: Hyperparameters, train_tokens: int) -> None:
     """Write the adapter to a staging dir, move it into place, then register it with the job's success."""
     settings = attempt.settings
     store = Store(settings)
     name = adapter_name_for(job)
     relative = store.adapter_dir(name)
+    target_modules = trained_target_modules(model, job.method)
     with store.staging_dir() as staged:
         model.save_pretrained(str(staged), safe_serialization=True)
+        if job.method == "full":
+            tokenizer.save_pretrained(str(staged))  # a full model must stand on its own
         files, size = hash_dir(staged)
         store.publish(staged, relative)
-    # PEFT expands "all-linear" to full module paths; record the layer names users know (q_proj, ...).
-    target_modules = sorted({m.rsplit(".", 1)[-1] for m in model.peft_config["default"].target_modules})
+    serve = servability(job.method, hp, target_modules)
+    lora = job.method in ("lora", "qlora", "dora")
     with session_scope(settings.database_url) as s:
         if not jobs_repo.finish_job(
             s, job.id, owner=attempt.owner, status=JobStatus.succeeded, adapter_name=name, train_tokens=train_tokens
@@ -256,14 +342,15 @@ def publish_adapter(attempt: Attempt, job: Job, model: Any, hp: Hyperparameters,
                 job_id=job.id,
                 base_model=job.base_model,
                 method=job.method,
-                rank=hp.lora_r,
-                alpha=hp.lora_alpha,
+                rank=hp.lora_r if lora else None,
+                alpha=hp.lora_alpha if lora else None,
                 target_modules=target_modules,
                 path=relative,
                 files=files,
                 size_bytes=size,
                 status=AdapterStatus.ready,
-                servable=True,
+                servable=serve.servable,
+                servable_reason=serve.reason,
             ),
         )
         jobs_repo.add_event(
@@ -291,14 +378,13 @@ def run(job_id: str, owner: str) -> int:
             return EXIT_TRANSIENT
         attempt.finish(JobStatus.failed, error=e)
         return 0
-    except (MemoryError, RuntimeError) as e:
-        if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+    except MemoryError as e:
+        attempt.event(f"out of memory: {e}", level="warning")
+        return EXIT_TRANSIENT
+    except Exception as e:  # noqa: BLE001 - the user gets the reason instead of a silent crash
+        if "out of memory" in str(e).lower():
             attempt.event(f"out of memory: {e}", level="warning")
             return EXIT_TRANSIENT
-        log.exception("training failed")
-        attempt.finish(JobStatus.failed, error=TrainingError("training_error", f"{type(e).__name__}: {e}"))
-        return 0
-    except Exception as e:  # noqa: BLE001 - the user gets the reason instead of a silent crash
         log.exception("training failed")
         attempt.finish(JobStatus.failed, error=TrainingError("training_error", f"{type(e).__name__}: {e}"))
         return 0

@@ -5,8 +5,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import SessionDep, SettingsDep
-from api.schemas import JobEventOut, JobOut, ListResponse
+from api.schemas import CheckpointOut, JobEventOut, JobOut, JobReport, ListResponse
+from api.services import evaluations as evaluations_service
 from api.services import jobs as service
+from core.checkpoints import list_checkpoints
 from core.jobspec import JobSpec
 from core.models import JobStatus
 from core.repository import jobs as jobs_repo
@@ -32,7 +34,14 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(session: SessionDep, job_id: str) -> JobOut:
-    return JobOut.of(service.get_job_or_404(session, job_id))
+    job = service.get_job_or_404(session, job_id)
+    return JobOut.of(job).model_copy(update={"evaluation": evaluations_service.job_summary(session, job)})
+
+
+@router.get("/{job_id}/report", response_model=JobReport)
+def get_job_report(session: SessionDep, job_id: str) -> JobReport:
+    """Base model vs the job's adapter on the test split, metric by metric."""
+    return evaluations_service.job_report(session, service.get_job_or_404(session, job_id))
 
 
 @router.get("/{job_id}/events", response_model=ListResponse[JobEventOut])
@@ -50,3 +59,10 @@ def list_job_events(
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(session: SessionDep, job_id: str) -> JobOut:
     return JobOut.of(service.cancel_job(session, job_id))
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointOut])
+def list_job_checkpoints(session: SessionDep, settings: SettingsDep, job_id: str) -> ListResponse[CheckpointOut]:
+    service.get_job_or_404(session, job_id)
+    rows = [CheckpointOut(**c.to_public()) for c in list_checkpoints(settings, job_id)]  # type: ignore[arg-type]
+    return ListResponse[CheckpointOut](data=rows, has_more=False)

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from api.services.datasets import get_dataset_or_404
 from core.errors import Conflict, InvalidInput, NotFound
 from core.jobspec import JobSpec
+from core.model_info import check_target_modules
 from core.models import Job, JobEvent, JobStatus
 from core.queue import send_train
 from core.repository import jobs as jobs_repo
@@ -27,7 +28,10 @@ def resolve_base_model(settings: Settings, requested: str | None) -> str:
 
 
 def create_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
-    spec.hyperparameters.check_limits(settings)
+    hp = spec.hyperparameters
+    hp.check_limits(settings, spec.method)
+    if isinstance(hp.target_modules, list):
+        check_target_modules(settings.base_model, hp.target_modules)
     base_model = resolve_base_model(settings, spec.base_model)
     get_dataset_or_404(session, spec.dataset_id)
     job = jobs_repo.add_job(
@@ -38,6 +42,7 @@ def create_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
             method=spec.method,
             hyperparameters=spec.hyperparameters.model_dump(mode="json"),
             suffix=spec.suffix,
+            evaluation=spec.evaluation.model_dump(mode="json"),
             status=JobStatus.queued,
             max_attempts=settings.max_attempts,
         ),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.models import Job, JobEvent, JobStatus, utcnow
@@ -28,6 +28,14 @@ def list_jobs(
     if status is not None:
         query = query.where(Job.status == status)
     return newest_first_page(session, Job, query, limit=limit, after=after)
+
+
+def count_by_status(session: Session) -> dict[JobStatus, int]:
+    """Jobs per status (every status present, zero when none)."""
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    counts = dict.fromkeys(JobStatus, 0)
+    counts.update({status: n for status, n in rows})
+    return counts
 
 
 def claim_job(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> bool:

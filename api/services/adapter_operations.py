@@ -1,0 +1,48 @@
+"""Derive a scaled adapter or merge one into a full model: validate, commit the operation, send it to a worker."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from core.adapter_ops import SCALABLE_METHODS
+from core.errors import InvalidInput, NotFound
+from core.models import AdapterOperation, AdapterStatus, WorkStatus
+from core.queue import send_adapter_operation
+from core.repository import adapter_operations as operations_repo
+from core.repository import adapters as adapters_repo
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_operation(session: Session, settings: Settings, *, name: str, kind: str, scale: float) -> AdapterOperation:
+    adapter = adapters_repo.get_adapter_by_name(session, name)
+    if adapter is None or adapter.status == AdapterStatus.deleted:
+        raise NotFound(f"no adapter named {name!r}", param="name")
+    if adapter.method not in SCALABLE_METHODS:
+        raise InvalidInput(
+            f"derive and merge apply to LoRA and QLoRA adapters; {name!r} is {adapter.method!r}", param="name"
+        )
+    if adapter.status != AdapterStatus.ready:
+        raise InvalidInput(f"adapter {name!r} is {adapter.status.value}", param="name")
+    operation = operations_repo.add_operation(
+        session,
+        AdapterOperation(
+            kind=kind, source_adapter=name, scale=scale, status=WorkStatus.queued, max_attempts=settings.max_attempts
+        ),
+    )
+    session.commit()  # the row exists before any worker can hear of it
+    try:
+        send_adapter_operation(settings, operation.id)
+    except Exception:  # noqa: BLE001 - SQL has the operation; the reconciler re-sends it
+        log.warning("could not send adapter operation %s; the reconciler will resend it", operation.id, exc_info=True)
+    return operation
+
+
+def get_operation_or_404(session: Session, operation_id: str) -> AdapterOperation:
+    operation = operations_repo.get_operation(session, operation_id)
+    if operation is None:
+        raise NotFound(f"no adapter operation with id {operation_id!r}", param="operation_id")
+    return operation

@@ -1,0 +1,190 @@
+"""Evaluations: validate, commit the row, then send its id; and the before/after report of a job."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from sqlalchemy.orm import Session
+
+from api.schemas import (
+    EvaluationResult,
+    EvaluationSampleOut,
+    EvaluationSamplePage,
+    ExampleComparison,
+    JobEvaluationSummary,
+    JobReport,
+    MetricComparison,
+)
+from api.services.datasets import get_dataset_or_404
+from core.adapter_ops import check_scalable
+from core.errors import InvalidInput, NotFound
+from core.evaluation.metrics import ALL_METRICS, LOWER_IS_BETTER
+from core.evaluation.spec import EvaluationSpec
+from core.models import AdapterStatus, Evaluation, Job, JobStatus, WorkStatus
+from core.queue import send_evaluate
+from core.repository import adapters as adapters_repo
+from core.repository import evaluations as evaluations_repo
+from core.repository.datasets import get_dataset
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+REPORT_EXAMPLES = 5
+
+
+def _unique(values: Sequence[object], param: str) -> None:
+    seen: set[object] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            raise InvalidInput(f"{param}[{i}]: {value!r} appears twice", param=f"{param}[{i}]")
+        seen.add(value)
+
+
+def create_evaluation(session: Session, settings: Settings, spec: EvaluationSpec) -> Evaluation:
+    dataset = get_dataset_or_404(session, spec.dataset_id)
+    rows = dataset.test_rows if spec.split == "test" else dataset.train_rows
+    if rows == 0:
+        raise InvalidInput(
+            f"dataset {dataset.id} has no {spec.split} split; upload it with test_file or test_fraction",
+            param="split",
+            code="split_missing",
+        )
+    _unique(list(spec.metrics), "metrics")
+    scales: list[float] | None = None
+    if spec.adapter is None:
+        if spec.scales is not None:
+            raise InvalidInput("scales apply to an adapter; give adapter, or leave scales out for the base model", param="scales")
+    else:
+        adapter = adapters_repo.get_adapter_by_name(session, spec.adapter)
+        if adapter is None or adapter.status == AdapterStatus.deleted:
+            raise NotFound(f"no adapter named {spec.adapter!r}", param="adapter")
+        if adapter.status != AdapterStatus.ready:
+            raise InvalidInput(f"adapter {spec.adapter!r} is {adapter.status.value}", param="adapter")
+        scales = list(spec.scales) if spec.scales is not None else [1.0]
+        _unique(scales, "scales")
+        check_scalable(adapter.method, scales, param="scales")
+    evaluation = evaluations_repo.add_evaluation(
+        session,
+        Evaluation(
+            dataset_id=dataset.id,
+            split=spec.split,
+            base_model=settings.served_model_name,
+            adapter_name=spec.adapter,
+            metrics=list(spec.metrics),
+            scales=scales,
+            batch_size=spec.batch_size,
+            max_new_tokens=spec.max_new_tokens,
+            max_examples=spec.max_examples,
+            status=WorkStatus.queued,
+            max_attempts=settings.max_attempts,
+        ),
+    )
+    session.commit()  # the row exists before any worker can hear of it
+    try:
+        send_evaluate(settings, evaluation.id)
+    except Exception:  # noqa: BLE001 - SQL has the evaluation; the reconciler re-sends it
+        log.warning("could not send evaluation %s; the reconciler will resend it", evaluation.id, exc_info=True)
+    return evaluation
+
+
+def get_evaluation_or_404(session: Session, evaluation_id: str) -> Evaluation:
+    evaluation = evaluations_repo.get_evaluation(session, evaluation_id)
+    if evaluation is None:
+        raise NotFound(f"no evaluation with id {evaluation_id!r}", param="evaluation_id")
+    return evaluation
+
+
+def sample_page(
+    session: Session, evaluation: Evaluation, *, limit: int, offset: int, scale: float | None
+) -> EvaluationSamplePage:
+    if scale is not None and scale not in (evaluation.scales or []):
+        raise InvalidInput(f"scale {scale} is not one of this evaluation's scales {evaluation.scales}", param="scale")
+    rows, total = evaluations_repo.list_samples(
+        session, evaluation.id, limit=limit, offset=offset, scale=scale, filter_scale=scale is not None
+    )
+    return EvaluationSamplePage(
+        data=[EvaluationSampleOut.of(r) for r in rows], total=total, offset=offset, has_more=offset + len(rows) < total
+    )
+
+
+def _result_at(evaluation: Evaluation | None, scale: float | None) -> EvaluationResult | None:
+    """The evaluation's result at `scale` (1 when present for an adapter, else its first)."""
+    if evaluation is None or not evaluation.results:
+        return None
+    results = [EvaluationResult.model_validate(r) for r in evaluation.results]
+    return next((r for r in results if r.scale == scale), results[0])
+
+
+def _status(session: Session, job: Job, rows: dict[str, Evaluation]) -> str:
+    if not rows:
+        # "pending" until the worker queues them after training; "none" when the job will have none.
+        enabled = bool(job.evaluation and job.evaluation.get("enabled", True))
+        dataset = get_dataset(session, job.dataset_id)
+        will_run = enabled and dataset is not None and dataset.test_rows > 0
+        return "pending" if will_run and job.status in (JobStatus.queued, JobStatus.running, JobStatus.succeeded) else "none"
+    statuses = {r.status for r in rows.values()}
+    if WorkStatus.failed in statuses:
+        return "failed"
+    if statuses == {WorkStatus.succeeded}:
+        return "succeeded"
+    return "running" if WorkStatus.running in statuses else "queued"
+
+
+def job_summary(session: Session, job: Job) -> JobEvaluationSummary:
+    """Base and adapter metrics of a job's before/after evaluation, and adapter minus base."""
+    rows = evaluations_repo.evaluations_for_job(session, job.id)
+    base, tuned = rows.get("base"), rows.get("adapter")
+    base_result, tuned_result = _result_at(base, None), _result_at(tuned, 1.0)
+    base_metrics = base_result.metrics if base_result else {}
+    tuned_metrics = tuned_result.metrics if tuned_result else {}
+    return JobEvaluationSummary(
+        status=_status(session, job, rows),
+        base_evaluation_id=base.id if base else None,
+        adapter_evaluation_id=tuned.id if tuned else None,
+        base=base_metrics,
+        adapter=tuned_metrics,
+        delta={k: tuned_metrics[k] - v for k, v in base_metrics.items() if k in tuned_metrics},
+    )
+
+
+def job_report(session: Session, job: Job) -> JobReport:
+    """The job's base and adapter side by side: per-metric delta, the adapter's scale sweep, a few examples."""
+    summary = job_summary(session, job)
+    rows = evaluations_repo.evaluations_for_job(session, job.id)
+    base, tuned = rows.get("base"), rows.get("adapter")
+    tuned_result = _result_at(tuned, 1.0)
+    names = [m for m in ALL_METRICS if m in summary.base or m in summary.adapter]
+    metrics = []
+    for name in names:
+        b, a = summary.base.get(name), summary.adapter.get(name)
+        delta = a - b if a is not None and b is not None else None
+        lower = name in LOWER_IS_BETTER
+        metrics.append(
+            MetricComparison(
+                name=name, base=b, adapter=a, delta=delta, lower_is_better=lower,
+                improved=None if delta is None or delta == 0 else (delta < 0) == lower,
+            )
+        )
+    examples: list[ExampleComparison] = []
+    if base is not None and tuned is not None and summary.status == "succeeded" and tuned_result is not None:
+        base_rows, _ = evaluations_repo.list_samples(session, base.id, limit=REPORT_EXAMPLES, offset=0)
+        tuned_rows, _ = evaluations_repo.list_samples(
+            session, tuned.id, limit=REPORT_EXAMPLES, offset=0, scale=tuned_result.scale, filter_scale=True
+        )
+        examples = [
+            ExampleComparison(index=b.example_index, prompt=b.prompt, reference=b.reference, base=b.prediction, adapter=t.prediction)
+            for b, t in zip(base_rows, tuned_rows, strict=False)
+        ]
+    return JobReport(
+        job_id=job.id,
+        job_status=job.status.value,
+        adapter=job.adapter_name,
+        dataset_id=job.dataset_id,
+        split="test",
+        n_examples=(tuned or base).n_examples if (tuned or base) else None,
+        evaluation=summary,
+        metrics=metrics,
+        adapter_scale=tuned_result.scale if tuned_result else None,
+        scale_sweep=[EvaluationResult.model_validate(r) for r in tuned.results] if tuned else [],
+        examples=examples,
+    )

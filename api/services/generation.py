@@ -1,0 +1,87 @@
+"""Generation for the API: resolve the adapter in SQL, forward to serving, shape the answer (plain or SSE)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.services.serving_client import ServingClient, ServingStreamError
+from core.errors import InvalidInput, NotFound, TuneserveError
+from core.models import Adapter, AdapterStatus
+from core.repository import adapters as adapters_repo
+from core.settings import Settings
+from serving.protocol import GenerateChunk, GenerateRequest, GenerateResult, ServingRequest
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _servable_adapter(session: Session, name: str, *, param: str) -> Adapter:
+    adapter = adapters_repo.get_adapter_by_name(session, name)
+    if adapter is None or adapter.status == AdapterStatus.deleted:
+        raise NotFound(f"no adapter or model named {name!r}", param=param)
+    if adapter.status != AdapterStatus.ready or not adapter.servable:
+        reason = adapter.servable_reason or f"its status is {adapter.status.value}"
+        raise InvalidInput(f"adapter {name!r} cannot be served: {reason}", param=param, code="adapter_not_servable")
+    return adapter
+
+
+async def resolve_adapter(session: Session, settings: Settings, name: str | None, *, param: str) -> str | None:
+    """The adapter to use for `name` (None: the base model), or 404 naming `param`."""
+    if name is None or name in (settings.served_model_name, settings.base_model):
+        return None
+    adapter = await run_in_threadpool(_servable_adapter, session, name, param=param)
+    return adapter.name
+
+
+def serving_request(body: GenerateRequest, adapter: str | None) -> ServingRequest:
+    return ServingRequest(adapter=adapter, **body.model_dump())
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+async def sse_events(chunks: AsyncIterator[GenerateChunk], encode: Callable[[GenerateChunk], list[str]]) -> AsyncIterator[str]:
+    """Server-sent events from serving's chunks; an error after the first event goes into the stream."""
+    try:
+        async for chunk in chunks:
+            for data in encode(chunk):
+                yield sse(data)
+    except ServingStreamError as e:
+        yield sse(json.dumps({"error": e.error}))
+    yield sse("[DONE]")
+
+
+@contextmanager
+def _adapter_param_named(param: str) -> Iterator[None]:
+    """Serving names the adapter field `adapter`; the OpenAI routes call it `model`."""
+    try:
+        yield
+    except TuneserveError as e:
+        if e.param == "adapter":
+            e.param = param
+        raise
+
+
+async def generate(client: ServingClient, request: ServingRequest, *, param: str = "adapter") -> GenerateResult:
+    with _adapter_param_named(param):
+        return await client.generate(request)
+
+
+async def generate_stream(
+    client: ServingClient, request: ServingRequest, *, param: str = "adapter"
+) -> AsyncIterator[GenerateChunk]:
+    """Open the stream now, so a bad adapter or prompt is a plain 4xx, not an event in a 200 stream."""
+    with _adapter_param_named(param):
+        return await client.stream(request)
+
+
+def servable_models(session: Session, settings: Settings) -> tuple[str, list[Adapter]]:
+    return settings.served_model_name, adapters_repo.list_servable_adapters(session)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics on predictions, and batched greedy inference with left padding."""

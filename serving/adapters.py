@@ -1,0 +1,237 @@
+"""Adapters at run time: look the name up in SQL, verify the files, validate, load into vLLM once per name."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import struct
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.db import session_scope
+from core.errors import InvalidInput, NotFound
+from core.models import AdapterStatus
+from core.repository import adapters as adapters_repo
+from core.settings import Settings
+from core.storage import Store, sha256_file
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# vLLM serves LoRA on the transformer's linear layers only.
+UNSERVABLE_MODULES = ("lm_head", "embed_tokens", "wte", "word_embeddings")
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterRejected(InvalidInput):
+    """An adapter that cannot be served, with the reason; other adapters are unaffected."""
+
+    code = "adapter_not_servable"
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"adapter {name!r} cannot be served: {reason}", param="adapter")
+        self.reason = reason
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header, without reading the tensors (or importing torch)."""
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path.name} is not a safetensors file")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > 100 * 1024 * 1024:
+            raise ValueError(f"{path.name} has an implausible safetensors header")
+        header = json.loads(f.read(header_len))
+    size = path.stat().st_size
+    shapes: dict[str, list[int]] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if 8 + header_len + meta["data_offsets"][1] > size:
+            raise ValueError(f"{path.name} is truncated")
+        shapes[name] = list(meta["shape"])
+    return shapes
+
+
+def base_weight_shapes(base_model: str) -> dict[str, list[int]]:
+    """Shapes of the base model's weights (local dir or cached hub snapshot); empty when unavailable."""
+    directory = Path(base_model)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(base_model, local_files_only=True, allow_patterns=["*.safetensors"]))
+        except Exception:  # noqa: BLE001 - without local weights, vLLM's own checks are all there is
+            log.warning("no local safetensors for %s: adapter shapes are not checked before loading", base_model)
+            return {}
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        shapes.update(safetensors_shapes(file))
+    return shapes
+
+
+def _targets(config: dict[str, Any]) -> list[str]:
+    targets = config.get("target_modules") or []
+    return [targets] if isinstance(targets, str) else [str(t) for t in targets]
+
+
+def check_adapter_config(config: dict[str, Any], *, max_rank: int) -> None:
+    """Raise ValueError naming what vLLM cannot serve in this PEFT adapter_config."""
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be served")
+    ranks = [int(config.get("r") or 0), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
+    if max(ranks) > max_rank:
+        raise ValueError(f"rank {max(ranks)} is above this server's max_lora_rank {max_rank}")
+    if min(ranks) < 1:
+        raise ValueError("rank r must be at least 1")
+    if config.get("use_dora"):
+        raise ValueError("DoRA adapters (use_dora) cannot be served by vLLM")
+    if config.get("modules_to_save"):
+        raise ValueError("adapters with modules_to_save cannot be served by vLLM")
+    for target in _targets(config):
+        if any(m in target for m in UNSERVABLE_MODULES):
+            raise ValueError(f"target module {target!r}: LoRA on lm_head or embeddings cannot be served by vLLM")
+
+
+def check_adapter_shapes(weights: dict[str, list[int]], base: dict[str, list[int]], *, max_rank: int) -> None:
+    """Every lora_A is (r, in) and lora_B is (out, r) for a linear layer the base model has."""
+    if not weights:
+        raise ValueError(f"{ADAPTER_WEIGHTS} holds no tensors")
+    for key, shape in weights.items():
+        if "lora_embedding" in key:
+            raise ValueError(f"{key}: embedding LoRA cannot be served by vLLM")
+        module, sep, part = key.removeprefix(PEFT_PREFIX).partition(".lora_")
+        if not sep or part not in ("A.weight", "B.weight"):
+            raise ValueError(f"{key}: not a LoRA A/B weight")
+        if len(shape) != 2:
+            raise ValueError(f"{key}: expected a matrix, found shape {shape}")
+        if not base:
+            continue
+        base_shape = base.get(f"{module}.weight")
+        if base_shape is None:
+            raise ValueError(f"{key}: the base model has no layer {module!r}")
+        out_features, in_features = base_shape
+        rank = shape[0] if part == "A.weight" else shape[1]
+        expected = [rank, in_features] if part == "A.weight" else [out_features, rank]
+        if shape != expected or not 1 <= rank <= max_rank:
+            raise ValueError(f"{key}: shape {shape} does not fit layer {module} of shape {base_shape}")
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    name: str
+    path: Path
+
+
+class AdapterRegistry:
+    """Names -> loaded LoRARequests, with a stable int id per name for the process lifetime.
+
+    An id is handed out once and never reused for another name, and names are unique in SQL (a deleted
+    name stays taken), so an id always means the same weights. vLLM may evict a loaded adapter from its
+    LRU cache and reload it later from the same, already verified, directory.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        add_lora: Callable[[Any], Awaitable[bool]],
+        remove_lora: Callable[[int], Awaitable[bool]],
+    ) -> None:
+        self._settings = settings
+        self._store = Store(settings)
+        self._add_lora = add_lora
+        self._remove_lora = remove_lora
+        self._base_shapes = base_weight_shapes(settings.base_model)
+        self._ids: dict[str, int] = {}
+        self._next_id = itertools.count(1)
+        self._loaded: dict[str, Any] = {}
+        self._deleted: set[str] = set()
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @property
+    def loaded_names(self) -> list[str]:
+        return sorted(self._loaded)
+
+    async def lora_request(self, name: str) -> Any:
+        """The LoRARequest for `name`, loading it on first use (concurrent first requests load it once)."""
+        request = self._loaded.get(name)
+        if request is not None:
+            return request
+        async with self._locks[name]:
+            request = self._loaded.get(name)
+            if request is not None:
+                return request
+            if name in self._deleted:
+                raise NotFound(f"no adapter named {name!r}", param="adapter")
+            files = await asyncio.to_thread(self._verified_files, name)
+            request = self._new_request(files)
+            try:
+                await self._add_lora(request)
+            except Exception as e:  # noqa: BLE001 - any engine refusal is this adapter's problem alone
+                log.warning("vLLM could not load adapter %s", name, exc_info=True)
+                raise AdapterRejected(name, f"the engine could not load it: {_first_line(e)}") from e
+            self._loaded[name] = request
+            log.info("loaded adapter %s as lora id %d", name, request.lora_int_id)
+            return request
+
+    async def unload(self, name: str) -> bool:
+        """Forget the adapter for good (it was deleted) and drop it from the engine."""
+        async with self._locks[name]:
+            self._deleted.add(name)
+            request = self._loaded.pop(name, None)
+            if request is None:
+                return False
+            await self._remove_lora(request.lora_int_id)
+            return True
+
+    def _new_request(self, files: AdapterFiles) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._ids.get(files.name)
+        if lora_id is None:
+            lora_id = self._ids[files.name] = next(self._next_id)
+        return LoRARequest(lora_name=files.name, lora_int_id=lora_id, lora_path=str(files.path))
+
+    def _verified_files(self, name: str) -> AdapterFiles:
+        """Look the adapter up in SQL, check every file's sha256 against the row, validate config and shapes."""
+        with session_scope(self._settings.database_url) as session:
+            row = adapters_repo.get_adapter_by_name(session, name)
+            if row is None or row.status == AdapterStatus.deleted:
+                raise NotFound(f"no adapter named {name!r}", param="adapter")
+            if row.status != AdapterStatus.ready or not row.servable:
+                raise AdapterRejected(name, row.servable_reason or f"its status is {row.status.value}")
+            if row.base_model not in (self._settings.served_model_name, self._settings.base_model):
+                raise AdapterRejected(name, f"it was made for base model {row.base_model!r}, not this server's")
+            relative, expected = row.path, dict(row.files)
+        path = self._store.resolve(relative)
+        if ADAPTER_CONFIG not in expected or ADAPTER_WEIGHTS not in expected:
+            raise AdapterRejected(name, f"it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (safetensors only)")
+        for file_name, digest in expected.items():
+            file = self._store.resolve(f"{relative}/{file_name}")
+            if not file.is_relative_to(path) or not file.is_file():
+                raise AdapterRejected(name, f"file {file_name} is missing")
+            if sha256_file(file) != digest:
+                raise AdapterRejected(name, f"file {file_name} does not match its recorded sha256")
+        unexpected = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - set(expected)
+        if unexpected:
+            raise AdapterRejected(name, f"files not recorded for it: {sorted(unexpected)}")
+        try:
+            config = json.loads((path / ADAPTER_CONFIG).read_text())
+            check_adapter_config(config, max_rank=self._settings.max_lora_rank)
+            weights = safetensors_shapes(path / ADAPTER_WEIGHTS)
+            check_adapter_shapes(weights, self._base_shapes, max_rank=self._settings.max_lora_rank)
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdapterRejected(name, str(e)) from e
+        return AdapterFiles(name=name, path=path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:500]

@@ -1,0 +1,223 @@
+"""docker-compose.yml, the Dockerfiles and .env.example, checked without a docker engine (shared/ENV.md).
+
+What can be checked here: the files parse; every service runs a real entrypoint of the project, the
+same one the tests or the demo start; health checks, networks, GPU reservations and the broker's
+durability settings are there; .env.example is complete and valid for core/settings.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dotenv import dotenv_values
+
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_SERVICES = ("migrate", "api", "worker", "serving")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    return {k: v or "" for k, v in dotenv_values(ROOT / ".env.example").items()}
+
+
+@pytest.fixture(scope="module")
+def scripts() -> dict[str, str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]  # type: ignore[no-any-return]
+
+
+def command(compose: dict[str, Any], service: str) -> list[str]:
+    cmd = compose["services"][service]["command"]
+    return cmd if isinstance(cmd, list) else cmd.split()
+
+
+def string_lists(path: Path) -> list[list[str]]:
+    """The string constants of every list literal in a source file (argv lists that start processes)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.List):
+            out.append([e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)])
+    return out
+
+
+def has_main_guard(module: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, f"{module} is not importable"
+    tree = ast.parse(Path(spec.origin).read_text())
+    return any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
+
+
+def test_services_and_images(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"postgres", "redis", *PROJECT_SERVICES} <= set(services)
+    for name in PROJECT_SERVICES:
+        build = services[name].get("build")
+        image = services[name]["image"]
+        # Services sharing an image must build it from the same Dockerfile.
+        builders = {s["build"]["dockerfile"] for s in services.values() if s.get("image") == image and s.get("build")}
+        assert len(builders) == 1, f"{image} is built from {builders}"
+        dockerfile = ROOT / (build["dockerfile"] if build else builders.pop())
+        assert dockerfile.is_file(), f"{name}: {dockerfile} does not exist"
+    assert services["api"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert services["worker"]["build"]["dockerfile"] == services["serving"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+
+
+def test_dockerfiles() -> None:
+    cpu = (ROOT / "docker/Dockerfile.cpu").read_text()
+    gpu = (ROOT / "docker/Dockerfile.gpu").read_text()
+    assert re.search(r"^FROM python:3\.11-slim", cpu, re.M)
+    assert re.search(r"^FROM nvidia/cuda:", gpu, re.M)
+    # The api image holds no CUDA stack: the CPU torch wheel, and never the gpu extra.
+    assert "download.pytorch.org/whl/cpu" in cpu and "[gpu]" not in cpu
+    assert '".[gpu]"' in gpu
+    for text in (cpu, gpu):
+        assert "--uid 1000" in text, "both images must write the shared volume as the same user"
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        ignored = (ROOT / "docker" / f"{name}.dockerignore").read_text().split()
+        assert ".env" in ignored and ".git" in ignored and "var" in ignored
+
+
+def test_project_commands_are_real_entrypoints(compose: dict[str, Any], scripts: dict[str, str]) -> None:
+    # api: the console script -> api.main:run, which the CLI test starts (tests/test_cli.py).
+    assert command(compose, "api") == ["tuneserve-api"]
+    module, func = scripts["tuneserve-api"].split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    from tests.test_cli import API_SCRIPT
+
+    assert API_SCRIPT == "tuneserve-api"
+
+    # migrate / serving: `python -m <module>`, a module with a __main__ guard.
+    assert command(compose, "migrate") == ["python", "-m", "core.migrate"]
+    assert has_main_guard("core.migrate")
+    assert command(compose, "serving") == ["python", "-m", "serving"]
+    assert importlib.util.find_spec("serving.__main__") is not None and has_main_guard("serving.__main__")
+    assert scripts["tuneserve-serving"] == "serving.__main__:main"
+    assert ["-m", "serving"] in [lst[-2:] for lst in string_lists(ROOT / "tests/conftest.py")], \
+        "the serving test fixture starts `python -m serving`"
+
+    # worker: the same celery arguments as the test suite's and the demo's worker.
+    worker = command(compose, "worker")
+    assert worker[:3] == ["celery", "-A", "worker.app"]
+    queue_at = worker.index("-Q")
+    celery_args = worker[1:queue_at]
+    for source in (ROOT / "tests/conftest.py", ROOT / "scripts/demo.py"):
+        started = [lst for lst in string_lists(source) if "worker.app" in lst]
+        assert started, f"{source.name} starts no celery worker"
+        assert any(lst[lst.index("-A"):lst.index("-A") + len(celery_args)] == celery_args for lst in started), \
+            f"{source.name} starts the worker differently from docker-compose.yml: {started}"
+    assert "--pool=solo" in worker and "--concurrency=1" in worker, "one training task per GPU"
+    spec = importlib.util.find_spec("worker.app")
+    assert spec is not None and spec.origin
+    assigned = {t.id for n in ast.parse(Path(spec.origin).read_text()).body if isinstance(n, ast.Assign)
+                for t in n.targets if isinstance(t, ast.Name)}
+    assert "app" in assigned, "celery -A worker.app needs a module-level `app`"
+
+    # fetch-model: the `hf` console script of huggingface_hub (installed with transformers).
+    assert "hf download" in " ".join(command(compose, "fetch-model"))
+    assert entry_points(group="console_scripts", name="hf"), "huggingface_hub's `hf` command is missing"
+
+    # The CLI the README documents.
+    assert scripts["tuneserve"] == "cli.main:main"
+
+
+def test_migrate_command_runs(tmp_path: Path) -> None:
+    """`python -m core.migrate` (the migrate service) upgrades an empty database to head."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    env.update(TUNESERVE_DATA_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "core.migrate"], cwd=tmp_path, env=env, check=True, timeout=120,
+                   capture_output=True)
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "tuneserve.db") as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"alembic_version", "jobs", "datasets", "adapters"} <= tables
+
+
+def test_health_checks_and_start_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    checks = {name: " ".join(services[name]["healthcheck"]["test"]) for name in ("postgres", "redis", "api", "serving")}
+    assert "pg_isready" in checks["postgres"]
+    assert "redis-cli ping" in checks["redis"]
+    assert "/healthz" in checks["api"]
+    assert "/health" in checks["serving"] and "X-Tuneserve-Serving-Token" in checks["serving"]
+    for name in ("api", "worker"):
+        depends = services[name]["depends_on"]
+        assert depends["postgres"]["condition"] == depends["redis"]["condition"] == "service_healthy"
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["serving"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    for name in ("migrate", "fetch-model"):
+        assert services[name]["restart"] == "no", f"{name} is a one-shot"
+
+
+def test_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
+    args = command(compose, "redis")
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert compose["services"]["redis"]["volumes"], "the append-only file needs a volume"
+
+
+def test_serving_is_internal_only(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("serving", "postgres", "redis", "worker", "migrate"):
+        assert "ports" not in services[name], f"{name} must publish no port"
+        assert services[name]["networks"] == ["internal"], name
+    assert compose["networks"]["internal"]["internal"] is True
+    assert services["api"]["ports"] and "internal" in services["api"]["networks"]
+
+
+def test_worker_and_serving_reserve_one_gpu(compose: dict[str, Any]) -> None:
+    for name in ("worker", "serving"):
+        devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
+    assert "deploy" not in compose["services"]["api"]
+
+
+def test_one_data_volume_shared(compose: dict[str, Any], env_example: dict[str, str]) -> None:
+    data_dir = env_example["TUNESERVE_DATA_DIR"]
+    for name in PROJECT_SERVICES:
+        assert f"tuneserve-data:{data_dir}" in compose["services"][name]["volumes"], name
+    assert "tuneserve-data" in compose["volumes"]
+    assert env_example["TUNESERVE_STORE_ROOT"].startswith(data_dir + "/")
+
+
+def test_env_example_lists_every_setting_with_valid_values(compose: dict[str, Any], env_example: dict[str, str]) -> None:
+    missing = [f"TUNESERVE_{name.upper()}" for name in Settings.model_fields if f"TUNESERVE_{name.upper()}" not in env_example]
+    assert not missing, f"add these settings to .env.example (with their production value): {missing}"
+    unknown = [k for k in env_example if k.startswith("TUNESERVE_")
+               and k.removeprefix("TUNESERVE_").lower() not in Settings.model_fields
+               and k not in ("TUNESERVE_API_HOST", "TUNESERVE_API_PORT", "TUNESERVE_API_URL", "TUNESERVE_API_PUBLISHED_PORT")]
+    assert not unknown, f".env.example names settings that do not exist: {unknown}"
+
+    settings = Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
+    assert settings.database_url.startswith("postgresql+psycopg://") and "@postgres:" in settings.database_url
+    assert settings.broker_url.startswith("redis://redis:")
+    assert settings.serving_url == "http://serving:8100" and settings.serving_token
+    assert settings.training_device == "cuda"
+    user, password = env_example["POSTGRES_USER"], env_example["POSTGRES_PASSWORD"]
+    assert f"://{user}:{password}@postgres:5432/{env_example['POSTGRES_DB']}" in settings.database_url
+
+    worker = command(compose, "worker")
+    assert worker[worker.index("-Q") + 1] == settings.queue_name
+    assert compose["services"]["api"]["environment"]["TUNESERVE_API_HOST"] == "0.0.0.0"
+    # Every ${VAR} docker compose interpolates is defined in .env.example (or has a default).
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name, default in re.findall(r"(?<!\$)\$\{(\w+)(:-[^}]*)?\}", text):
+        assert name in env_example or default, f"docker-compose.yml uses ${{{name}}}, which .env.example lacks"

@@ -1,0 +1,162 @@
+"""`GET /metrics` on the API (requests, jobs by status, queue depth) and the serving process's metrics module."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.main import create_app
+from core.migrate import upgrade
+from core.settings import Settings
+from tests.conftest import REDIS_URL
+
+
+def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the scrape, keyed by (name, sorted labels)."""
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict, name: str, **labels: str) -> float | None:  # type: ignore[type-arg]
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def api(request: pytest.FixtureRequest, tmp_path: Path, model_dir: Path) -> Iterator[tuple[TestClient, Settings]]:
+    """The API on SQLite with either broker, and no worker: a job sent stays in the queue."""
+    values: dict[str, object] = {"data_dir": tmp_path, "base_model": str(model_dir), "reconcile_interval_seconds": 0,
+                                 "queue_name": f"tuneserve-metrics-{secrets.token_hex(4)}"}
+    if request.param == "redis":
+        values["broker_url"] = REDIS_URL
+    settings = Settings(**values)  # type: ignore[arg-type]
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    with TestClient(create_app(settings)) as client:
+        yield client, settings
+    if request.param == "redis":
+        redis.Redis.from_url(REDIS_URL).delete(settings.queue_name)
+
+
+def test_metrics_count_requests_by_route_template_and_status(api: tuple[TestClient, Settings]) -> None:
+    client, _ = api
+    before = scrape(client)
+    assert sample(before, "tuneserve_http_requests_total", method="GET", route="/healthz", status="200") is None
+    for _ in range(3):
+        assert client.get("/healthz").status_code == 200
+    assert client.get("/jobs/ftjob-does-not-exist").status_code == 404
+    assert client.get("/jobs/ftjob-another-one").status_code == 404
+    assert client.get("/no/such/path").status_code == 404
+
+    after = scrape(client)
+    assert sample(after, "tuneserve_http_requests_total", method="GET", route="/healthz", status="200") == 3
+    # The template, not the raw path: both unknown job ids land in one series.
+    assert sample(after, "tuneserve_http_requests_total", method="GET", route="/jobs/{job_id}", status="404") == 2
+    assert sample(after, "tuneserve_http_requests_total", method="GET", route="<unmatched>", status="404") == 1
+    assert not any("ftjob-does-not-exist" in str(labels) for _, labels in after)
+    assert sample(after, "tuneserve_http_request_duration_seconds_count", method="GET", route="/healthz") == 3
+    assert sample(after, "tuneserve_http_request_duration_seconds_bucket", method="GET", route="/healthz", le="+Inf") == 3
+    # The first scrape is counted once it has been answered.
+    assert sample(after, "tuneserve_http_requests_total", method="GET", route="/metrics", status="200") == 1
+
+
+def test_jobs_by_status_and_queue_depth_follow_the_registry_and_the_broker(
+    api: tuple[TestClient, Settings], demo_files: tuple[Path, Path]
+) -> None:
+    client, settings = api
+    before = scrape(client)
+    assert sample(before, "tuneserve_metrics_source_up", source="database") == 1
+    assert sample(before, "tuneserve_metrics_source_up", source="broker") == 1
+    for status in ("validating_files", "queued", "running", "succeeded", "failed", "cancelled"):
+        assert sample(before, "tuneserve_jobs", status=status) == 0
+    assert sample(before, "tuneserve_queue_depth", queue=settings.queue_name) == 0
+
+    train, test = demo_files
+    with train.open("rb") as f, test.open("rb") as t:
+        dataset = client.post("/datasets", files={"file": ("train.jsonl", f), "test_file": ("test.jsonl", t)}).json()
+    job_ids = []
+    for _ in range(2):
+        response = client.post("/jobs", json={"dataset_id": dataset["id"], "hyperparameters": {"max_steps": 5}})
+        assert response.status_code == 201, response.text
+        job_ids.append(response.json()["id"])
+    assert client.post(f"/jobs/{job_ids[1]}/cancel").json()["status"] == "cancelled"
+
+    after = scrape(client)
+    assert sample(after, "tuneserve_jobs", status="queued") == 1
+    assert sample(after, "tuneserve_jobs", status="cancelled") == 1
+    # No worker consumes the queue: both messages wait there (the cancelled job's worker would just exit).
+    assert sample(after, "tuneserve_queue_depth", queue=settings.queue_name) == 2
+
+
+def test_broker_down_is_reported_not_fatal(tmp_path: Path, model_dir: Path) -> None:
+    settings = Settings(data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0,
+                        broker_url="redis://127.0.0.1:1/0")
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    with TestClient(create_app(settings)) as client:
+        samples = scrape(client)
+    assert sample(samples, "tuneserve_metrics_source_up", source="broker") == 0
+    assert sample(samples, "tuneserve_metrics_source_up", source="database") == 1
+    assert not any(name == "tuneserve_queue_depth" for name, _ in samples)
+
+
+def test_serving_metrics_module() -> None:
+    from serving import metrics
+
+    app = FastAPI()
+    metrics.install(app)
+    client = TestClient(app)
+
+    def now(name: str, **labels: str) -> float:
+        return sample(scrape(client), name, **labels) or 0.0
+
+    adapter = f"ft-metrics-{secrets.token_hex(3)}"
+    tokens_before = now("tuneserve_serving_generated_tokens_total", adapter=adapter)
+    base_before = now("tuneserve_serving_generated_tokens_total", adapter=metrics.BASE_MODEL_LABEL)
+    failures_before = now("tuneserve_serving_adapter_load_failures_total", reason="checksum")
+    metrics.record_generation(adapter, prompt_tokens=12, completion_tokens=30, seconds=0.5)
+    metrics.record_generation(adapter, prompt_tokens=12, completion_tokens=10, seconds=0.2)
+    metrics.record_generation(None, prompt_tokens=5, completion_tokens=7, seconds=0.1, outcome="aborted")
+    metrics.record_adapter_loaded(0.3)
+    metrics.record_adapter_load_failure("checksum")
+    metrics.set_adapters_loaded(3)
+
+    assert now("tuneserve_serving_generated_tokens_total", adapter=adapter) == tokens_before + 40
+    assert now("tuneserve_serving_generated_tokens_total", adapter=metrics.BASE_MODEL_LABEL) == base_before + 7
+    assert now("tuneserve_serving_requests_total", adapter=metrics.BASE_MODEL_LABEL, outcome="aborted") >= 1
+    assert now("tuneserve_serving_adapter_load_failures_total", reason="checksum") == failures_before + 1
+    assert now("tuneserve_serving_adapters_loaded") == 3
+    assert now("tuneserve_serving_tokens_per_second") >= 47 / metrics.THROUGHPUT_WINDOW_SECONDS
+
+    loaded = ["a", "b"]
+    metrics.track_adapters_loaded(lambda: len(loaded))
+    loaded.append("c")
+    loaded.append("d")
+    assert now("tuneserve_serving_adapters_loaded") == 4
+
+
+def test_throughput_window_decays_to_zero() -> None:
+    from serving.metrics import ThroughputWindow
+
+    clock = [100.0]
+    window = ThroughputWindow(window=10.0, clock=lambda: clock[0])
+    window.add(50)
+    clock[0] += 5
+    window.add(30)
+    assert window.rate() == 8.0
+    clock[0] += 6  # the first batch is now older than the window
+    assert window.rate() == 3.0
+    clock[0] += 10
+    assert window.rate() == 0.0

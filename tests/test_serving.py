@@ -1,0 +1,443 @@
+"""Serving against the real vLLM engine on the tiny model: one `python -m serving` for the whole session.
+
+References are transformers + PEFT greedy generations with the same adapter files; vLLM must match them
+token for token (shared/ENV.md verified this holds on the tiny fp32 model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from core.chat import prompt_text
+from core.db import session_scope
+from core.models import Adapter, AdapterStatus
+from core.repository import adapters as adapters_repo
+from core.storage import Store, hash_dir
+from tests.conftest import Stack, _free_port
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_NEW = 6
+PROMPTS: list[dict[str, Any]] = [
+    {"prompt": "the cat sat on the"},
+    {"messages": [{"role": "user", "content": "is this review good or bad: great fun"}]},
+    {"messages": [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "name a colour"}]},
+]
+
+
+# --- references: transformers + PEFT --------------------------------------------------------------
+
+
+class Reference:
+    """Greedy generations with transformers (+ PEFT), tokenized exactly as serving does."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self._cache: dict[tuple[str | None, str], list[int]] = {}
+        self._models: dict[Path, Any] = {}
+
+    def prompt_ids(self, request: dict[str, Any]) -> list[int]:
+        if "messages" in request:
+            text = prompt_text(self.tokenizer, request["messages"])
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(request["prompt"])["input_ids"])
+
+    def _peft(self, adapter_dir: Path) -> Any:
+        if adapter_dir not in self._models:
+            self._models[adapter_dir] = PeftModel.from_pretrained(copy.deepcopy(self.base), str(adapter_dir)).eval()
+        return self._models[adapter_dir]
+
+    def greedy(self, adapter_dir: Path | None, request: dict[str, Any], max_new: int = MAX_NEW) -> list[int]:
+        key = (str(adapter_dir) if adapter_dir else None, json.dumps(request, sort_keys=True))
+        if key not in self._cache:
+            model = self.base if adapter_dir is None else self._peft(adapter_dir)
+            ids = torch.tensor([self.prompt_ids(request)])
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                     do_sample=False)
+            self._cache[key] = out[0, ids.shape[1]:].tolist()
+        return self._cache[key]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Reference:
+    return Reference(model_dir)
+
+
+# --- adapters made in a blink ----------------------------------------------------------------------
+
+
+def make_adapter(stack: Stack, reference: Reference, name: str, *, seed: int, rank: int = 8,
+                 edit: Any = None) -> Path:
+    """A random LoRA, registered exactly like a trained one, in well under a second.
+
+    PEFT's `init_lora_weights=False` draws both A and B at random (normally B starts at zero), so the
+    adapter changes the output at once with no training. It is saved as safetensors into the store
+    (`Store.adapter_dir`), and registered through `core.repository.adapters.add_adapter` with the sha256
+    of every file, the same row a training job writes. `edit(directory)` may break the files before
+    they are hashed (a bad config, wrong shapes): serving must then refuse the adapter on its merits.
+    """
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(reference.base), config)
+    store = Store(stack.settings)
+    relative = store.adapter_dir(name)
+    directory = store.resolve(relative)
+    model.save_pretrained(directory)
+    for extra in directory.iterdir():  # only what serving needs; README.md is PEFT's model card
+        if extra.name not in ("adapter_config.json", "adapter_model.safetensors"):
+            extra.unlink()
+    if edit is not None:
+        edit(directory)
+    files, size = hash_dir(directory)
+    with session_scope(stack.settings.database_url) as session:
+        adapters_repo.add_adapter(session, Adapter(
+            name=name, base_model=stack.settings.served_model_name, method="lora", rank=rank, alpha=2.0 * rank,
+            target_modules=TARGETS, path=relative, files=files, size_bytes=size, status=AdapterStatus.ready,
+            servable=True,
+        ))
+    return directory
+
+
+def edit_config(**changes: Any) -> Any:
+    def edit(directory: Path) -> None:
+        path = directory / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config.update(changes)
+        path.write_text(json.dumps(config))
+    return edit
+
+
+def wrong_shapes(directory: Path) -> None:
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if "q_proj.lora_A" in k)
+    tensors[key] = torch.randn(8, 17)
+    save_file(tensors, path)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+# --- the API as a real server (for the openai client and truly concurrent traffic) -------------------
+
+
+@pytest.fixture(scope="module")
+def api_url(serving_stack: Stack) -> Iterator[str]:
+    from api.main import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(serving_stack.settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the API server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def generate(stack: Stack, request: dict[str, Any], adapter: str | None = None, **kw: Any) -> httpx.Response:
+    params = {"adapter": adapter} if adapter else {}
+    body = {"temperature": 0, "max_tokens": MAX_NEW, **request, **kw}
+    return stack.client.post("/generate", params=params, json=body)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"type", "code", "message", "param"}
+    assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+# --- tests -----------------------------------------------------------------------------------------
+
+
+def test_greedy_outputs_equal_transformers_and_peft(serving_stack: Stack, reference: Reference) -> None:
+    names = [unique("ref"), unique("ref")]
+    dirs = {name: make_adapter(serving_stack, reference, name, seed=i) for i, name in enumerate(names)}
+    seen = set()
+    for request in PROMPTS:
+        response = generate(serving_stack, request)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == serving_stack.settings.served_model_name and body["adapter"] is None
+        assert body["token_ids"] == reference.greedy(None, request)
+        assert body["usage"]["prompt_tokens"] == len(reference.prompt_ids(request))
+        seen.add(tuple(body["token_ids"]))
+        for name, directory in dirs.items():
+            body = generate(serving_stack, request, adapter=name).json()
+            assert body["adapter"] == name and body["model"] == name
+            assert body["token_ids"] == reference.greedy(directory, request), (name, request)
+            seen.add(tuple(body["token_ids"]))
+    assert len(seen) > len(PROMPTS), "adapters must change the output, or equality proves nothing"
+
+
+def test_many_adapters_concurrently_each_equals_its_reference(
+    serving_stack: Stack, reference: Reference, api_url: str
+) -> None:
+    settings = serving_stack.settings
+    n = 12
+    assert n > settings.serving_max_cpu_loras
+    names = [unique("many") for _ in range(n)]
+    dirs = {name: make_adapter(serving_stack, reference, name, seed=100 + i) for i, name in enumerate(names)}
+    jobs = [(name, request) for request in PROMPTS[:2] for name in names] + [(None, r) for r in PROMPTS[:2]]
+
+    async def run_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=api_url, timeout=120) as client:
+            return await asyncio.gather(*(
+                client.post("/generate", params={"adapter": name} if name else {},
+                            json={**request, "temperature": 0, "max_tokens": MAX_NEW})
+                for name, request in jobs
+            ))
+
+    responses = asyncio.run(run_all())
+    for (name, request), response in zip(jobs, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["token_ids"] == reference.greedy(dirs.get(name) if name else None, request), name
+    # Concurrent first requests for a name load it once (one lock per name); LRU reloads are vLLM's own.
+    log = serving_stack.extra["serving"].log.read_text()
+    for name in names:
+        assert log.count(f"loaded adapter {name} as lora id") == 1, name
+
+
+def test_job_adapter_is_served_right_after_the_job_succeeds(
+    serving_stack: Stack, reference: Reference, demo_files: tuple[Path, Path]
+) -> None:
+    stack = serving_stack
+    train, _ = demo_files
+    with train.open("rb") as f:
+        dataset = stack.client.post("/datasets", files={"file": ("train.jsonl", f)})
+    assert dataset.status_code == 201, dataset.text
+    hyperparameters = {"max_steps": 6, "learning_rate": 3e-3, "batch_size": 8, "lora_r": 8, "lora_alpha": 16}
+    stack.start_worker()
+    job = stack.client.post("/jobs", json={"dataset_id": dataset.json()["id"], "hyperparameters": hyperparameters})
+    assert job.status_code == 201, job.text
+    done = stack.wait_for_job(job.json()["id"])
+    stack.stop_worker()
+    assert done["status"] == "succeeded", done
+    name = done["fine_tuned_model"]
+    assert name in [m["id"] for m in stack.client.get("/v1/models").json()["data"]]
+    response = generate(stack, PROMPTS[1], adapter=name)
+    assert response.status_code == 200, response.text
+    adapter_dir = Store(stack.settings).resolve(Store(stack.settings).adapter_dir(name))
+    assert response.json()["token_ids"] == reference.greedy(adapter_dir, PROMPTS[1])
+
+
+BROKEN: dict[str, tuple[dict[str, Any], str]] = {
+    "dora": ({"edit": edit_config(use_dora=True)}, "DoRA"),
+    "modules-to-save": ({"edit": edit_config(modules_to_save=["lm_head"])}, "modules_to_save"),
+    "lm-head": ({"edit": edit_config(target_modules=["q_proj", "lm_head"])}, "lm_head"),
+    "prefix": ({"edit": edit_config(peft_type="PREFIX_TUNING")}, "peft_type"),
+    "rank-too-high": ({"rank": 16}, "max_lora_rank"),
+    "wrong-shapes": ({"edit": wrong_shapes}, "does not fit"),
+    "engine-refuses": ({"edit": edit_config(bias="all")}, "the engine could not load it"),
+}
+
+
+def test_broken_adapters_fail_alone_while_others_keep_answering(
+    serving_stack: Stack, reference: Reference, api_url: str
+) -> None:
+    good = unique("good")
+    good_dir = make_adapter(serving_stack, reference, good, seed=7)
+    names: dict[str, str] = {}  # adapter -> what its refusal must say
+    for i, (kind, (kwargs, reason)) in enumerate(BROKEN.items()):
+        name = unique(f"bad-{kind}")
+        make_adapter(serving_stack, reference, name, seed=200 + i, **kwargs)
+        names[name] = reason
+    # Tampered after registration: the recorded sha256 no longer matches the file.
+    tampered = unique("tampered")
+    tampered_dir = make_adapter(serving_stack, reference, tampered, seed=300)
+    with (tampered_dir / "adapter_model.safetensors").open("r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+
+    names[tampered] = "sha256"
+    request = PROMPTS[1]
+
+    async def run_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=api_url, timeout=120) as client:
+            return await asyncio.gather(*(
+                client.post("/generate", params={"adapter": name},
+                            json={**request, "temperature": 0, "max_tokens": MAX_NEW})
+                for name in [*names, good, good, good]
+            ))
+
+    responses = asyncio.run(run_all())
+    for name, response in zip(list(names) + [good] * 3, responses, strict=True):
+        if name == good:
+            assert response.status_code == 200, response.text
+            assert response.json()["token_ids"] == reference.greedy(good_dir, request)
+        else:
+            error = assert_error(response, 422, "adapter", "adapter_not_servable")
+            assert names[name] in error["message"], (name, error)
+    # Refused again, and the good one and the base still answer.
+    again = generate(serving_stack, request, adapter=next(iter(names)))
+    assert again.status_code == 422
+    openai_style = serving_stack.client.post("/v1/completions", json={"model": tampered, "prompt": "hi"})
+    assert "sha256" in assert_error(openai_style, 422, "model", "adapter_not_servable")["message"]
+    assert generate(serving_stack, request, adapter=good).json()["token_ids"] == reference.greedy(good_dir, request)
+    assert generate(serving_stack, request).json()["token_ids"] == reference.greedy(None, request)
+
+
+def _events(response: httpx.Response) -> list[Any]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_streaming_sse_matches_the_plain_answer(serving_stack: Stack, reference: Reference) -> None:
+    name = unique("stream")
+    directory = make_adapter(serving_stack, reference, name, seed=11)
+    request = PROMPTS[2]
+    body = {**request, "temperature": 0, "max_tokens": MAX_NEW, "stream": True}
+    with serving_stack.client.stream("POST", "/generate", params={"adapter": name}, json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response)
+    assert events[-1] == "[DONE]" and len(events) > 2
+    chunks = events[:-1]
+    assert [t for c in chunks for t in c["token_ids"]] == reference.greedy(directory, request)
+    plain = generate(serving_stack, request, adapter=name).json()
+    assert "".join(c["text"] for c in chunks) == plain["text"]
+    assert chunks[-1]["finish_reason"] == plain["finish_reason"] and chunks[-1]["usage"] == plain["usage"]
+    assert all(c["finish_reason"] is None and c["usage"] is None for c in chunks[:-1])
+    # A bad adapter in a streamed request is a plain 404/422, not an error inside a 200 stream.
+    assert_error(generate(serving_stack, request, adapter="no-such-adapter", stream=True), 404, "adapter")
+
+
+def test_openai_client_models_completions_chat_and_streaming(
+    serving_stack: Stack, reference: Reference, api_url: str
+) -> None:
+    name = unique("oai")
+    directory = make_adapter(serving_stack, reference, name, seed=21)
+    base = serving_stack.settings.served_model_name
+    client = openai.OpenAI(base_url=f"{api_url}/v1", api_key="unused", max_retries=0)
+
+    models = [m.id for m in client.models.list().data]
+    assert models[0] == base and name in models
+
+    # Texts are compared with /generate's (vLLM detokenizes incrementally and holds back a trailing
+    # partial UTF-8 character where tokenizer.decode would write U+FFFD); its token ids with PEFT's.
+    messages = PROMPTS[1]["messages"]
+    expected = reference.greedy(directory, {"messages": messages})
+    plain = generate(serving_stack, {"messages": messages}, adapter=name).json()
+    assert plain["token_ids"] == expected
+    chat = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=MAX_NEW)
+    assert chat.object == "chat.completion" and chat.model == name
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == plain["text"]
+    assert chat.usage.completion_tokens == len(expected)
+
+    stream = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=MAX_NEW,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(expected)
+
+    prompt = PROMPTS[0]["prompt"]
+    plain = generate(serving_stack, {"prompt": prompt}).json()
+    assert plain["token_ids"] == reference.greedy(None, {"prompt": prompt})
+    completion = client.completions.create(model=base, prompt=prompt, temperature=0, max_tokens=MAX_NEW)
+    assert completion.choices[0].text == plain["text"]
+    assert completion.usage is not None and completion.usage.completion_tokens == len(plain["token_ids"])
+    streamed = client.completions.create(model=base, prompt=prompt, temperature=0, max_tokens=MAX_NEW, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
+    assert not_found.value.body["param"] == "model"  # type: ignore[index]
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model=base, prompt=prompt, max_tokens=10_000)
+
+
+def test_limits_and_bad_input_name_the_field(serving_stack: Stack) -> None:
+    settings = serving_stack.settings
+    assert_error(generate(serving_stack, PROMPTS[0], max_tokens=settings.serving_max_tokens + 1), 422, "max_tokens")
+    long_prompt = {"prompt": " ".join(["word"] * (settings.serving_max_prompt_tokens + 10))}
+    assert_error(generate(serving_stack, long_prompt), 422, "prompt")
+    long_chat = {"messages": [{"role": "user", "content": long_prompt["prompt"]}]}
+    assert_error(generate(serving_stack, long_chat), 422, "messages")
+    assert_error(generate(serving_stack, PROMPTS[0], frobnicate=1), 422, "frobnicate")
+    assert_error(generate(serving_stack, {**PROMPTS[0], **PROMPTS[1]}), 422, "prompt")
+    assert_error(generate(serving_stack, {}), 422, "prompt")
+    assert_error(generate(serving_stack, PROMPTS[0], temperature=5), 422, "temperature")
+    assert_error(generate(serving_stack, PROMPTS[0], adapter="no-such-adapter"), 404, "adapter")
+    chat = serving_stack.client.post("/v1/chat/completions", json={"model": "nope", "messages": PROMPTS[1]["messages"]})
+    assert_error(chat, 404, "model")
+    chat = serving_stack.client.post("/v1/chat/completions", json={
+        "model": settings.served_model_name, "messages": PROMPTS[1]["messages"], "tools": []})
+    assert_error(chat, 422, "tools")
+
+
+def test_deleted_adapter_is_unloaded_and_never_served_again(serving_stack: Stack, reference: Reference) -> None:
+    name = unique("del")
+    make_adapter(serving_stack, reference, name, seed=31)
+    assert generate(serving_stack, PROMPTS[0], adapter=name).status_code == 200
+    serving = serving_stack.extra["serving"]
+    headers = {"X-Tuneserve-Serving-Token": serving.token}
+    assert name in httpx.get(f"{serving.url}/health", headers=headers).json()["adapters"]
+
+    deleted = serving_stack.client.delete(f"/adapters/{name}")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert name not in httpx.get(f"{serving.url}/health", headers=headers).json()["adapters"]
+    assert_error(generate(serving_stack, PROMPTS[0], adapter=name), 404, "adapter")
+    assert name not in [m["id"] for m in serving_stack.client.get("/v1/models").json()["data"]]
+    assert_error(serving_stack.client.delete(f"/adapters/{name}"), 404, "name")
+    # Serving itself refuses the name from now on, whatever SQL says.
+    direct = httpx.post(f"{serving.url}/generate", headers=headers, json={"adapter": name, "prompt": "hi"})
+    assert direct.status_code == 404
+
+
+def test_serving_is_internal_and_token_protected(serving_stack: Stack) -> None:
+    serving = serving_stack.extra["serving"]
+    assert serving.url.startswith("http://127.0.0.1:")
+    response = httpx.post(f"{serving.url}/generate", json={"prompt": "hi", "max_tokens": 1})
+    assert_error(response, 401, None, "invalid_serving_token")
+
+
+def test_serving_down_is_503_with_retry_after(serving_stack: Stack) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from core.settings import Settings
+
+    down = Settings(**{**serving_stack.settings.model_dump(), "serving_url": f"http://127.0.0.1:{_free_port()}",
+                       "reconcile_interval_seconds": 0})
+    with TestClient(create_app(down)) as client:
+        for response in (
+            client.post("/generate", json={"prompt": "hi"}),
+            client.post("/generate", json={"prompt": "hi", "stream": True}),
+            client.post("/v1/completions", json={"model": down.served_model_name, "prompt": "hi"}),
+        ):
+            assert_error(response, 503, None, "unavailable")
+            assert int(response.headers["Retry-After"]) >= 1

@@ -1,0 +1,276 @@
+"""The evaluation child process, and the one that derives or merges adapters.
+
+Run as `python -m worker.evaluation evaluation EVALUATION_ID OWNER` or
+`python -m worker.evaluation adapter_operation OPERATION_ID OWNER`. Like the training child it re-loads
+its row, writes progress and results to SQL only while it holds the lease, and exits 0 once the row
+is terminal (EXIT_TRANSIENT when another attempt may succeed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.adapter_ops import (
+    SCALABLE_METHODS,
+    LoraScaler,
+    check_scalable,
+    derive_adapter,
+    load_for_evaluation,
+    merge_adapter,
+)
+from core.chat import split_prompt_reference
+from core.db import session_scope
+from core.errors import InvalidInput, TrainingError
+from core.evaluation.inference import (
+    chat_prompts,
+    corpus_loss,
+    decode_prediction,
+    generate_greedy,
+    prepare_tokenizer,
+    reference_losses,
+)
+from core.evaluation.metrics import LOSS_METRICS, TEXT_METRICS, mean_scores, score_example
+from core.models import Adapter, AdapterOperation, AdapterStatus, Evaluation, EvaluationSample, WorkStatus
+from core.repository import adapters as adapters_repo
+from core.repository import evaluations as evaluations_repo
+from core.repository import leases
+from core.repository.datasets import get_dataset
+from core.settings import Settings, get_settings
+from core.storage import Store, hash_dir, sha256_file
+from worker.training import EXIT_TRANSIENT, load_rows
+
+log = logging.getLogger("tuneserve.evaluation")
+# Teacher forcing sees the whole conversation; longer ones are cut (their loss covers what is left).
+LOSS_MAX_LENGTH = 2048
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the record now; this one stops writing."""
+
+
+def verified_adapter_dir(store: Store, adapter: Adapter) -> Path:
+    """The adapter's directory, after checking every file against its recorded sha256 (DESIGN invariant 4)."""
+    path = store.resolve(adapter.path)
+    for name, digest in adapter.files.items():
+        file = path / name
+        if not file.is_file() or sha256_file(file) != digest:
+            raise TrainingError("adapter_corrupt", f"adapter {adapter.name!r}: {name} does not match its sha256", param="adapter")
+    return path
+
+
+@dataclass
+class EvaluationRun:
+    settings: Settings
+    evaluation_id: str
+    owner: str
+
+    def write(self, **values: Any) -> None:
+        with session_scope(self.settings.database_url) as s:
+            if not leases.update_owned(s, Evaluation, self.evaluation_id, owner=self.owner, **values):
+                raise LeaseLost(self.evaluation_id)
+
+    def write_scale(self, samples: list[EvaluationSample], **values: Any) -> None:
+        with session_scope(self.settings.database_url) as s:
+            if not leases.update_owned(s, Evaluation, self.evaluation_id, owner=self.owner, **values):
+                raise LeaseLost(self.evaluation_id)
+            evaluations_repo.add_samples(s, samples)
+
+
+def evaluate(run: EvaluationRun) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    settings, store = run.settings, Store(run.settings)
+    started = time.monotonic()
+    with session_scope(settings.database_url) as s:
+        ev = evaluations_repo.get_evaluation(s, run.evaluation_id)
+        assert ev is not None
+        dataset = get_dataset(s, ev.dataset_id)
+        adapter = adapters_repo.get_adapter_by_name(s, ev.adapter_name) if ev.adapter_name else None
+        # A retried attempt starts over: drop what an interrupted one wrote.
+        evaluations_repo.delete_samples(s, ev.id)
+    if dataset is None:
+        raise TrainingError("dataset_missing", "the dataset no longer exists", param="dataset_id")
+    if ev.adapter_name and (adapter is None or adapter.status != AdapterStatus.ready):
+        raise TrainingError("adapter_missing", f"adapter {ev.adapter_name!r} is not ready", param="adapter")
+
+    conversations = load_rows(store, dataset.path, ev.split)[: ev.max_examples or None]
+    scales: list[float | None] = list(ev.scales) if adapter is not None and ev.scales else [None]
+    run.write(n_examples=len(conversations), done_examples=0, results=[])
+
+    if adapter is not None:
+        try:
+            check_scalable(adapter.method, ev.scales, param="scales")
+        except InvalidInput as e:
+            raise TrainingError("scale_unsupported", e.message, param=e.param) from None
+    torch.manual_seed(0)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(settings.base_model))
+    adapter_dir = verified_adapter_dir(store, adapter) if adapter is not None else None
+    model = load_for_evaluation(settings.base_model, adapter.method if adapter else None, adapter_dir)
+    # Only a sweep touches the weights: an adapter evaluated as trained needs no lora_B at all.
+    scaler = LoraScaler(model) if any(s not in (None, 1.0) for s in scales) else None
+
+    prompts = chat_prompts(tokenizer, conversations)
+    references = [split_prompt_reference(m)[1] for m in conversations]
+    text_metrics = [m for m in ev.metrics if m in TEXT_METRICS]
+    wants_loss = any(m in LOSS_METRICS for m in ev.metrics)
+    results: list[dict[str, Any]] = []
+    for done_scales, scale in enumerate(scales):
+        scale_started = time.monotonic()
+        if scaler is not None and scale is not None:
+            scaler.set_scale(scale)
+        per_example: list[dict[str, float]] = [{} for _ in conversations]
+        predictions = [""] * len(conversations)
+        if text_metrics:
+            base_done = done_scales * len(conversations)
+
+            def progress(done: int) -> None:
+                run.write(done_examples=base_done + done)
+
+            tokens = generate_greedy(
+                model, tokenizer, prompts, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, on_batch=progress
+            )
+            predictions = [decode_prediction(tokenizer, t) for t in tokens]
+            for i, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
+                per_example[i].update(score_example(prediction, reference, text_metrics))
+        aggregate = mean_scores(per_example)
+        if wants_loss:
+            losses = reference_losses(model, tokenizer, conversations, batch_size=ev.batch_size, max_length=LOSS_MAX_LENGTH)
+            for i, loss in enumerate(losses):
+                if loss.mean is not None:
+                    if "loss" in ev.metrics:
+                        per_example[i]["loss"] = loss.mean
+                    if "perplexity" in ev.metrics:
+                        per_example[i]["perplexity"] = math.exp(min(loss.mean, 700.0))
+            corpus, perplexity = corpus_loss(losses)
+            if corpus is not None:
+                # Token-weighted over the whole split, as training reports loss (not a mean of per-example means).
+                if "loss" in ev.metrics:
+                    aggregate["loss"] = corpus
+                if "perplexity" in ev.metrics:
+                    aggregate["perplexity"] = perplexity  # type: ignore[assignment]
+        results.append(
+            {
+                "scale": scale,
+                "metrics": aggregate,
+                "n_examples": len(conversations),
+                "seconds": round(time.monotonic() - scale_started, 3),
+            }
+        )
+        samples = [
+            EvaluationSample(
+                evaluation_id=ev.id, scale=scale, example_index=i, prompt=prompts[i], reference=references[i],
+                prediction=predictions[i], scores=per_example[i],
+            )
+            for i in range(len(conversations))
+        ]
+        run.write_scale(samples, results=list(results), done_examples=(done_scales + 1) * len(conversations))
+    with session_scope(settings.database_url) as s:
+        if not leases.finish(
+            s, Evaluation, ev.id, owner=run.owner, status=WorkStatus.succeeded,
+            duration_seconds=round(time.monotonic() - started, 3),
+        ):
+            raise LeaseLost(ev.id)
+
+
+def derived_name(source: str, kind: str, scale: float, operation_id: str) -> str:
+    """A new unique adapter name from the source, the scale and the operation (stable across retries)."""
+    scale_text = f"{scale:g}".replace("+", "")
+    tag = "x" if kind == "derive" else "merged-x"
+    return f"{source[:80]}-{tag}{scale_text}-{operation_id.split('-', 1)[1][:8]}"
+
+
+def run_adapter_operation(settings: Settings, operation_id: str, owner: str) -> None:
+    store = Store(settings)
+    with session_scope(settings.database_url) as s:
+        op = s.get(AdapterOperation, operation_id)
+        assert op is not None
+        source = adapters_repo.get_adapter_by_name(s, op.source_adapter)
+    if source is None or source.status != AdapterStatus.ready or source.method not in SCALABLE_METHODS:
+        raise TrainingError("adapter_missing", f"adapter {op.source_adapter!r} is not a ready LoRA adapter", param="name")
+    source_dir = verified_adapter_dir(store, source)
+    name = derived_name(source.name, op.kind, op.scale, op.id)
+    relative = store.adapter_dir(name)
+    with store.staging_dir() as staged:
+        if op.kind == "derive":
+            derive_adapter(source_dir, staged, op.scale)
+        else:
+            merge_adapter(settings.base_model, source_dir, staged, op.scale)
+        files, size = hash_dir(staged)
+        store.publish(staged, relative)
+    merged = op.kind == "merge"
+    with session_scope(settings.database_url) as s:
+        if not leases.finish(s, AdapterOperation, op.id, owner=owner, status=WorkStatus.succeeded, result_name=name):
+            raise LeaseLost(op.id)
+        adapters_repo.add_adapter(
+            s,
+            Adapter(
+                name=name,
+                job_id=None,
+                base_model=source.base_model,
+                method="merged" if merged else source.method,
+                rank=source.rank,
+                alpha=source.alpha,
+                target_modules=list(source.target_modules),
+                path=relative,
+                files=files,
+                size_bytes=size,
+                status=AdapterStatus.ready,
+                servable=False if merged else source.servable,
+                servable_reason=(
+                    "a merged full model (base + scale x adapter): serve it as a base model, not as a LoRA adapter"
+                    if merged
+                    else source.servable_reason
+                ),
+                parent_name=source.name,
+                scale=op.scale,
+            ),
+        )
+
+
+def run(kind: str, record_id: str, owner: str) -> int:
+    settings = get_settings()
+    model: type[Evaluation] | type[AdapterOperation] = Evaluation if kind == "evaluation" else AdapterOperation
+    with session_scope(settings.database_url) as s:
+        row = s.get(model, record_id)
+        if row is None or row.lease_owner != owner or row.status != WorkStatus.running:
+            return 0
+    try:
+        if kind == "evaluation":
+            evaluate(EvaluationRun(settings, record_id, owner))
+        else:
+            run_adapter_operation(settings, record_id, owner)
+        return 0
+    except LeaseLost:
+        log.warning("%s %s: lease lost, leaving it to its new owner", kind, record_id)
+        return 0
+    except TrainingError as e:
+        if e.transient:
+            return EXIT_TRANSIENT
+        error = (e.code, e.message, e.param)
+    except MemoryError as e:
+        log.warning("%s %s: out of memory: %s", kind, record_id, e)
+        return EXIT_TRANSIENT
+    except Exception as e:  # noqa: BLE001 - the user gets the reason instead of a silent crash
+        log.exception("%s %s failed", kind, record_id)
+        error = (f"{kind}_error", f"{type(e).__name__}: {e}", None)
+    with session_scope(settings.database_url) as s:
+        leases.finish(s, model, record_id, owner=owner, status=WorkStatus.failed, error=error)
+    return 0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(run(sys.argv[1], sys.argv[2], sys.argv[3]))
+
+
+if __name__ == "__main__":
+    main()
