@@ -48,7 +48,23 @@ def _current_rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_one(model_dir: str, method: str, knobs: dict[str, object], steps: int, batch_size: int) -> dict[str, float]:
+def long_rows(n: int, seed: int) -> list[list[dict[str, str]]]:
+    """Rows of ~300 tokens each, where activations dominate training memory."""
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta river stone cloud paper green light music table window".split()
+    return [
+        [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(150))},
+         {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(20))}]
+        for _ in range(n)
+    ]
+
+
+ROWS = {"variable": variable_length_rows, "long": long_rows}
+
+
+def run_one(
+    model_dir: str, method: str, knobs: dict[str, object], steps: int, batch_size: int, rows: str = "variable"
+) -> dict[str, float]:
     """One configuration, in this process: returns tokens/s, peak RSS and the final loss."""
     import torch
     from transformers import AutoTokenizer
@@ -60,7 +76,7 @@ def run_one(model_dir: str, method: str, knobs: dict[str, object], steps: int, b
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hp = Hyperparameters(max_steps=steps, batch_size=batch_size, learning_rate=1e-4, max_seq_length=512,
                          checkpoint_every_steps=10**6, seed=0, **knobs)  # type: ignore[arg-type]
-    examples, _ = encode_rows(tokenizer, variable_length_rows(steps * batch_size, seed=0), hp)
+    examples, _ = encode_rows(tokenizer, ROWS[rows](steps * batch_size, seed=0), hp)
     with tempfile.TemporaryDirectory() as out:
         if method == "reference":
             trainer, tokens = reference_trainer(model_dir, tokenizer, examples, hp, out)
@@ -117,12 +133,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", choices=sorted(ROWS), default="variable", help="variable-length or long rows")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.only:
         method, knobs = CONFIGS[args.only]
-        print(json.dumps(run_one(args.model_dir, method, knobs, args.steps, args.batch_size)))
+        print(json.dumps(run_one(args.model_dir, method, knobs, args.steps, args.batch_size, args.rows)))
         return
 
     from core.modelzoo import build_model

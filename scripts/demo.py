@@ -1,10 +1,11 @@
-"""The embedded demo: build a tiny model and a task, start api + worker on SQLite, fine-tune, show the result.
+"""The embedded demo: a tiny model and a task, api + worker + serving on SQLite, fine-tune, evaluate, generate.
 
 Run with `make demo`. Every process it starts is stopped on success, failure or Ctrl-C.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -91,6 +92,10 @@ def _ready(client: httpx.Client) -> bool:
         return False
 
 
+def _serving_up(client: httpx.Client) -> bool:
+    return client.get("/v1/models").status_code == 200
+
+
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TUNESERVE_DATA_DIR", str(ROOT / "var" / "demo"))
@@ -109,16 +114,19 @@ def main() -> int:
     with managed(log_dir) as processes:
         processes.start("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo",
                                    "--concurrency=1", "-Q", settings.queue_name, "--loglevel=INFO"], env)
+        processes.start("serving", [sys.executable, "-m", "serving"], env)
         processes.start("api", [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
                                 "--host", "127.0.0.1", "--port", str(API_PORT)], env)
-        with httpx.Client(base_url=f"http://127.0.0.1:{API_PORT}", timeout=60) as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{API_PORT}", timeout=120) as client:
             wait_until(lambda: _ready(client), timeout=60, processes=processes, what="api readiness")
-            print(f"  api ready on http://127.0.0.1:{API_PORT} (docs at /docs)")
-            run_story(client, processes, train_file, test_file)
+            print(f"  api ready on http://127.0.0.1:{API_PORT} (docs at /docs); serving (vLLM) is starting")
+            adapter = run_story(client, processes, train_file, test_file)
+            wait_until(lambda: _serving_up(client), timeout=300, processes=processes, what="serving readiness")
+            show_generations(client, adapter, test_file)
     return 0
 
 
-def run_story(client: httpx.Client, processes: Processes, train_file: Path, test_file: Path) -> None:
+def run_story(client: httpx.Client, processes: Processes, train_file: Path, test_file: Path) -> str:
     with train_file.open("rb") as f, test_file.open("rb") as t:
         response = client.post("/datasets", files={"file": ("train.jsonl", f), "test_file": ("test.jsonl", t)})
     response.raise_for_status()
@@ -151,6 +159,37 @@ def run_story(client: httpx.Client, processes: Processes, train_file: Path, test
     print(f"\n== adapter {adapter['name']} (rank {adapter['rank']}, alpha {adapter['alpha']}, {adapter['size_bytes']} bytes)")
     for name, digest in adapter["files"].items():
         print(f"  {name:<28} sha256 {digest[:16]}...")
+
+    print("\n== before / after on the held-out test split (the worker evaluates base and adapter)")
+
+    def evaluated():  # type: ignore[no-untyped-def]
+        report = client.get(f"/jobs/{job['id']}/report").json()
+        return report if report["evaluation"]["status"] in ("succeeded", "failed", "none") else None
+
+    report = wait_until(evaluated, timeout=900, processes=processes, what="evaluation")
+    if report["evaluation"]["status"] != "succeeded":
+        raise RuntimeError(f"evaluation ended {report['evaluation']['status']}")
+    print(f"  {report['n_examples']} examples never trained on")
+    print(f"  {'metric':<14} {'base':>8} {'adapter':>8} {'delta':>8}")
+    for m in report["metrics"]:
+        print(f"  {m['name']:<14} {m['base']:>8.3f} {m['adapter']:>8.3f} {m['delta']:>+8.3f}")
+    return str(adapter["name"])
+
+
+def show_generations(client: httpx.Client, adapter: str, test_file: Path) -> None:
+    """The same held-out questions through serving, without and with the adapter (greedy)."""
+    print("\n== generation through serving (vLLM, adapter hot-loaded), greedy")
+    rows = [json.loads(line) for line in test_file.read_text().splitlines()[:4]]
+    for row in rows:
+        messages = row["messages"][:-1]
+        answers = []
+        for name in (None, adapter):
+            params = {"adapter": name} if name else {}
+            response = client.post("/generate", params=params, json={"messages": messages, "max_tokens": 8, "temperature": 0})
+            response.raise_for_status()
+            answers.append(response.json()["text"].strip())
+        print(f"  {messages[-1]['content'][:60]:<60}")
+        print(f"      expected {row['messages'][-1]['content']!r:<12} base {answers[0]!r:<24} adapter {answers[1]!r}")
 
 
 if __name__ == "__main__":

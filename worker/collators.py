@@ -58,4 +58,7 @@ class PackingCollator:
             "input_ids": torch.tensor([ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]),
+            # transformers builds the per-example mask only when no KV cache is passed; a model whose
+            # config says use_cache=True would otherwise get one and let examples attend to each other.
+            "use_cache": False,
         }
