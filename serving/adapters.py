@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import struct
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from core.models import AdapterStatus
 from core.repository import adapters as adapters_repo
 from core.settings import Settings
 from core.storage import Store, sha256_file
+from serving import metrics
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +172,20 @@ class AdapterRegistry:
                 return request
             if name in self._deleted:
                 raise NotFound(f"no adapter named {name!r}", param="adapter")
-            files = await asyncio.to_thread(self._verified_files, name)
+            started = time.monotonic()
+            try:
+                files = await asyncio.to_thread(self._verified_files, name)
+            except AdapterRejected:
+                metrics.record_adapter_load_failure("rejected")
+                raise
             request = self._new_request(files)
             try:
                 await self._add_lora(request)
             except Exception as e:  # noqa: BLE001 - any engine refusal is this adapter's problem alone
                 log.warning("vLLM could not load adapter %s", name, exc_info=True)
+                metrics.record_adapter_load_failure("engine")
                 raise AdapterRejected(name, f"the engine could not load it: {_first_line(e)}") from e
+            metrics.record_adapter_loaded(time.monotonic() - started)
             self._loaded[name] = request
             log.info("loaded adapter %s as lora id %d", name, request.lora_int_id)
             return request

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.errors import install_error_handlers
 from core.errors import ServiceUnavailable, TuneserveError
 from core.settings import Settings
+from serving import metrics
 from serving.adapters import AdapterRegistry
 from serving.engine import Generation, build_engine
 from serving.protocol import TOKEN_HEADER, AdapterUnloaded, GenerateResult, ServingRequest
@@ -55,6 +56,7 @@ def create_app(settings: Settings, engine: Any = None) -> FastAPI:
         tokenizer = AutoTokenizer.from_pretrained(settings.base_model, trust_remote_code=False)
         registry = AdapterRegistry(settings, eng.add_lora, eng.remove_lora)
         app.state.generation = Generation(settings, eng, tokenizer, registry)
+        metrics.track_adapters_loaded(lambda: len(registry.loaded_names))
         log.info("serving %s on %s", settings.served_model_name, settings.serving_url)
         try:
             yield
@@ -70,6 +72,7 @@ def create_app(settings: Settings, engine: Any = None) -> FastAPI:
 
     app = FastAPI(title="tuneserve-serving", lifespan=lifespan, dependencies=[Depends(check_token)])
     install_error_handlers(app)
+    metrics.install(app)
 
     def generation(request: Request) -> Generation:
         return request.app.state.generation  # type: ignore[no-any-return]

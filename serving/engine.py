@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 from core.chat import prompt_text
 from core.errors import InvalidInput, ServiceUnavailable
 from core.settings import Settings
+from serving import metrics
 from serving.adapters import AdapterRegistry
 from serving.protocol import GenerateChunk, GenerateResult, ServingRequest, Usage
 
@@ -136,12 +138,32 @@ class Generation:
         )
 
     async def _outputs(self, p: Prepared) -> AsyncIterator[Any]:
+        """The engine's outputs for one request, recorded in the serving metrics however it ends."""
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        async for output in self.engine.generate(
-            TokensPrompt(prompt_token_ids=p.prompt_ids), p.sampling, p.request_id, lora_request=p.lora
-        ):
-            yield output
+        # Streaming requests get DELTA outputs (new tokens only); the others one FINAL_ONLY output.
+        delta = p.sampling.output_kind == RequestOutputKind.DELTA
+        started, completion_tokens, outcome = time.monotonic(), 0, "aborted"
+        try:
+            async for output in self.engine.generate(
+                TokensPrompt(prompt_token_ids=p.prompt_ids), p.sampling, p.request_id, lora_request=p.lora
+            ):
+                new = len(output.outputs[0].token_ids) if output.outputs else 0
+                completion_tokens = completion_tokens + new if delta else new
+                yield output
+            outcome = "ok"
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            metrics.record_generation(
+                p.lora.lora_name if p.lora is not None else None,
+                prompt_tokens=len(p.prompt_ids),
+                completion_tokens=completion_tokens,
+                seconds=time.monotonic() - started,
+                outcome=outcome,
+            )
 
     async def complete(self, p: Prepared) -> GenerateResult:
         final = None

@@ -441,3 +441,24 @@ def test_serving_down_is_503_with_retry_after(serving_stack: Stack) -> None:
         ):
             assert_error(response, 503, None, "unavailable")
             assert int(response.headers["Retry-After"]) >= 1
+
+
+def _serving_metric(serving_stack: Stack, line_prefix: str) -> float:
+    serving = serving_stack.extra["serving"]
+    text = httpx.get(f"{serving.url}/metrics", headers={"X-Tuneserve-Serving-Token": serving.token}).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix))
+
+
+def test_serving_metrics_count_tokens_and_adapter_loads(serving_stack: Stack, reference: Reference) -> None:
+    before_tokens = _serving_metric(serving_stack, "tuneserve_serving_generated_tokens_total")
+    before_loads = _serving_metric(serving_stack, "tuneserve_serving_adapter_loads_total")
+    name = unique("metrics")
+    make_adapter(serving_stack, reference, name, seed=21)
+    plain = generate(serving_stack, PROMPTS[0], adapter=name)
+    assert plain.status_code == 200
+    streamed = generate(serving_stack, PROMPTS[0], adapter=name, stream=True)
+    assert streamed.status_code == 200 and "[DONE]" in streamed.text
+    expected = before_tokens + 2 * plain.json()["usage"]["completion_tokens"]
+    assert _serving_metric(serving_stack, "tuneserve_serving_generated_tokens_total") == expected
+    assert _serving_metric(serving_stack, "tuneserve_serving_adapter_loads_total") == before_loads + 1
+    assert _serving_metric(serving_stack, "tuneserve_serving_adapters_loaded") >= 1
