@@ -8,8 +8,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
-from core.errors import ServiceUnavailable, TuneserveError
+from core.errors import RetryLater, TuneserveError
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,19 @@ def _param_of(loc: tuple[object, ...]) -> str | None:
     return out or None
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path answers to.
+
+    Starlette's own 405 lists only the first route whose path matched, and GET /jobs and POST /jobs
+    are two routes.
+    """
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
 def _body(type_: str, code: str, message: str, param: str | None) -> dict[str, object]:
     return {"error": {"type": type_, "code": code, "message": message, "param": param}}
 
@@ -29,7 +43,7 @@ def _body(type_: str, code: str, message: str, param: str | None) -> dict[str, o
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneserveError)
     async def _tuneserve(_: Request, exc: TuneserveError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServiceUnavailable) else None
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RetryLater) else None
         return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -40,10 +54,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(_body("invalid_request_error", "invalid_value", message, param), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
         return JSONResponse(
-            _body("invalid_request_error", code, str(exc.detail), None), status_code=exc.status_code, headers=exc.headers
+            _body("invalid_request_error", code, str(exc.detail), None), status_code=exc.status_code, headers=headers
         )
 
     @app.exception_handler(Exception)

@@ -5,15 +5,24 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
 from api.routes import adapters, datasets, evaluations, generation, health, jobs, openai_compat
+from api.schemas import ErrorResponse
 from api.services.serving_client import close_serving_client
 from core.reconcile import ReconcilerThread
 from core.settings import Settings, get_settings
+
+
+# Every refusal has the one error shape (api/errors.py); the OpenAPI document says so for all 4xx,
+# in place of FastAPI's default 422 body, which this API never sends.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": 'Refused: {"error": {"type", "code", "message", "param"}}'},
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,9 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     install_metrics(app, settings)
-    for module in (health, datasets, jobs, adapters, evaluations, generation, openai_compat):
-        app.include_router(module.router)
-    app.include_router(adapters.operations_router)
+    for router in (*(m.router for m in (health, datasets, jobs, adapters, evaluations, generation, openai_compat)),
+                   adapters.operations_router):
+        app.include_router(router, responses=ERROR_RESPONSES)
     return app
 
 

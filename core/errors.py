@@ -41,14 +41,24 @@ class PayloadTooLarge(TuneserveError):
     code = "payload_too_large"
 
 
-class ServiceUnavailable(TuneserveError):
-    status_code = 503
-    type = "service_unavailable_error"
-    code = "unavailable"
+class RetryLater(TuneserveError):
+    """An error the client fixes by waiting: the API sends Retry-After with it."""
 
     def __init__(self, message: str, *, retry_after: int = 5, **kwargs: object) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.retry_after = retry_after
+
+
+class ServiceUnavailable(RetryLater):
+    status_code = 503
+    type = "service_unavailable_error"
+    code = "unavailable"
+
+
+class RateLimited(RetryLater):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
 
 
 class TrainingError(Exception):

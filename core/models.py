@@ -7,7 +7,19 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.db import Base
@@ -218,3 +230,21 @@ class AdapterOperation(LeasedWork, Base):
     source_adapter: Mapped[str] = mapped_column(String(128))
     scale: Mapped[float] = mapped_column(Float)
     result_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class IdempotencyKey(Base):
+    """A client's Idempotency-Key on a create endpoint: the request it came with and the resource it made.
+
+    Written in the same transaction as the resource; the unique (endpoint, key) makes concurrent
+    duplicates create one resource.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("endpoint", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    endpoint: Mapped[str] = mapped_column(String(64), doc="e.g. 'POST /jobs'")
+    key: Mapped[str] = mapped_column(String(255))
+    request_sha256: Mapped[str] = mapped_column(String(64), doc="sha256 of the request body (JSON) or its parts (multipart)")
+    resource_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(15.0, ge=0, description="0 turns the API's reconciler off")
     requeue_after_seconds: int = Field(120, gt=0, description="Re-send a queued job nobody claimed after this long")
     max_attempts: int = Field(3, ge=1)
+    max_active_jobs: int = Field(100, ge=1, description="Queued plus running jobs; a POST /jobs over it gets 429")
+    active_jobs_retry_after_seconds: int = Field(30, ge=1, description="Retry-After sent with that 429")
     event_every_steps: int = Field(5, ge=1, description="Write a loss event every N optimizer steps")
 
     # Serving: one vLLM engine (enable_lora) in its own process, reachable only from the API.

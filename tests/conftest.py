@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,15 @@ class Stack:
 
     def start_worker(self) -> None:
         assert self.worker_log is not None
-        log = self.worker_log.open("ab")
-        self.worker = subprocess.Popen(
+        self.worker = self.spawn_worker(self.worker_log)
+
+    def spawn_worker(self, log_path: Path, name: str = "celery") -> subprocess.Popen[bytes]:
+        """A Celery worker process (its own process group) on this stack's queue; the caller stops it."""
+        log = log_path.open("ab")
+        return subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
-             "-Q", self.settings.queue_name, "--loglevel=INFO", "--without-gossip", "--without-mingle"],
+             "-Q", self.settings.queue_name, "--loglevel=INFO", "--without-gossip", "--without-mingle",
+             "-n", f"{name}@%h"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent,
         )
@@ -113,7 +119,7 @@ class Stack:
         raise AssertionError(f"job {job_id} did not reach {until} in {timeout}s: {job}")
 
 
-def _stack_settings(kind: str, data_dir: Path, model_dir: Path) -> tuple[Settings, list[str]]:
+def _stack_settings(kind: str, data_dir: Path, model_dir: Path, **overrides: Any) -> tuple[Settings, list[str]]:
     cleanup: list[str] = []
     values: dict[str, Any] = {
         "data_dir": data_dir,
@@ -132,7 +138,7 @@ def _stack_settings(kind: str, data_dir: Path, model_dir: Path) -> tuple[Setting
         cleanup.append(name)
         values["database_url"] = pg_url(name)
         values["broker_url"] = REDIS_URL
-    return Settings(**values), cleanup
+    return Settings(**{**values, **overrides}), cleanup
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -155,26 +161,52 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+@contextmanager
+def running_stack(kind: str, data_dir: Path, model_dir: Path, **overrides: Any) -> Iterator[Stack]:
+    """A migrated database, the API in-process (its reconciler running) and one worker process."""
+    from api.main import create_app
+
+    settings, pg_databases = _stack_settings(kind, data_dir, model_dir, **overrides)
+    settings.ensure_dirs()
+    try:
+        upgrade(settings.database_url)
+        with TestClient(create_app(settings)) as client:
+            stack = Stack(kind=kind, settings=settings, env=settings_env(settings), client=client,
+                          worker_log=data_dir / "worker.log")
+            stack.start_worker()
+            try:
+                yield stack
+            finally:
+                stack.stop_worker()
+    finally:
+        for name in pg_databases:
+            drop_pg_database(name)
+
+
 @pytest.fixture(scope="session", params=["postgres", "sqlite"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
     """A full deployment: (a) Postgres + Redis, (b) SQLite + Celery over SQLite."""
-    from api.main import create_app
-
     kind = request.param
-    data_dir = tmp_path_factory.mktemp(f"stack-{kind}")
-    settings, pg_databases = _stack_settings(kind, data_dir, model_dir)
-    settings.ensure_dirs()
-    upgrade(settings.database_url)
-    with TestClient(create_app(settings)) as client:
-        stack = Stack(kind=kind, settings=settings, env=settings_env(settings), client=client,
-                      worker_log=data_dir / "worker.log")
+    with running_stack(kind, tmp_path_factory.mktemp(f"stack-{kind}"), model_dir) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def paused_stack(stack: Stack) -> Iterator[Stack]:
+    """The stack with its worker stopped for a module, so new jobs stay queued; cancelled and restarted after."""
+    from core.db import session_scope
+    from core.models import JobStatus
+    from core.repository import jobs as jobs_repo
+
+    stack.stop_worker()
+    try:
+        yield stack
+    finally:
+        with session_scope(stack.settings.database_url) as s:
+            queued, _ = jobs_repo.list_jobs(s, limit=1000, after=None, status=JobStatus.queued)
+            for job in queued:
+                jobs_repo.request_cancel(s, job.id)
         stack.start_worker()
-        try:
-            yield stack
-        finally:
-            stack.stop_worker()
-    for name in pg_databases:
-        drop_pg_database(name)
 
 
 @pytest.fixture(scope="session")

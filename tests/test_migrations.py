@@ -11,7 +11,8 @@ from sqlalchemy import create_engine, inspect
 from core.migrate import check, downgrade, upgrade
 from tests.conftest import create_pg_database, drop_pg_database, pg_url
 
-TABLES = {"datasets", "jobs", "job_events", "adapters", "evaluations", "evaluation_samples", "adapter_operations"}
+TABLES = {"datasets", "jobs", "job_events", "adapters", "evaluations", "evaluation_samples", "adapter_operations",
+          "idempotency_keys"}
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

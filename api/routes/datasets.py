@@ -2,27 +2,39 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep
 from api.schemas import DatasetOut, ListResponse
 from api.services import datasets as service
+from api.services.idempotency import mark_replayed
 from core.repository import datasets as datasets_repo
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={200: {"model": DatasetOut, "description": "An earlier request with this Idempotency-Key made this dataset"}},
+)
 async def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
+    response: Response,
     file: Annotated[UploadFile, File(description="JSONL: chat, prompt/completion or instruction rows")],
     test_file: Annotated[UploadFile | None, File(description="Held-out test split, same format")] = None,
     test_fraction: Annotated[float | None, Form(gt=0, lt=1, description="Hold out this share as the test split")] = None,
     seed: Annotated[int, Form(ge=0, description="Seed of the test_fraction split")] = 0,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> DatasetOut:
     options = service.UploadOptions(test_fraction=test_fraction, seed=seed)
-    dataset = await service.create_dataset(session, settings, file=file, test_file=test_file, options=options)
+    dataset, replayed = await service.create_dataset(
+        session, settings, file=file, test_file=test_file, options=options, idempotency_key=idempotency_key
+    )
+    if replayed:
+        mark_replayed(response)
     return DatasetOut.of(dataset)
 
 

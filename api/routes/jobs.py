@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from api.deps import SessionDep, SettingsDep
-from api.schemas import CheckpointOut, JobEventOut, JobOut, JobReport, ListResponse
+from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep
+from api.schemas import CheckpointOut, ErrorResponse, JobEventOut, JobOut, JobReport, ListResponse
 from api.services import evaluations as evaluations_service
 from api.services import jobs as service
+from api.services.idempotency import mark_replayed
 from core.checkpoints import list_checkpoints
 from core.jobspec import JobSpec
 from core.models import JobStatus
@@ -16,9 +17,26 @@ from core.repository import jobs as jobs_repo
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=201, response_model=JobOut)
-def create_job(session: SessionDep, settings: SettingsDep, spec: JobSpec) -> JobOut:
-    return JobOut.of(service.create_job(session, settings, spec))
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobOut,
+    responses={
+        200: {"model": JobOut, "description": "An earlier request with this Idempotency-Key made this job"},
+        429: {"model": ErrorResponse, "description": "max_active_jobs are queued or running; see Retry-After"},
+    },
+)
+def create_job(
+    session: SessionDep,
+    settings: SettingsDep,
+    spec: JobSpec,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JobOut:
+    job, replayed = service.create_job(session, settings, spec, idempotency_key=idempotency_key)
+    if replayed:
+        mark_replayed(response)
+    return JobOut.of(job)
 
 
 @router.get("", response_model=ListResponse[JobOut])

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from fastapi import UploadFile
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from api.services.idempotency import claim_key, earlier_resource, idempotent_request
 from core.dataset_formats import DatasetLineError, dump_jsonl, parse_jsonl, row_stats, split_rows
 from core.errors import InvalidInput, NotFound, PayloadTooLarge
 from core.models import Dataset, new_id
@@ -49,6 +51,29 @@ def _parse(data: bytes, *, split: str, settings: Settings):  # type: ignore[no-u
         ) from None
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A dataset upload read into memory (within max_upload_bytes)."""
+
+    filename: str
+    train: bytes
+    test_filename: str | None
+    test: bytes | None
+    options: UploadOptions
+
+    def identity(self) -> dict[str, object]:
+        """What makes two uploads the same request (for Idempotency-Key): the files' names and bytes, the form fields."""
+        def part(name: str | None, data: bytes | None) -> dict[str, str] | None:
+            return None if data is None else {"filename": name or "", "sha256": hashlib.sha256(data).hexdigest()}
+
+        return {
+            "file": part(self.filename, self.train),
+            "test_file": part(self.test_filename, self.test),
+            "test_fraction": self.options.test_fraction,
+            "seed": self.options.seed,
+        }
+
+
 async def create_dataset(
     session: Session,
     settings: Settings,
@@ -56,19 +81,34 @@ async def create_dataset(
     file: UploadFile,
     test_file: UploadFile | None,
     options: UploadOptions,
-) -> Dataset:
+    idempotency_key: str | None = None,
+) -> tuple[Dataset, bool]:
+    """Read the upload, then validate and store it off the event loop; returns the dataset and whether it is a replay."""
     if options.test_fraction is not None and test_file is not None:
         raise InvalidInput("give either test_file or test_fraction, not both", param="test_fraction")
     train_bytes = await read_limited(file, limit=settings.max_upload_bytes, param="file")
-    test_bytes = b""
+    test_bytes = None
     if test_file is not None:
         test_bytes = await read_limited(test_file, limit=settings.max_upload_bytes - len(train_bytes), param="test_file")
+    upload = Upload(filename=file.filename or "upload.jsonl", train=train_bytes,
+                    test_filename=test_file.filename if test_file is not None else None, test=test_bytes, options=options)
+    # Parsing a big file and the SQL (which may wait on a lock) must not block the event loop.
+    return await run_in_threadpool(store_dataset, session, settings, upload, idempotency_key)
 
-    train = _parse(train_bytes, split="train", settings=settings)
+
+def store_dataset(
+    session: Session, settings: Settings, upload: Upload, idempotency_key: str | None
+) -> tuple[Dataset, bool]:
+    """Validate every line, split, claim the Idempotency-Key, store the files atomically, then record."""
+    idempotency = idempotent_request("POST /datasets", idempotency_key, upload.identity())
+    if idempotency is not None and (earlier := earlier_resource(session, idempotency)):
+        return get_dataset_or_404(session, earlier), True
+    options = upload.options
+    train = _parse(upload.train, split="train", settings=settings)
     test_rows: list = []
     split_source = "none"
-    if test_file is not None:
-        test = _parse(test_bytes, split="test", settings=settings)
+    if upload.test is not None:
+        test = _parse(upload.test, split="test", settings=settings)
         test_rows, split_source = test.rows, "file"
     train_rows = train.rows
     if options.test_fraction is not None:
@@ -78,8 +118,12 @@ async def create_dataset(
             raise InvalidInput(str(e), param="test_fraction") from None
         split_source = "fraction"
 
-    digest = hashlib.sha256(train_bytes + test_bytes).hexdigest()
+    test_bytes = upload.test or b""
+    digest = hashlib.sha256(upload.train + test_bytes).hexdigest()
     dataset_id = new_id("ds")
+    # Before any file is written: a concurrent duplicate stops here and leaves nothing behind.
+    if idempotency is not None and (winner := claim_key(session, idempotency, dataset_id)):
+        return get_dataset_or_404(session, winner), True
     store = Store(settings)
     relative = store.dataset_dir(dataset_id)
     with store.staging_dir() as staged:
@@ -89,11 +133,11 @@ async def create_dataset(
         store.publish(staged, relative)
 
     stats = {"train": row_stats(train_rows), "test": row_stats(test_rows) if test_rows else None}
-    return datasets_repo.add_dataset(
+    dataset = datasets_repo.add_dataset(
         session,
         Dataset(
             id=dataset_id,
-            filename=(file.filename or "upload.jsonl")[:255],
+            filename=upload.filename[:255],
             format=train.format.value,
             train_rows=len(train_rows),
             test_rows=len(test_rows),
@@ -102,10 +146,11 @@ async def create_dataset(
             split_seed=options.seed if split_source == "fraction" else None,
             path=relative,
             sha256=digest,
-            bytes=len(train_bytes) + len(test_bytes),
+            bytes=len(upload.train) + len(test_bytes),
             stats=stats,
         ),
     )
+    return dataset, False
 
 
 def get_dataset_or_404(session: Session, dataset_id: str, *, param: str = "dataset_id") -> Dataset:

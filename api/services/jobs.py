@@ -6,11 +6,12 @@ import logging
 
 from sqlalchemy.orm import Session
 
+from api.services import idempotency as idempotency_service
 from api.services.datasets import get_dataset_or_404
-from core.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound, RateLimited
 from core.jobspec import JobSpec
 from core.model_info import check_target_modules
-from core.models import Job, JobEvent, JobStatus
+from core.models import Job, JobEvent, JobStatus, new_id
 from core.queue import send_train
 from core.repository import jobs as jobs_repo
 from core.settings import Settings
@@ -27,16 +28,27 @@ def resolve_base_model(settings: Settings, requested: str | None) -> str:
     )
 
 
-def create_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
+def create_job(
+    session: Session, settings: Settings, spec: JobSpec, *, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Validate, commit the job, send it; returns the job and whether an earlier request (same Idempotency-Key) made it."""
+    # The parsed body, so key order, whitespace and spelled-out defaults do not make another request.
+    idempotency = idempotency_service.idempotent_request("POST /jobs", idempotency_key, spec.model_dump(mode="json"))
+    if idempotency is not None and (earlier := idempotency_service.earlier_resource(session, idempotency)):
+        return get_job_or_404(session, earlier), True
     hp = spec.hyperparameters
     hp.check_limits(settings, spec.method)
     if isinstance(hp.target_modules, list):
         check_target_modules(settings.base_model, hp.target_modules)
     base_model = resolve_base_model(settings, spec.base_model)
     get_dataset_or_404(session, spec.dataset_id)
+    job_id = new_id("ftjob")
+    if idempotency is not None and (winner := idempotency_service.claim_key(session, idempotency, job_id)):
+        return get_job_or_404(session, winner), True
     job = jobs_repo.add_job(
         session,
         Job(
+            id=job_id,
             base_model=base_model,
             dataset_id=spec.dataset_id,
             method=spec.method,
@@ -47,10 +59,26 @@ def create_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
             max_attempts=settings.max_attempts,
         ),
     )
+    admit_job(session, settings)
     jobs_repo.add_event(session, JobEvent(job_id=job.id, kind="status", message="job queued"))
     session.commit()  # the row exists before any worker can hear of it
     dispatch(settings, job.id)
-    return job
+    return job, False
+
+
+def admit_job(session: Session, settings: Settings) -> None:
+    """Refuse the job just inserted (429; the rollback leaves nothing) when active jobs pass max_active_jobs.
+
+    Counted after the insert and under the admission lock, so concurrent submissions cannot all slip in.
+    """
+    jobs_repo.lock_admission(session)
+    active = jobs_repo.count_active(session)
+    if active > settings.max_active_jobs:
+        raise RateLimited(
+            f"{active - 1} jobs are queued or running and the limit is {settings.max_active_jobs}; "
+            "retry when one finishes",
+            retry_after=settings.active_jobs_retry_after_seconds,
+        )
 
 
 def dispatch(settings: Settings, job_id: str) -> bool:

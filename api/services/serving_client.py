@@ -123,4 +123,6 @@ def get_serving_client(request: Request) -> ServingClient:
 async def close_serving_client(state: object) -> None:
     client: ServingClient | None = getattr(state, "serving_client", None)
     if client is not None:
+        # Forget it too: an app whose lifespan starts again (a second TestClient) must make a new one.
+        setattr(state, "serving_client", None)
         await client.aclose()

@@ -38,6 +38,26 @@ def count_by_status(session: Session) -> dict[JobStatus, int]:
     return counts
 
 
+ACTIVE = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
+# The Postgres advisory lock around job admission: any constant, the same in every API process ("tune").
+ADMISSION_LOCK_KEY = 0x74756E65
+
+
+def count_active(session: Session) -> int:
+    """Jobs that hold or wait for a worker: validating files, queued or running."""
+    return session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE))) or 0
+
+
+def lock_admission(session: Session) -> None:
+    """Serialize job admission until this transaction ends.
+
+    Postgres: a transaction-scoped advisory lock. SQLite: nothing to do, the caller has already written
+    in this transaction and SQLite lets one writer at a time hold the database until it commits.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(ADMISSION_LOCK_KEY)))
+
+
 def claim_job(session: Session, job_id: str, *, owner: str, lease_seconds: int) -> bool:
     """Take the job's lease if it is queued, or running under an expired lease; False if someone holds it."""
     now = utcnow()

@@ -1,0 +1,180 @@
+"""Faults injected into real processes (loopback only): a SIGKILLed worker, a broker down at submit, an API
+killed between commit and send, a duplicate delivery. Every job still succeeds exactly once, with one adapter.
+
+The stack here has a short lease and a fast reconciler (the API's, running in the TestClient's lifespan),
+so a lost job comes back within seconds instead of minutes.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from core.db import session_scope
+from core.jobspec import JobSpec
+from core.models import Job, JobEvent, JobStatus
+from core.queue import send_train
+from core.repository import jobs as jobs_repo
+from tests.conftest import Stack, running_stack
+
+FAST_RECOVERY = {
+    "lease_seconds": 6,  # a dead worker's job is claimable again after this
+    "heartbeat_seconds": 1.0,
+    "reconcile_interval_seconds": 1.0,
+    "requeue_after_seconds": 3,  # a queued job nobody claimed is sent again after this
+}
+TRAIN = {"learning_rate": 3e-3, "batch_size": 8, "seed": 3}
+
+
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+def fault_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model_dir: Path,
+                demo_files: tuple[Path, Path]) -> Iterator[Stack]:
+    kind = request.param
+    with running_stack(kind, tmp_path_factory.mktemp(f"faults-{kind}"), model_dir, **FAST_RECOVERY) as stack:
+        train, _ = demo_files
+        with train.open("rb") as f:
+            response = stack.client.post("/datasets", files={"file": ("train.jsonl", f)})
+        assert response.status_code == 201, response.text
+        stack.extra["dataset_id"] = response.json()["id"]
+        yield stack
+
+
+def _submit(stack: Stack, **hp: Any) -> str:
+    body = {"dataset_id": stack.extra["dataset_id"], "hyperparameters": {**TRAIN, **hp}, "evaluation": {"enabled": False}}
+    response = stack.client.post("/jobs", json=body)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def _events(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    return stack.client.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+
+
+def _assert_succeeded_once(stack: Stack, job_id: str, *, attempts: int) -> list[dict[str, Any]]:
+    """Succeeded, after `attempts` attempts each started once, with one success event and one adapter."""
+    job = stack.wait_for_job(job_id, timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == attempts
+    events = _events(stack, job_id)
+    messages = [e["message"] for e in events]
+    for attempt in range(1, attempts + 1):
+        assert messages.count(f"attempt {attempt} started") == 1, messages
+    assert sum(m.startswith("job succeeded") for m in messages) == 1, messages
+    adapters = [a for a in stack.client.get("/adapters", params={"limit": 100}).json()["data"] if a["job_id"] == job_id]
+    assert len(adapters) == 1 and adapters[0]["name"] == job["fine_tuned_model"]
+    return events
+
+
+def _training_children(job_id: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"worker.training {job_id}"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def _wait(predicate: Any, *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.25)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sigkilled_worker_job_resumes_from_its_checkpoint_on_a_new_worker(fault_stack: Stack) -> None:
+    stack = fault_stack
+    job_id = _submit(stack, max_steps=24, checkpoint_every_steps=8, keep_checkpoints=2)
+    stack.wait_for_job(job_id, condition=lambda j: j["progress"]["step"] >= 10, timeout=90)
+    assert _training_children(job_id)
+
+    stack.stop_worker(signal.SIGKILL)  # the worker's whole process group, mid-training
+    # PR_SET_PDEATHSIG: the training child (its own session) dies with the worker, it is not orphaned.
+    _wait(lambda: not _training_children(job_id), timeout=15, what="the training child to die with its worker")
+    assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "running"  # until the lease expires
+
+    # The broker still holds the dead worker's unacked message (Redis: until the visibility timeout;
+    # SQLite: for good). The reconciler re-sends the job once its lease has expired.
+    stack.start_worker()
+    events = _assert_succeeded_once(stack, job_id, attempts=2)
+    resumed = [e for e in events if e["message"].startswith("resuming from checkpoint")]
+    assert len(resumed) == 1 and resumed[0]["attempt"] == 2 and resumed[0]["step"] in (8, 16)
+    second_attempt_steps = [e["step"] for e in events if e["type"] == "metrics" and e["attempt"] == 2]
+    assert second_attempt_steps and min(second_attempt_steps) > resumed[0]["step"]
+
+
+def test_job_submitted_while_the_broker_is_down_runs_when_it_is_back(fault_stack: Stack) -> None:
+    from api.main import create_app
+
+    stack = fault_stack
+    # A second API process on the same database whose broker is down (nothing listens on the port).
+    down = stack.settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0",
+                                             "reconcile_interval_seconds": 0})
+    with TestClient(create_app(down)) as api_with_broker_down:
+        response = api_with_broker_down.post("/jobs", json={
+            "dataset_id": stack.extra["dataset_id"], "hyperparameters": {**TRAIN, "max_steps": 4},
+            "evaluation": {"enabled": False}})
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["status"] == "queued"
+    # The broker "comes back": the API that can reach it re-sends the queued job from SQL.
+    _assert_succeeded_once(stack, job["id"], attempts=1)
+
+
+def test_job_committed_but_never_sent_is_dispatched_by_the_reconciler(fault_stack: Stack) -> None:
+    stack = fault_stack
+    # What an API killed between its commit and its send leaves behind: a queued row and no message.
+    spec = JobSpec(dataset_id=stack.extra["dataset_id"], hyperparameters={**TRAIN, "max_steps": 4},
+                   evaluation={"enabled": False})
+    with session_scope(stack.settings.database_url) as s:
+        job = jobs_repo.add_job(s, Job(
+            base_model=stack.settings.served_model_name, dataset_id=spec.dataset_id, method=spec.method,
+            hyperparameters=spec.hyperparameters.model_dump(mode="json"),
+            evaluation=spec.evaluation.model_dump(mode="json"), status=JobStatus.queued,
+            max_attempts=stack.settings.max_attempts))
+        jobs_repo.add_event(s, JobEvent(job_id=job.id, kind="status", message="job queued"))
+        job_id = job.id
+    _assert_succeeded_once(stack, job_id, attempts=1)
+
+
+def test_duplicate_delivery_is_turned_away_by_the_lease(fault_stack: Stack) -> None:
+    stack = fault_stack
+    assert stack.worker_log is not None
+    dup_log = stack.worker_log.with_name("worker-dup.log")
+    logs = (stack.worker_log, dup_log)
+    dup = stack.spawn_worker(dup_log, name="dup")
+    try:
+        _wait(lambda: "dup@" in dup_log.read_text() and " ready." in dup_log.read_text(), timeout=60,
+              what="the second worker to be ready")
+        job_id = _submit(stack, max_steps=40)
+        stack.wait_for_job(job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 1,
+                           timeout=90)
+
+        def turned_away() -> int:
+            return sum(log.read_text().count(f"job {job_id}: not claimable") for log in logs)
+
+        already = turned_away()
+        send_train(stack.settings, job_id)
+        send_train(stack.settings, job_id)
+        # The idle worker takes both messages while the first attempt trains, and finds the lease held.
+        _wait(lambda: turned_away() >= already + 2, timeout=60, what="both duplicates to be turned away")
+        assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "running"
+        _assert_succeeded_once(stack, job_id, attempts=1)
+        assert not any("resuming from checkpoint" in e["message"] for e in _events(stack, job_id))
+    finally:
+        dup.send_signal(signal.SIGTERM)
+        try:
+            dup.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            dup.kill()
+            dup.wait()
