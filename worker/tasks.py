@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 
 from core.db import session_scope
 from core.models import AdapterOperation, Evaluation, JobEvent, JobStatus, LeasedWork, WorkStatus
@@ -98,22 +99,13 @@ def run_leased_child(settings: Settings, model: type[LeasedWork], record_id: str
         start_new_session=True,
         preexec_fn=die_with_parent,
     )
-    while True:
-        try:
-            code = child.wait(timeout=settings.heartbeat_seconds)
-            break
-        except subprocess.TimeoutExpired:
-            pass
+
+    def renew() -> bool:
         with session_scope(settings.database_url) as s:
-            still_owner = leases.renew(s, model, record_id, owner=owner, lease_seconds=settings.lease_seconds)
-        if not still_owner:
-            try:
-                child.wait(timeout=settings.heartbeat_seconds)
-            except subprocess.TimeoutExpired:
-                log.warning("%s %s: lease lost; stopping this attempt", kind, record_id)
-                _kill(child)
-            return
-    if code == 0:
+            return leases.renew(s, model, record_id, owner=owner, lease_seconds=settings.lease_seconds)
+
+    code = wait_renewing_lease(child, settings, renew, label=f"{kind} {record_id}")
+    if code is None or code == 0:
         return
     reason = f"{kind} process exited with {'signal ' + str(-code) if code < 0 else 'code ' + str(code)}"
     with session_scope(settings.database_url) as s:
@@ -133,24 +125,13 @@ def supervise_attempt(settings: Settings, job_id: str, owner: str, attempt: int)
     """Run the training child, renew the lease while it lives, and enforce cancellation and lease loss."""
     child = subprocess.Popen(training_command(settings, job_id, owner), start_new_session=True, preexec_fn=die_with_parent)
     cancel_seen_at: float | None = None
-    while True:
-        try:
-            code = child.wait(timeout=settings.heartbeat_seconds)
-            break
-        except subprocess.TimeoutExpired:
-            pass
+
+    def renew() -> bool:
+        nonlocal cancel_seen_at
         with session_scope(settings.database_url) as s:
             still_owner = jobs_repo.renew_lease(s, job_id, owner=owner, lease_seconds=settings.lease_seconds)
             cancel = jobs_repo.is_cancel_requested(s, job_id)
-        if not still_owner:
-            # Either the child just finished the job (and released the lease) or another attempt took over.
-            try:
-                child.wait(timeout=settings.heartbeat_seconds)
-            except subprocess.TimeoutExpired:
-                log.warning("job %s: lease lost; stopping this attempt", job_id)
-                _kill(child)
-            return
-        if cancel:
+        if still_owner and cancel:
             cancel_seen_at = cancel_seen_at or time.monotonic()
             if time.monotonic() - cancel_seen_at > settings.cancel_grace_seconds:
                 # Cooperative cancel did not finish in time (DESIGN invariant 3): hard-kill the child.
@@ -158,8 +139,11 @@ def supervise_attempt(settings: Settings, job_id: str, owner: str, attempt: int)
                 with session_scope(settings.database_url) as s:
                     jobs_repo.finish_job(s, job_id, owner=owner, status=JobStatus.cancelled)
                     jobs_repo.add_event(s, JobEvent(job_id=job_id, kind="status", attempt=attempt, message="job cancelled (child killed after the grace period)"))
-                return
-    if code == 0:
+                return False
+        return still_owner
+
+    code = wait_renewing_lease(child, settings, renew, label=f"job {job_id}")
+    if code is None or code == 0:
         return
     transient = code == EXIT_TRANSIENT or code < 0
     reason = f"training process exited with {'signal ' + str(-code) if code < 0 else 'code ' + str(code)}"
@@ -180,6 +164,26 @@ def supervise_attempt(settings: Settings, job_id: str, owner: str, attempt: int)
         from core.queue import send_train
 
         send_train(settings, job_id)
+
+
+def wait_renewing_lease(
+    child: subprocess.Popen[bytes], settings: Settings, renew: Callable[[], bool], *, label: str
+) -> int | None:
+    """The child's exit code, renewing the lease every heartbeat; None once `renew` says the lease is gone."""
+    while True:
+        try:
+            return child.wait(timeout=settings.heartbeat_seconds)
+        except subprocess.TimeoutExpired:
+            pass
+        if renew():
+            continue
+        # Either the child just finished (and released the lease) or another attempt took over.
+        try:
+            child.wait(timeout=settings.heartbeat_seconds)
+        except subprocess.TimeoutExpired:
+            log.warning("%s: lease lost; stopping this attempt", label)
+            _kill(child)
+        return None
 
 
 def _kill(child: subprocess.Popen[bytes]) -> None:
