@@ -6,9 +6,13 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from core.auth import tenant_for_key
 from core.db import get_session_factory
+from core.errors import Unauthenticated
+from core.models import DEFAULT_TENANT_ID
 from core.settings import Settings
 
 
@@ -33,6 +37,23 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
+
+# auto_error=False: a missing key is our 401 in the one error shape, not FastAPI's 403.
+bearer = HTTPBearer(auto_error=False, description="A tenant's API key (`tuneserve admin create-key`)")
+
+
+def current_tenant(
+    settings: SettingsDep, session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
+    """The tenant id every query of the request is scoped to: the key's tenant, or the default one with auth off."""
+    if not settings.auth_enabled:
+        return DEFAULT_TENANT_ID
+    if credentials is None:
+        raise Unauthenticated("send an API key: Authorization: Bearer <key>", param="Authorization", code="missing_api_key")
+    return tenant_for_key(session, credentials.credentials)
+
+
+TenantDep = Annotated[str, Depends(current_tenant)]
 
 
 IdempotencyKeyHeader = Annotated[

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from core.errors import RetryLater, TuneserveError
+from core.errors import RetryLater, TuneserveError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,11 @@ def _body(type_: str, code: str, message: str, param: str | None) -> dict[str, o
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneserveError)
     async def _tuneserve(_: Request, exc: TuneserveError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RetryLater) else None
+        headers = None
+        if isinstance(exc, RetryLater):
+            headers = {"Retry-After": str(exc.retry_after)}
+        elif isinstance(exc, Unauthenticated):
+            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -63,7 +63,7 @@ def make_adapter(settings: Any, name: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from core.db import session_scope
-    from core.models import Adapter, AdapterStatus
+    from core.models import DEFAULT_TENANT_ID, Adapter, AdapterStatus
     from core.repository import adapters as adapters_repo
     from core.storage import Store, hash_dir
 
@@ -78,9 +78,17 @@ def make_adapter(settings: Any, name: str) -> None:
     files, size = hash_dir(store.resolve(relative))
     with session_scope(settings.database_url) as session:
         adapters_repo.add_adapter(session, Adapter(
-            name=name, base_model=settings.served_model_name, method="lora", rank=8, alpha=16.0,
+            name=name, tenant_id=DEFAULT_TENANT_ID, base_model=settings.served_model_name, method="lora", rank=8, alpha=16.0,
             target_modules=targets, path=relative, files=files, size_bytes=size, status=AdapterStatus.ready,
         ))
+
+
+def mint_default_key(settings: Any) -> str:
+    from core.auth import mint_key
+    from core.db import session_scope
+
+    with session_scope(settings.database_url) as session:
+        return mint_key(session, "default", label="bench").secret
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], headers: dict[str, str], timeout: float = 600) -> None:
@@ -165,8 +173,10 @@ def run_engine(settings: Any, requests: int, max_tokens: int) -> dict[str, dict[
         engine.shutdown()
 
 
-def run_http(settings: Any, api_port: int, requests: int, max_tokens: int) -> dict[str, dict[str, dict[str, float]]]:
-    """Serving direct and through the API, interleaved request by request."""
+def run_http(
+    settings: Any, api_port: int, api_key: str, requests: int, max_tokens: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Serving direct and through the API (with a tenant's key, as a client calls it), interleaved request by request."""
     api_url = f"http://127.0.0.1:{api_port}"
 
     async def run() -> dict[str, dict[str, dict[str, float]]]:
@@ -180,7 +190,7 @@ def run_http(settings: Any, api_port: int, requests: int, max_tokens: int) -> di
             async def api_call(adapter: str | None) -> None:
                 body = {**PROMPT, "temperature": 0, "max_tokens": max_tokens}
                 response = await client.post(f"{api_url}/generate", params={"adapter": adapter} if adapter else {},
-                                             json=body)
+                                             json=body, headers={"Authorization": f"Bearer {api_key}"})
                 response.raise_for_status()
 
             calls = {}
@@ -222,13 +232,14 @@ def main() -> None:
     settings.ensure_dirs()
     upgrade(settings.database_url)
     make_adapter(settings, ADAPTER)
+    api_key = mint_default_key(settings)
     env = dict(os.environ, PYTHONPATH=str(Path.cwd()), **{f"TUNESERVE_{k.upper()}": str(v) for k, v in values.items()})
 
     # Never two engines at once: on a small CPU they skew each other's latency.
     results: dict[str, Any] = {"engine": run_engine(settings, args.requests, args.max_tokens)}
     procs = start_processes(settings, env, api_port, work)
     try:
-        results.update(run_http(settings, api_port, args.requests, args.max_tokens))
+        results.update(run_http(settings, api_port, api_key, args.requests, args.max_tokens))
     finally:
         stop_processes(procs)
 

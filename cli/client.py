@@ -36,9 +36,10 @@ class ApiError(Exception):
 class Api:
     """Calls the API at `base_url`; every method returns the decoded JSON body or raises ApiError."""
 
-    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

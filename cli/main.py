@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
+from cli.admin import admin_app
 from cli.client import DEFAULT_API_URL, Api, ApiError
 from cli.plot import loss_curve, save_loss_plot
 
@@ -37,6 +38,7 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(eval_app, name="eval")
+app.add_typer(admin_app, name="admin")
 
 
 @dataclass
@@ -75,9 +77,12 @@ def fail(e: ApiError) -> NoReturn:
 def main_options(
     ctx: typer.Context,
     api: Annotated[str, typer.Option("--api", envvar="TUNESERVE_API_URL", help="Base URL of the tuneserve API")] = DEFAULT_API_URL,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="TUNESERVE_API_KEY", help="Your API key (tuneserve admin create-key)")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of tables")] = False,
 ) -> None:
-    state = State(api=Api(api), json=json_output, out=Console(), err=Console(stderr=True))
+    state = State(api=Api(api, api_key=api_key), json=json_output, out=Console(), err=Console(stderr=True))
     ctx.obj = state
     ctx.call_on_close(state.api.close)
 

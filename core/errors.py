@@ -24,6 +24,14 @@ class InvalidInput(TuneserveError):
     code = "invalid_value"
 
 
+class Unauthenticated(TuneserveError):
+    """No API key, or one that is unknown or revoked (401 with WWW-Authenticate: Bearer)."""
+
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
 class NotFound(TuneserveError):
     status_code = 404
     type = "not_found_error"

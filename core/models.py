@@ -47,6 +47,7 @@ class JobStatus(str, enum.Enum):
 
 
 class AdapterStatus(str, enum.Enum):
+    validating = "validating"  # imported; its canary check has not run yet
     ready = "ready"
     unhealthy = "unhealthy"
     deleted = "deleted"
@@ -57,12 +58,43 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
 
 
+# The tenant every resource belongs to when auth is off (the embedded demo); created by migration 0004.
+DEFAULT_TENANT_ID = "tn-default"
+
+
+class Tenant(Base):
+    """Who owns datasets, jobs, adapters and evaluations; another tenant's resources are invisible (404)."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("tn"))
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """A bearer key of a tenant. Only its sha256 is stored: keys are 256-bit random, so a slow hash adds nothing."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64), default="")
+    prefix: Mapped[str] = mapped_column(String(16), doc="The key's first characters, to tell keys apart in lists")
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+def tenant_column() -> Mapped[str]:
+    return mapped_column(ForeignKey("tenants.id"), index=True)
 
 
 class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
+    tenant_id: Mapped[str] = tenant_column()
     filename: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(32))
     train_rows: Mapped[int] = mapped_column(Integer)
@@ -82,6 +114,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob"))
+    tenant_id: Mapped[str] = tenant_column()
     base_model: Mapped[str] = mapped_column(String(512))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     method: Mapped[str] = mapped_column(String(32))
@@ -133,6 +166,7 @@ class Adapter(Base):
     __tablename__ = "adapters"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ad"))
+    tenant_id: Mapped[str] = tenant_column()
     name: Mapped[str] = mapped_column(String(128), unique=True)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, unique=True)
     base_model: Mapped[str] = mapped_column(String(512))
@@ -188,6 +222,7 @@ class Evaluation(LeasedWork, Base):
     __tablename__ = "evaluations"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("eval"))
+    tenant_id: Mapped[str] = tenant_column()
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     split: Mapped[str] = mapped_column(String(16))
     base_model: Mapped[str] = mapped_column(String(512))
@@ -226,7 +261,8 @@ class AdapterOperation(LeasedWork, Base):
     __tablename__ = "adapter_operations"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("adop"))
-    kind: Mapped[str] = mapped_column(String(16), doc="derive | merge")
+    tenant_id: Mapped[str] = tenant_column()
+    kind: Mapped[str] = mapped_column(String(16), doc="derive | merge | canary")
     source_adapter: Mapped[str] = mapped_column(String(128))
     scale: Mapped[float] = mapped_column(Float)
     result_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -235,14 +271,15 @@ class AdapterOperation(LeasedWork, Base):
 class IdempotencyKey(Base):
     """A client's Idempotency-Key on a create endpoint: the request it came with and the resource it made.
 
-    Written in the same transaction as the resource; the unique (endpoint, key) makes concurrent
+    Keys are per tenant. Written in the same transaction as the resource; the unique (tenant, endpoint, key) makes concurrent
     duplicates create one resource.
     """
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (UniqueConstraint("endpoint", "key"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "endpoint", "key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     endpoint: Mapped[str] = mapped_column(String(64), doc="e.g. 'POST /jobs'")
     key: Mapped[str] = mapped_column(String(255))
     request_sha256: Mapped[str] = mapped_column(String(64), doc="sha256 of the request body (JSON) or its parts (multipart)")

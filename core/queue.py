@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from functools import lru_cache
 
 from celery import Celery
 
 from core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 TRAIN_TASK = "tuneserve.train"
 RECONCILE_TASK = "tuneserve.reconcile"
@@ -64,3 +68,16 @@ def _send(settings: Settings, task: str, record_id: str) -> None:
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
     )
+
+
+def send_committed(send: Callable[[Settings, str], None], settings: Settings, record_id: str) -> bool:
+    """Send the id of a record already committed to SQL; False when the broker failed.
+
+    Nothing is lost then: the record stays queued in SQL and the API's reconciler sends it later.
+    """
+    try:
+        send(settings, record_id)
+        return True
+    except Exception:  # noqa: BLE001 - any broker error means "not sent", and SQL still has the record
+        log.warning("could not send %s to the broker; the reconciler will resend it", record_id, exc_info=True)
+        return False

@@ -23,7 +23,13 @@ class Settings(BaseSettings):
     served_model_name: str = Field("", description="Name of the base model in the API; default: base_model's last part")
     queue_name: str = Field("tuneserve", description="Celery queue for training tasks")
 
+    auth_enabled: bool = Field(
+        True, description="Require a tenant's bearer API key; false only for a single-user embedded demo (one tenant)"
+    )
     max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_adapter_upload_bytes: int = Field(
+        1024 * 1024 * 1024, gt=0, description="Largest adapter archive POST /adapters takes (and its unpacked files)"
+    )
     max_dataset_rows: int = Field(200_000, gt=0)
     max_line_bytes: int = Field(1024 * 1024, gt=0)
     max_lora_rank: int = Field(64, description="Highest LoRA rank a job may ask for (and serving loads)")
@@ -38,7 +44,10 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(15.0, ge=0, description="0 turns the API's reconciler off")
     requeue_after_seconds: int = Field(120, gt=0, description="Re-send a queued job nobody claimed after this long")
     max_attempts: int = Field(3, ge=1)
-    max_active_jobs: int = Field(100, ge=1, description="Queued plus running jobs; a POST /jobs over it gets 429")
+    idempotency_key_ttl_seconds: int = Field(
+        86_400, gt=0, description="How long an Idempotency-Key is remembered; after that the key may be reused"
+    )
+    max_active_jobs: int = Field(100, ge=1, description="Queued plus running jobs per tenant; a POST /jobs over it gets 429")
     active_jobs_retry_after_seconds: int = Field(30, ge=1, description="Retry-After sent with that 429")
     event_every_steps: int = Field(5, ge=1, description="Write a loss event every N optimizer steps")
 

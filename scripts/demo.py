@@ -99,6 +99,8 @@ def _serving_up(client: httpx.Client) -> bool:
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TUNESERVE_DATA_DIR", str(ROOT / "var" / "demo"))
+    # The one place auth is off: a single-user demo on loopback, where everything is the default tenant's.
+    os.environ.setdefault("TUNESERVE_AUTH_ENABLED", "false")
     settings = Settings()
     settings.ensure_dirs()
     log_dir = settings.data_dir / "logs"

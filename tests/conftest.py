@@ -71,6 +71,7 @@ class Stack:
     settings: Settings
     env: dict[str, str]
     client: TestClient
+    api_key: str = ""
     worker: subprocess.Popen[bytes] | None = None
     worker_log: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -161,6 +162,21 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def mint_api_key(settings: Settings, tenant: str = "default", *, new_tenant: bool = False) -> str:
+    """A bearer key of `tenant` (made first when new_tenant), minted as `tuneserve admin create-key` does."""
+    from core.auth import create_tenant, mint_key
+    from core.db import session_scope
+
+    with session_scope(settings.database_url) as session:
+        if new_tenant:
+            create_tenant(session, tenant)
+        return mint_key(session, tenant, label="tests").secret
+
+
+def bearer(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
 @contextmanager
 def running_stack(kind: str, data_dir: Path, model_dir: Path, **overrides: Any) -> Iterator[Stack]:
     """A migrated database, the API in-process (its reconciler running) and one worker process."""
@@ -170,8 +186,9 @@ def running_stack(kind: str, data_dir: Path, model_dir: Path, **overrides: Any) 
     settings.ensure_dirs()
     try:
         upgrade(settings.database_url)
-        with TestClient(create_app(settings)) as client:
-            stack = Stack(kind=kind, settings=settings, env=settings_env(settings), client=client,
+        api_key = mint_api_key(settings)
+        with TestClient(create_app(settings), headers=bearer(api_key)) as client:
+            stack = Stack(kind=kind, settings=settings, env=settings_env(settings), client=client, api_key=api_key,
                           worker_log=data_dir / "worker.log")
             stack.start_worker()
             try:
@@ -203,7 +220,7 @@ def paused_stack(stack: Stack) -> Iterator[Stack]:
         yield stack
     finally:
         with session_scope(stack.settings.database_url) as s:
-            queued, _ = jobs_repo.list_jobs(s, limit=1000, after=None, status=JobStatus.queued)
+            queued, _ = jobs_repo.list_jobs(s, None, limit=1000, after=None, status=JobStatus.queued)
             for job in queued:
                 jobs_repo.request_cancel(s, job.id)
         stack.start_worker()
@@ -225,8 +242,34 @@ class ServingProcess:
 
     url: str
     token: str
-    process: subprocess.Popen[bytes]
+    env: dict[str, str]
     log: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> None:
+        """Spawn serving (its own process group) and return once /health answers: the port opens after the engine."""
+        import httpx
+
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        headers, deadline = {"X-Tuneserve-Serving-Token": self.token}, time.monotonic() + 300
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serving exited with {self.process.returncode}; log: {self.log}")
+            try:
+                if httpx.get(f"{self.url}/health", headers=headers).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"serving not ready in 300 s; log: {self.log}")
+            time.sleep(0.5)
+
+    def restart(self) -> None:
+        """Stop serving (SIGTERM, as a deploy does) and start a fresh engine on the same port and settings."""
+        _stop_process_group(self.process)
+        self.start()
 
 
 def _free_port() -> int:
@@ -257,8 +300,6 @@ def serving_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> 
 
     stack.extra["serving"] is the ServingProcess. The API (TestClient) reaches serving over real HTTP.
     """
-    import httpx
-
     from api.main import create_app
 
     data_dir = tmp_path_factory.mktemp("stack-serving")
@@ -271,33 +312,19 @@ def serving_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> 
     upgrade(settings.database_url)
     env = settings_env(settings)
     env.update({f"TUNESERVE_{k.upper()}": str(v) for k, v in serving_values.items()})
-    log_path = data_dir / "serving.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    serving = ServingProcess(url=settings.serving_url, token=token, process=process, log=log_path)
+    serving = ServingProcess(url=settings.serving_url, token=token, env=env, log=data_dir / "serving.log")
     try:
-        deadline = time.monotonic() + 300
-        while True:  # readiness: serving opens its port only once the engine is up
-            if process.poll() is not None:
-                raise AssertionError(f"serving exited with {process.returncode}; log: {log_path}")
-            try:
-                if httpx.get(f"{serving.url}/health", headers={"X-Tuneserve-Serving-Token": token}).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"serving not ready in 300 s; log: {log_path}")
-            time.sleep(0.5)
-        with TestClient(create_app(settings)) as client:
-            stack = Stack(kind="sqlite", settings=settings, env=env, client=client,
+        serving.start()
+        api_key = mint_api_key(settings)
+        with TestClient(create_app(settings), headers=bearer(api_key)) as client:
+            stack = Stack(kind="sqlite", settings=settings, env=env, client=client, api_key=api_key,
                           worker_log=data_dir / "worker.log", extra={"serving": serving})
             try:
                 yield stack
             finally:
                 stack.stop_worker()
     finally:
-        _stop_process_group(process)
+        _stop_process_group(serving.process)
 
 
 def _stop_process_group(process: subprocess.Popen[bytes]) -> None:

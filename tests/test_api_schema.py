@@ -19,10 +19,12 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
+from schemathesis.core.parameters import ParameterLocation
 
 from api.main import create_app
 from core.migrate import upgrade
 from core.settings import Settings
+from tests.conftest import bearer, mint_api_key
 
 SERVING_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
 
@@ -46,8 +48,9 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(APP_SETTINGS
 def deployment(model_dir: Path, demo_files: tuple[Path, Path]) -> Iterator[Settings]:
     APP_SETTINGS.base_model, APP_SETTINGS.served_model_name = str(model_dir), model_dir.name
     upgrade(APP_SETTINGS.database_url)
+    API_KEY.append(mint_api_key(APP_SETTINGS))
     # A dataset and a queued job (no worker runs here), so listings and lookups answer with real rows too.
-    client = TestClient(schema.app)
+    client = TestClient(schema.app, headers=bearer(API_KEY[0]))
     train, test = demo_files
     uploaded = client.post("/datasets", files={"file": train.read_bytes(), "test_file": test.read_bytes()})
     assert uploaded.status_code == 201, uploaded.text
@@ -60,6 +63,7 @@ def deployment(model_dir: Path, demo_files: tuple[Path, Path]) -> Iterator[Setti
 
 
 TALLY: Counter[str] = Counter()
+API_KEY: list[str] = []  # the deployment's key, minted once the database exists
 # Schema-valid requests this API refuses on purpose, with a 422 naming the field (DESIGN invariant 8),
 # for rules a JSON schema cannot state: the one served base model, LoRA ranks vLLM can serve, a JSONL
 # file's lines, a dataset's size against test_fraction, a multipart text part sent where a file goes.
@@ -69,6 +73,10 @@ EXCLUDED_CHECKS = [positive_data_acceptance]
 @schema.parametrize()
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
+    # The deployment's key, unless this case's headers are the invalid part (then it keeps schemathesis'
+    # own Authorization, or none, and must get a 401).
+    if case.meta is None or not case.meta.is_negative_at(ParameterLocation.HEADER):
+        case.headers = {**(case.headers or {}), **bearer(API_KEY[0])}
     response = case.call()
     mode = case.meta.generation.mode.value if case.meta else "explicit"
     TALLY[f"{mode} {response.status_code // 100}xx"] += 1

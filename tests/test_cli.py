@@ -67,12 +67,13 @@ def api_url(stack: Stack) -> Iterator[str]:
 
 
 @pytest.fixture
-def tuneserve(api_url: str) -> Any:
+def tuneserve(api_url: str, stack: Stack) -> Any:
     runner = CliRunner()
 
     def run(*args: str | Path) -> Result:
-        # Wide enough that rich never folds an id inside a table cell.
-        return runner.invoke(app, ["--api", api_url, *map(str, args)], env={"COLUMNS": "220"})
+        # Wide enough that rich never folds an id inside a table cell; the key comes from the environment.
+        env = {"COLUMNS": "220", "TUNESERVE_API_KEY": stack.api_key}
+        return runner.invoke(app, ["--api", api_url, *map(str, args)], env=env)
 
     return run
 

@@ -1,5 +1,6 @@
 """Faults injected into real processes (loopback only): a SIGKILLed worker, a broker down at submit, an API
-killed between commit and send, a duplicate delivery. Every job still succeeds exactly once, with one adapter.
+killed between commit and send, a duplicate delivery, Redis restarted mid-job. Every job still succeeds exactly
+once, with one adapter.
 
 The stack here has a short lease and a fast reconciler (the API's, running in the TestClient's lifespan),
 so a lost job comes back within seconds instead of minutes.
@@ -7,23 +8,26 @@ so a lost job comes back within seconds instead of minutes.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from core.db import session_scope
 from core.jobspec import JobSpec
-from core.models import Job, JobEvent, JobStatus
+from core.models import DEFAULT_TENANT_ID, Job, JobEvent, JobStatus
 from core.queue import send_train
 from core.repository import jobs as jobs_repo
-from tests.conftest import Stack, running_stack
+from tests.conftest import Stack, _free_port, bearer, die_with_parent, running_stack
 
 FAST_RECOVERY = {
     "lease_seconds": 6,  # a dead worker's job is claimable again after this
@@ -39,12 +43,16 @@ def fault_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
                 demo_files: tuple[Path, Path]) -> Iterator[Stack]:
     kind = request.param
     with running_stack(kind, tmp_path_factory.mktemp(f"faults-{kind}"), model_dir, **FAST_RECOVERY) as stack:
-        train, _ = demo_files
-        with train.open("rb") as f:
-            response = stack.client.post("/datasets", files={"file": ("train.jsonl", f)})
-        assert response.status_code == 201, response.text
-        stack.extra["dataset_id"] = response.json()["id"]
+        _upload_dataset(stack, demo_files)
         yield stack
+
+
+def _upload_dataset(stack: Stack, demo_files: tuple[Path, Path]) -> None:
+    train, _ = demo_files
+    with train.open("rb") as f:
+        response = stack.client.post("/datasets", files={"file": ("train.jsonl", f)})
+    assert response.status_code == 201, response.text
+    stack.extra["dataset_id"] = response.json()["id"]
 
 
 def _submit(stack: Stack, **hp: Any) -> str:
@@ -120,7 +128,7 @@ def test_job_submitted_while_the_broker_is_down_runs_when_it_is_back(fault_stack
     # A second API process on the same database whose broker is down (nothing listens on the port).
     down = stack.settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0",
                                              "reconcile_interval_seconds": 0})
-    with TestClient(create_app(down)) as api_with_broker_down:
+    with TestClient(create_app(down), headers=bearer(stack.api_key)) as api_with_broker_down:
         response = api_with_broker_down.post("/jobs", json={
             "dataset_id": stack.extra["dataset_id"], "hyperparameters": {**TRAIN, "max_steps": 4},
             "evaluation": {"enabled": False}})
@@ -138,7 +146,7 @@ def test_job_committed_but_never_sent_is_dispatched_by_the_reconciler(fault_stac
                    evaluation={"enabled": False})
     with session_scope(stack.settings.database_url) as s:
         job = jobs_repo.add_job(s, Job(
-            base_model=stack.settings.served_model_name, dataset_id=spec.dataset_id, method=spec.method,
+            tenant_id=DEFAULT_TENANT_ID, base_model=stack.settings.served_model_name, dataset_id=spec.dataset_id, method=spec.method,
             hyperparameters=spec.hyperparameters.model_dump(mode="json"),
             evaluation=spec.evaluation.model_dump(mode="json"), status=JobStatus.queued,
             max_attempts=stack.settings.max_attempts))
@@ -178,3 +186,79 @@ def test_duplicate_delivery_is_turned_away_by_the_lease(fault_stack: Stack) -> N
         except subprocess.TimeoutExpired:
             dup.kill()
             dup.wait()
+
+
+@dataclass
+class RedisServer:
+    """A private `redis-server` on a loopback port that a test may kill; nothing persisted, so a restart loses
+    every message and every unacked delivery, as a Redis without AOF does."""
+
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+            )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
+
+        def answers() -> bool:
+            assert self.process is not None and self.process.poll() is None, f"redis-server exited; log: {self.log}"
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        try:
+            _wait(answers, timeout=15, what="redis-server to answer PING")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to connected clients."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(port=_free_port(), log=tmp_path / "redis.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_redis_restarted_mid_job_the_job_completes_once_and_the_worker_reconnects(
+    private_redis: RedisServer, tmp_path: Path, model_dir: Path, demo_files: tuple[Path, Path]
+) -> None:
+    with running_stack("postgres", tmp_path / "stack", model_dir, broker_url=private_redis.url,
+                       **FAST_RECOVERY) as stack:
+        _upload_dataset(stack, demo_files)
+        job_id = _submit(stack, max_steps=60)  # about 5 s of training left after the restart below
+        stack.wait_for_job(job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 2,
+                           timeout=90)
+
+        # The worker holds the job's unacked message; the new Redis has no trace of it, nor of the queue.
+        private_redis.kill()
+        private_redis.start()
+        assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "running"
+        _assert_succeeded_once(stack, job_id, attempts=1)
+
+        # The same worker process consumes from the new Redis.
+        assert stack.worker is not None and stack.worker.poll() is None
+        _assert_succeeded_once(stack, _submit(stack, max_steps=4), attempts=1)

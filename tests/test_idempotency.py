@@ -152,3 +152,28 @@ def test_concurrent_duplicate_uploads_make_one_dataset(paused_stack: Stack) -> N
     assert sum(r.status_code == 422 for r in responses) == n // 2
     rows, dirs = _dataset_state(stack)
     assert rows - before[0] == dirs - before[1] == {winner["id"]}
+
+
+def test_a_key_past_its_ttl_is_free_again(stack: Stack) -> None:
+    """Keys are remembered for idempotency_key_ttl_seconds; after that the same key makes a new resource."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from core.db import session_scope
+    from core.models import IdempotencyKey, utcnow
+
+    key, data = _key(), _jsonl(CHAT, CHAT)
+    first = stack.client.post("/datasets", files={"file": ("a.jsonl", data)}, headers={"Idempotency-Key": key})
+    replay = stack.client.post("/datasets", files={"file": ("a.jsonl", data)}, headers={"Idempotency-Key": key})
+    assert (first.status_code, replay.status_code) == (201, 200)
+    assert replay.json()["id"] == first.json()["id"]
+    # What waiting out the TTL does to the record, without the wait.
+    aged = utcnow() - timedelta(seconds=stack.settings.idempotency_key_ttl_seconds + 1)
+    with session_scope(stack.settings.database_url) as s:
+        s.execute(update(IdempotencyKey).where(IdempotencyKey.key == key).values(created_at=aged))
+    fresh = stack.client.post("/datasets", files={"file": ("a.jsonl", data)}, headers={"Idempotency-Key": key})
+    assert fresh.status_code == 201, fresh.text
+    assert fresh.json()["id"] != first.json()["id"]
+    again = stack.client.post("/datasets", files={"file": ("a.jsonl", data)}, headers={"Idempotency-Key": key})
+    assert again.status_code == 200 and again.json()["id"] == fresh.json()["id"]

@@ -9,6 +9,7 @@ import pytest
 
 from core.db import session_scope
 from core.repository import jobs as jobs_repo
+from core.models import DEFAULT_TENANT_ID
 from tests.conftest import Stack
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -27,7 +28,7 @@ def test_jobs_past_max_active_jobs_are_429_and_create_nothing(
 ) -> None:
     stack = paused_stack
     with session_scope(stack.settings.database_url) as s:
-        active = jobs_repo.count_active(s)
+        active = jobs_repo.count_active(s, DEFAULT_TENANT_ID)
     monkeypatch.setattr(stack.settings, "max_active_jobs", active + 2)
     body = {"dataset_id": demo_dataset["id"], "evaluation": {"enabled": False}}
     admitted = [stack.client.post("/jobs", json=body) for _ in range(2)]
@@ -71,11 +72,11 @@ def test_concurrent_submissions_do_not_overshoot_max_active_jobs(
 ) -> None:
     stack = paused_stack
     with session_scope(stack.settings.database_url) as s:
-        active = jobs_repo.count_active(s)
+        active = jobs_repo.count_active(s, DEFAULT_TENANT_ID)
     monkeypatch.setattr(stack.settings, "max_active_jobs", active + 3)
     body = {"dataset_id": demo_dataset["id"], "evaluation": {"enabled": False}}
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: stack.client.post("/jobs", json=body), range(8)))
     assert sorted(r.status_code for r in responses) == [201] * 3 + [429] * 5, [r.text for r in responses]
     with session_scope(stack.settings.database_url) as s:
-        assert jobs_repo.count_active(s) == active + 3
+        assert jobs_repo.count_active(s, DEFAULT_TENANT_ID) == active + 3

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.main import create_app
 from core.migrate import upgrade
 from core.settings import Settings
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, bearer, mint_api_key
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -44,7 +44,7 @@ def api(request: pytest.FixtureRequest, tmp_path: Path, model_dir: Path) -> Iter
     settings = Settings(**values)  # type: ignore[arg-type]
     settings.ensure_dirs()
     upgrade(settings.database_url)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=bearer(mint_api_key(settings))) as client:
         yield client, settings
     if request.param == "redis":
         redis.Redis.from_url(REDIS_URL).delete(settings.queue_name)

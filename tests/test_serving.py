@@ -27,10 +27,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.chat import prompt_text
 from core.db import session_scope
-from core.models import Adapter, AdapterStatus
+from core.models import DEFAULT_TENANT_ID, Adapter, AdapterStatus
 from core.repository import adapters as adapters_repo
 from core.storage import Store, hash_dir
-from tests.conftest import Stack, _free_port
+from tests.conftest import Stack, _free_port, bearer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_NEW = 6
@@ -110,7 +110,7 @@ def make_adapter(stack: Stack, reference: Reference, name: str, *, seed: int, ra
     files, size = hash_dir(directory)
     with session_scope(stack.settings.database_url) as session:
         adapters_repo.add_adapter(session, Adapter(
-            name=name, base_model=stack.settings.served_model_name, method="lora", rank=rank, alpha=2.0 * rank,
+            name=name, tenant_id=DEFAULT_TENANT_ID, base_model=stack.settings.served_model_name, method="lora", rank=rank, alpha=2.0 * rank,
             target_modules=TARGETS, path=relative, files=files, size_bytes=size, status=AdapterStatus.ready,
             servable=True,
         ))
@@ -340,7 +340,7 @@ def test_openai_client_models_completions_chat_and_streaming(
     name = unique("oai")
     directory = make_adapter(serving_stack, reference, name, seed=21)
     base = serving_stack.settings.served_model_name
-    client = openai.OpenAI(base_url=f"{api_url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{api_url}/v1", api_key=serving_stack.api_key, max_retries=0)
 
     models = [m.id for m in client.models.list().data]
     assert models[0] == base and name in models
@@ -433,7 +433,7 @@ def test_serving_down_is_503_with_retry_after(serving_stack: Stack) -> None:
 
     down = Settings(**{**serving_stack.settings.model_dump(), "serving_url": f"http://127.0.0.1:{_free_port()}",
                        "reconcile_interval_seconds": 0})
-    with TestClient(create_app(down)) as client:
+    with TestClient(create_app(down), headers=bearer(serving_stack.api_key)) as client:
         for response in (
             client.post("/generate", json={"prompt": "hi"}),
             client.post("/generate", json={"prompt": "hi", "stream": True}),

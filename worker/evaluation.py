@@ -25,7 +25,7 @@ from core.adapter_ops import (
     load_for_evaluation,
     merge_adapter,
 )
-from core.chat import split_prompt_reference
+from core.chat import prompt_text, split_prompt_reference
 from core.db import session_scope
 from core.errors import InvalidInput, TrainingError
 from core.evaluation.inference import (
@@ -187,12 +187,70 @@ def derived_name(source: str, kind: str, scale: float, operation_id: str) -> str
     return f"{source[:80]}-{tag}{scale_text}-{operation_id.split('-', 1)[1][:8]}"
 
 
+# Fixed prompts an imported adapter must change the base model's greedy answer to (at least one of them).
+CANARY_PROMPTS = [
+    [{"role": "user", "content": "Hello! Who are you?"}],
+    [{"role": "user", "content": "What is two plus two?"}],
+    [{"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Translate to French: good morning"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is the sky blue?"}],
+]
+CANARY_NEW_TOKENS = 16
+
+
+def canary_verdict(settings: Settings, adapter_dir: Path) -> tuple[bool, str | None]:
+    """(healthy, reason): greedy answers with and without the adapter on CANARY_PROMPTS must differ somewhere.
+
+    An adapter that changes nothing (lora_B all zeros, a scale of 0, weights for modules the model never
+    uses) would be served as if fine-tuned while answering exactly like the base model.
+    """
+    from transformers import AutoTokenizer
+
+    from core.adapter_ops import load_adapter, load_base_model
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.base_model)
+    model = load_adapter(load_base_model(settings.base_model), adapter_dir)
+    prompts = [prompt_text(tokenizer, messages) for messages in CANARY_PROMPTS]
+    with model.disable_adapter():
+        base = generate_greedy(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=CANARY_NEW_TOKENS)
+    tuned = generate_greedy(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=CANARY_NEW_TOKENS)
+    changed = sum(a != b for a, b in zip(base, tuned, strict=True))
+    log.info("canary: the adapter changed %d of %d greedy answers", changed, len(prompts))
+    if changed == 0:
+        return False, (
+            f"canary failed: its greedy output equals the base model's on all {len(prompts)} canary prompts "
+            "(an adapter with no effect, e.g. lora_B all zeros)"
+        )
+    return True, None
+
+
+def run_canary(settings: Settings, op: AdapterOperation, source: Adapter | None, owner: str) -> None:
+    """Decide an imported adapter's health: ready and servable, or unhealthy with the reason (never served)."""
+    if source is None or source.status != AdapterStatus.validating:
+        raise TrainingError("adapter_missing", f"adapter {op.source_adapter!r} is not waiting for a canary", param="name")
+    try:
+        healthy, reason = canary_verdict(settings, verified_adapter_dir(Store(settings), source))
+    except TrainingError as e:
+        healthy, reason = False, f"canary failed: {e.message}"
+    except Exception as e:  # noqa: BLE001 - PEFT or transformers refused it: unhealthy, with the reason
+        log.warning("canary of %s could not load it", source.name, exc_info=True)
+        healthy, reason = False, f"canary failed: it does not load: {type(e).__name__}: {str(e)[:300]}"
+    with session_scope(settings.database_url) as s:
+        if not leases.finish(s, AdapterOperation, op.id, owner=owner, status=WorkStatus.succeeded,
+                             result_name=source.name):
+            raise LeaseLost(op.id)
+        adapters_repo.set_health(s, source.name, healthy=healthy, reason=reason)
+
+
 def run_adapter_operation(settings: Settings, operation_id: str, owner: str) -> None:
     store = Store(settings)
     with session_scope(settings.database_url) as s:
         op = s.get(AdapterOperation, operation_id)
         assert op is not None
         source = adapters_repo.get_adapter_by_name(s, op.source_adapter)
+    if op.kind == "canary":
+        run_canary(settings, op, source, owner)
+        return
     if source is None or source.status != AdapterStatus.ready or source.method not in SCALABLE_METHODS:
         raise TrainingError("adapter_missing", f"adapter {op.source_adapter!r} is not a ready LoRA adapter", param="name")
     source_dir = verified_adapter_dir(store, source)
@@ -213,6 +271,7 @@ def run_adapter_operation(settings: Settings, operation_id: str, owner: str) -> 
             s,
             Adapter(
                 name=name,
+                tenant_id=op.tenant_id,
                 job_id=None,
                 base_model=source.base_model,
                 method="merged" if merged else source.method,

@@ -60,7 +60,7 @@ def schedule_job_evaluations(settings: Settings, job_id: str) -> list[str]:
         scales = options.pop("scales", None) or [1.0]
         rows = [
             Evaluation(
-                dataset_id=job.dataset_id, split="test", base_model=job.base_model, adapter_name=adapter,
+                tenant_id=job.tenant_id, dataset_id=job.dataset_id, split="test", base_model=job.base_model, adapter_name=adapter,
                 job_id=job_id, role=role, scales=row_scales, max_attempts=settings.max_attempts, **options,
             )
             for role, adapter, row_scales in (("base", None, None), ("adapter", job.adapter_name, scales))
@@ -104,7 +104,12 @@ def run_leased_child(settings: Settings, model: type[LeasedWork], record_id: str
         with session_scope(settings.database_url) as s:
             return leases.renew(s, model, record_id, owner=owner, lease_seconds=settings.lease_seconds)
 
-    code = wait_renewing_lease(child, settings, renew, label=f"{kind} {record_id}")
+    def finished() -> bool:
+        with session_scope(settings.database_url) as s:
+            row = s.get(model, record_id)
+            return row is None or row.status.is_terminal
+
+    code = wait_renewing_lease(child, settings, renew, finished, label=f"{kind} {record_id}")
     if code is None or code == 0:
         return
     reason = f"{kind} process exited with {'signal ' + str(-code) if code < 0 else 'code ' + str(code)}"
@@ -142,7 +147,12 @@ def supervise_attempt(settings: Settings, job_id: str, owner: str, attempt: int)
                 return False
         return still_owner
 
-    code = wait_renewing_lease(child, settings, renew, label=f"job {job_id}")
+    def finished() -> bool:
+        with session_scope(settings.database_url) as s:
+            job = jobs_repo.get_job(s, job_id)
+            return job is None or job.status.is_terminal
+
+    code = wait_renewing_lease(child, settings, renew, finished, label=f"job {job_id}")
     if code is None or code == 0:
         return
     transient = code == EXIT_TRANSIENT or code < 0
@@ -167,9 +177,19 @@ def supervise_attempt(settings: Settings, job_id: str, owner: str, attempt: int)
 
 
 def wait_renewing_lease(
-    child: subprocess.Popen[bytes], settings: Settings, renew: Callable[[], bool], *, label: str
+    child: subprocess.Popen[bytes],
+    settings: Settings,
+    renew: Callable[[], bool],
+    finished: Callable[[], bool],
+    *,
+    label: str,
 ) -> int | None:
-    """The child's exit code, renewing the lease every heartbeat; None once `renew` says the lease is gone."""
+    """The child's exit code, renewing the lease every heartbeat; None once `renew` says the lease is gone.
+
+    A lease goes away in two ways: the child finished the record (and released it) and is still exiting,
+    which gets cancel_grace_seconds to exit on its own; or another attempt took over, which stops this
+    child after one more heartbeat.
+    """
     while True:
         try:
             return child.wait(timeout=settings.heartbeat_seconds)
@@ -177,11 +197,14 @@ def wait_renewing_lease(
             pass
         if renew():
             continue
-        # Either the child just finished (and released the lease) or another attempt took over.
+        done = finished()
         try:
-            child.wait(timeout=settings.heartbeat_seconds)
+            child.wait(timeout=settings.cancel_grace_seconds if done else settings.heartbeat_seconds)
         except subprocess.TimeoutExpired:
-            log.warning("%s: lease lost; stopping this attempt", label)
+            if done:
+                log.info("%s: finished, but its process did not exit; stopping it", label)
+            else:
+                log.warning("%s: lease lost; stopping this attempt", label)
             _kill(child)
         return None
 

@@ -339,6 +339,7 @@ def publish_adapter(attempt: Attempt, job: Job, model: Any, tokenizer: Any, hp: 
             s,
             Adapter(
                 name=name,
+                tenant_id=job.tenant_id,
                 job_id=job.id,
                 base_model=job.base_model,
                 method=job.method,

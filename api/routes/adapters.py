@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import AdapterOperationOut, AdapterOut, ErrorResponse, ListResponse
+from api.services import adapter_imports as imports_service
 from api.services import adapters as adapters_service
 from api.services import adapter_operations as operations_service
 from api.services.serving_client import ServingClient, get_serving_client
@@ -24,39 +25,66 @@ class ScaleBody(BaseModel):
     scale: float = Field(ge=MIN_SCALE, le=MAX_SCALE, allow_inf_nan=False, description="The LoRA delta times this")
 
 
+@router.post(
+    "",
+    status_code=202,
+    response_model=AdapterOut,
+    responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+)
+async def import_adapter(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    file: Annotated[UploadFile, File(description="A PEFT LoRA adapter as .tar, .tar.gz or .zip: adapter_config.json "
+                                                 "and adapter_model.safetensors, at the root or in one folder")],
+    suffix: Annotated[str | None, Form(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="Part of the new name")] = None,
+) -> AdapterOut:
+    """Import an adapter made elsewhere. It is checked at once (422 naming the member on a bad archive) and
+    is `validating` until a worker's canary shows it changes the base model's output: then `ready`, else
+    `unhealthy` (never served). Poll GET /adapters/{name}."""
+    return AdapterOut.of(await imports_service.import_adapter(session, settings, tenant, file, suffix=suffix))
+
+
 @router.get("", response_model=ListResponse[AdapterOut])
 def list_adapters(
     session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=40)] = None,
 ) -> ListResponse[AdapterOut]:
-    rows, has_more = adapters_repo.list_adapters(session, limit=limit, after=after)
+    rows, has_more = adapters_repo.list_adapters(session, tenant, limit=limit, after=after)
     return ListResponse[AdapterOut](data=[AdapterOut.of(a) for a in rows], has_more=has_more)
 
 
 @router.get("/{name}", response_model=AdapterOut)
-def get_adapter(session: SessionDep, name: str) -> AdapterOut:
-    adapter = adapters_repo.get_adapter_by_name(session, name)
+def get_adapter(session: SessionDep, tenant: TenantDep, name: str) -> AdapterOut:
+    adapter = adapters_repo.get_owned_adapter(session, tenant, name)
     if adapter is None or adapter.status.value == "deleted":
         raise NotFound(f"no adapter named {name!r}", param="name")
     return AdapterOut.of(adapter)
 
 
 @router.post("/{name}/derive", status_code=202, response_model=AdapterOperationOut)
-def derive_adapter(session: SessionDep, settings: SettingsDep, name: str, body: ScaleBody) -> AdapterOperationOut:
+def derive_adapter(
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, name: str, body: ScaleBody
+) -> AdapterOperationOut:
     """A new immutable adapter with B times scale, made by a worker; poll /adapter-operations/{id}."""
-    return AdapterOperationOut.of(operations_service.create_operation(session, settings, name=name, kind="derive", scale=body.scale))
+    operation = operations_service.create_operation(session, settings, tenant, name=name, kind="derive", scale=body.scale)
+    return AdapterOperationOut.of(operation)
 
 
 @router.post("/{name}/merge", status_code=202, response_model=AdapterOperationOut)
-def merge_adapter(session: SessionDep, settings: SettingsDep, name: str, body: ScaleBody) -> AdapterOperationOut:
+def merge_adapter(
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, name: str, body: ScaleBody
+) -> AdapterOperationOut:
     """A full model W0 + scale·(alpha/r)·BA, made by a worker; poll /adapter-operations/{id}."""
-    return AdapterOperationOut.of(operations_service.create_operation(session, settings, name=name, kind="merge", scale=body.scale))
+    operation = operations_service.create_operation(session, settings, tenant, name=name, kind="merge", scale=body.scale)
+    return AdapterOperationOut.of(operation)
 
 
 @operations_router.get("/{operation_id}", response_model=AdapterOperationOut)
-def get_adapter_operation(session: SessionDep, operation_id: str) -> AdapterOperationOut:
-    return AdapterOperationOut.of(operations_service.get_operation_or_404(session, operation_id))
+def get_adapter_operation(session: SessionDep, tenant: TenantDep, operation_id: str) -> AdapterOperationOut:
+    return AdapterOperationOut.of(operations_service.get_operation_or_404(session, tenant, operation_id))
 
 
 class AdapterDeletedOut(BaseModel):
@@ -68,8 +96,8 @@ class AdapterDeletedOut(BaseModel):
 
 @router.delete("/{name}", response_model=AdapterDeletedOut, responses={404: {"model": ErrorResponse}})
 async def delete_adapter(
-    session: SessionDep, name: str, serving: Annotated[ServingClient, Depends(get_serving_client)]
+    session: SessionDep, tenant: TenantDep, name: str, serving: Annotated[ServingClient, Depends(get_serving_client)]
 ) -> AdapterDeletedOut:
     """Delete for good: the name is never served again (not even with other weights)."""
-    adapter = await adapters_service.delete_adapter(session, serving, name)
+    adapter = await adapters_service.delete_adapter(session, serving, tenant, name)
     return AdapterDeletedOut(id=adapter.id, name=adapter.name)

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, TenantDep
 from api.schemas import DatasetOut, ListResponse
 from api.services import datasets as service
 from api.services.idempotency import mark_replayed
@@ -22,6 +22,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 async def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     response: Response,
     file: Annotated[UploadFile, File(description="JSONL: chat, prompt/completion or instruction rows")],
     test_file: Annotated[UploadFile | None, File(description="Held-out test split, same format")] = None,
@@ -31,7 +32,7 @@ async def upload_dataset(
 ) -> DatasetOut:
     options = service.UploadOptions(test_fraction=test_fraction, seed=seed)
     dataset, replayed = await service.create_dataset(
-        session, settings, file=file, test_file=test_file, options=options, idempotency_key=idempotency_key
+        session, settings, tenant, file=file, test_file=test_file, options=options, idempotency_key=idempotency_key
     )
     if replayed:
         mark_replayed(response)
@@ -41,13 +42,14 @@ async def upload_dataset(
 @router.get("", response_model=ListResponse[DatasetOut])
 def list_datasets(
     session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=40)] = None,
 ) -> ListResponse[DatasetOut]:
-    rows, has_more = datasets_repo.list_datasets(session, limit=limit, after=after)
+    rows, has_more = datasets_repo.list_datasets(session, tenant, limit=limit, after=after)
     return ListResponse[DatasetOut](data=[DatasetOut.of(d) for d in rows], has_more=has_more)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(session: SessionDep, dataset_id: str) -> DatasetOut:
-    return DatasetOut.of(service.get_dataset_or_404(session, dataset_id))
+def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: str) -> DatasetOut:
+    return DatasetOut.of(service.get_dataset_or_404(session, tenant, dataset_id))

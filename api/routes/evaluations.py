@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import EvaluationOut, EvaluationSamplePage, ListResponse
 from api.services import evaluations as service
 from core.evaluation.spec import EvaluationSpec
@@ -14,33 +14,35 @@ router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
 
 @router.post("", status_code=201, response_model=EvaluationOut)
-def create_evaluation(session: SessionDep, settings: SettingsDep, spec: EvaluationSpec) -> EvaluationOut:
-    return EvaluationOut.of(service.create_evaluation(session, settings, spec))
+def create_evaluation(session: SessionDep, settings: SettingsDep, tenant: TenantDep, spec: EvaluationSpec) -> EvaluationOut:
+    return EvaluationOut.of(service.create_evaluation(session, settings, tenant, spec))
 
 
 @router.get("", response_model=ListResponse[EvaluationOut])
 def list_evaluations(
     session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=40)] = None,
     job_id: Annotated[str | None, Query(max_length=40)] = None,
 ) -> ListResponse[EvaluationOut]:
-    rows, has_more = evaluations_repo.list_evaluations(session, limit=limit, after=after, job_id=job_id)
+    rows, has_more = evaluations_repo.list_evaluations(session, tenant, limit=limit, after=after, job_id=job_id)
     return ListResponse[EvaluationOut](data=[EvaluationOut.of(e) for e in rows], has_more=has_more)
 
 
 @router.get("/{evaluation_id}", response_model=EvaluationOut)
-def get_evaluation(session: SessionDep, evaluation_id: str) -> EvaluationOut:
-    return EvaluationOut.of(service.get_evaluation_or_404(session, evaluation_id))
+def get_evaluation(session: SessionDep, tenant: TenantDep, evaluation_id: str) -> EvaluationOut:
+    return EvaluationOut.of(service.get_evaluation_or_404(session, tenant, evaluation_id))
 
 
 @router.get("/{evaluation_id}/samples", response_model=EvaluationSamplePage)
 def list_samples(
     session: SessionDep,
+    tenant: TenantDep,
     evaluation_id: str,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
     scale: Annotated[float | None, Query(description="Only the samples at this adapter scale")] = None,
 ) -> EvaluationSamplePage:
-    evaluation = service.get_evaluation_or_404(session, evaluation_id)
+    evaluation = service.get_evaluation_or_404(session, tenant, evaluation_id)
     return service.sample_page(session, evaluation, limit=limit, offset=offset, scale=scale)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import ErrorResponse
 from api.services import generation as service
 from api.services.serving_client import ServingClient, get_serving_client
@@ -53,10 +53,11 @@ async def generate(
     body: GenerateRequest,
     session: SessionDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     serving: ServingDep,
     adapter: Annotated[str | None, Query(max_length=128, description="Adapter name; none: the base model")] = None,
 ) -> Any:
-    name = await service.resolve_adapter(session, settings, adapter, param="adapter")
+    name = await service.resolve_adapter(session, settings, tenant, adapter, param="adapter")
     request = service.serving_request(body, name)
     gen_id = f"gen-{uuid.uuid4().hex}"
     if not body.stream:

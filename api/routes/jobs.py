@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, TenantDep
 from api.schemas import CheckpointOut, ErrorResponse, JobEventOut, JobOut, JobReport, ListResponse
 from api.services import evaluations as evaluations_service
 from api.services import jobs as service
@@ -29,11 +29,12 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 def create_job(
     session: SessionDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     spec: JobSpec,
     response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut:
-    job, replayed = service.create_job(session, settings, spec, idempotency_key=idempotency_key)
+    job, replayed = service.create_job(session, settings, tenant, spec, idempotency_key=idempotency_key)
     if replayed:
         mark_replayed(response)
     return JobOut.of(job)
@@ -42,45 +43,47 @@ def create_job(
 @router.get("", response_model=ListResponse[JobOut])
 def list_jobs(
     session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=40)] = None,
     status: JobStatus | None = None,
 ) -> ListResponse[JobOut]:
-    rows, has_more = jobs_repo.list_jobs(session, limit=limit, after=after, status=status)
+    rows, has_more = jobs_repo.list_jobs(session, tenant, limit=limit, after=after, status=status)
     return ListResponse[JobOut](data=[JobOut.of(j) for j in rows], has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(session: SessionDep, job_id: str) -> JobOut:
-    job = service.get_job_or_404(session, job_id)
+def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+    job = service.get_job_or_404(session, tenant, job_id)
     return JobOut.of(job).model_copy(update={"evaluation": evaluations_service.job_summary(session, job)})
 
 
 @router.get("/{job_id}/report", response_model=JobReport)
-def get_job_report(session: SessionDep, job_id: str) -> JobReport:
+def get_job_report(session: SessionDep, tenant: TenantDep, job_id: str) -> JobReport:
     """Base model vs the job's adapter on the test split, metric by metric."""
-    return evaluations_service.job_report(session, service.get_job_or_404(session, job_id))
+    return evaluations_service.job_report(session, service.get_job_or_404(session, tenant, job_id))
 
 
 @router.get("/{job_id}/events", response_model=ListResponse[JobEventOut])
 def list_job_events(
     session: SessionDep,
+    tenant: TenantDep,
     job_id: str,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[int | None, Query(ge=0, description="Continue after this event id")] = None,
 ) -> ListResponse[JobEventOut]:
-    service.get_job_or_404(session, job_id)
+    service.get_job_or_404(session, tenant, job_id)
     rows, has_more = jobs_repo.list_events(session, job_id, limit=limit, after=after)
     return ListResponse[JobEventOut](data=[JobEventOut.of(e) for e in rows], has_more=has_more)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(session: SessionDep, job_id: str) -> JobOut:
-    return JobOut.of(service.cancel_job(session, job_id))
+def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+    return JobOut.of(service.cancel_job(session, tenant, job_id))
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointOut])
-def list_job_checkpoints(session: SessionDep, settings: SettingsDep, job_id: str) -> ListResponse[CheckpointOut]:
-    service.get_job_or_404(session, job_id)
+def list_job_checkpoints(session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: str) -> ListResponse[CheckpointOut]:
+    service.get_job_or_404(session, tenant, job_id)
     rows = [CheckpointOut(**c.to_public()) for c in list_checkpoints(settings, job_id)]  # type: ignore[arg-type]
     return ListResponse[CheckpointOut](data=rows, has_more=False)

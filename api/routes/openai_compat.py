@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import ErrorResponse, unix
 from api.services import generation as service
 from api.services.serving_client import ServingClient, get_serving_client
@@ -160,8 +160,8 @@ def _total(usages: list[Usage]) -> Usage:
 
 
 @router.get("/models", response_model=ModelsOut)
-async def list_models(session: SessionDep, settings: SettingsDep) -> ModelsOut:
-    base, adapters = await run_in_threadpool(service.servable_models, session, settings)
+async def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelsOut:
+    base, adapters = await run_in_threadpool(service.servable_models, session, settings, tenant)
     now = int(time.time())
     data = [ModelOut(id=base, created=now, root=settings.base_model, parent=None)]
     data += [ModelOut(id=a.name, created=unix(a.created_at) or now, root=a.name, parent=base) for a in adapters]
@@ -170,9 +170,9 @@ async def list_models(session: SessionDep, settings: SettingsDep) -> ModelsOut:
 
 @router.post("/completions", response_model=CompletionOut, responses=ERRORS)
 async def create_completion(
-    body: CompletionRequest, session: SessionDep, settings: SettingsDep, serving: ServingDep
+    body: CompletionRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep, serving: ServingDep
 ) -> Any:
-    adapter = await service.resolve_adapter(session, settings, body.model, param="model")
+    adapter = await service.resolve_adapter(session, settings, tenant, body.model, param="model")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise InvalidInput("prompt must not be empty", param="prompt")
@@ -206,9 +206,9 @@ async def create_completion(
 
 @router.post("/chat/completions", response_model=ChatCompletionOut, responses=ERRORS)
 async def create_chat_completion(
-    body: ChatCompletionRequest, session: SessionDep, settings: SettingsDep, serving: ServingDep
+    body: ChatCompletionRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep, serving: ServingDep
 ) -> Any:
-    adapter = await service.resolve_adapter(session, settings, body.model, param="model")
+    adapter = await service.resolve_adapter(session, settings, tenant, body.model, param="model")
     generate = GenerateRequest(
         messages=[m.plain() for m in body.messages],
         stream=body.stream,

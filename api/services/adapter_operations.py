@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-
 from sqlalchemy.orm import Session
 
 from core.adapter_ops import SCALABLE_METHODS
 from core.errors import InvalidInput, NotFound
 from core.models import AdapterOperation, AdapterStatus, WorkStatus
-from core.queue import send_adapter_operation
+from core.queue import send_adapter_operation, send_committed
 from core.repository import adapter_operations as operations_repo
 from core.repository import adapters as adapters_repo
 from core.settings import Settings
 
-log = logging.getLogger(__name__)
 
-
-def create_operation(session: Session, settings: Settings, *, name: str, kind: str, scale: float) -> AdapterOperation:
-    adapter = adapters_repo.get_adapter_by_name(session, name)
+def create_operation(
+    session: Session, settings: Settings, tenant_id: str, *, name: str, kind: str, scale: float
+) -> AdapterOperation:
+    adapter = adapters_repo.get_owned_adapter(session, tenant_id, name)
     if adapter is None or adapter.status == AdapterStatus.deleted:
         raise NotFound(f"no adapter named {name!r}", param="name")
     if adapter.method not in SCALABLE_METHODS:
@@ -30,19 +28,16 @@ def create_operation(session: Session, settings: Settings, *, name: str, kind: s
     operation = operations_repo.add_operation(
         session,
         AdapterOperation(
-            kind=kind, source_adapter=name, scale=scale, status=WorkStatus.queued, max_attempts=settings.max_attempts
+            tenant_id=tenant_id, kind=kind, source_adapter=name, scale=scale, status=WorkStatus.queued, max_attempts=settings.max_attempts
         ),
     )
     session.commit()  # the row exists before any worker can hear of it
-    try:
-        send_adapter_operation(settings, operation.id)
-    except Exception:  # noqa: BLE001 - SQL has the operation; the reconciler re-sends it
-        log.warning("could not send adapter operation %s; the reconciler will resend it", operation.id, exc_info=True)
+    send_committed(send_adapter_operation, settings, operation.id)
     return operation
 
 
-def get_operation_or_404(session: Session, operation_id: str) -> AdapterOperation:
-    operation = operations_repo.get_operation(session, operation_id)
+def get_operation_or_404(session: Session, tenant_id: str, operation_id: str) -> AdapterOperation:
+    operation = operations_repo.get_owned_operation(session, tenant_id, operation_id)
     if operation is None:
         raise NotFound(f"no adapter operation with id {operation_id!r}", param="operation_id")
     return operation

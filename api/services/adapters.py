@@ -15,16 +15,16 @@ from core.repository import adapters as adapters_repo
 log = logging.getLogger(__name__)
 
 
-def _mark_deleted(session: Session, name: str) -> Adapter:
-    adapter = adapters_repo.mark_adapter_deleted(session, name)
+def _mark_deleted(session: Session, tenant_id: str, name: str) -> Adapter:
+    adapter = adapters_repo.mark_adapter_deleted(session, tenant_id, name)
     if adapter is None:
         raise NotFound(f"no adapter named {name!r}", param="name")
     session.commit()  # deleted in SQL before serving hears of it: the API refuses it from here on
     return adapter
 
 
-async def delete_adapter(session: Session, serving: ServingClient, name: str) -> Adapter:
-    adapter = await run_in_threadpool(_mark_deleted, session, name)
+async def delete_adapter(session: Session, serving: ServingClient, tenant_id: str, name: str) -> Adapter:
+    adapter = await run_in_threadpool(_mark_deleted, session, tenant_id, name)
     if not await serving.unload(name):
         # Serving refuses deleted names when it next looks them up in SQL; a loaded copy is unreachable
         # because the API checks SQL before every request.

@@ -77,6 +77,7 @@ class Upload:
 async def create_dataset(
     session: Session,
     settings: Settings,
+    tenant_id: str,
     *,
     file: UploadFile,
     test_file: UploadFile | None,
@@ -93,16 +94,17 @@ async def create_dataset(
     upload = Upload(filename=file.filename or "upload.jsonl", train=train_bytes,
                     test_filename=test_file.filename if test_file is not None else None, test=test_bytes, options=options)
     # Parsing a big file and the SQL (which may wait on a lock) must not block the event loop.
-    return await run_in_threadpool(store_dataset, session, settings, upload, idempotency_key)
+    return await run_in_threadpool(store_dataset, session, settings, tenant_id, upload, idempotency_key)
 
 
 def store_dataset(
-    session: Session, settings: Settings, upload: Upload, idempotency_key: str | None
+    session: Session, settings: Settings, tenant_id: str, upload: Upload, idempotency_key: str | None
 ) -> tuple[Dataset, bool]:
     """Validate every line, split, claim the Idempotency-Key, store the files atomically, then record."""
-    idempotency = idempotent_request("POST /datasets", idempotency_key, upload.identity())
+    idempotency = idempotent_request(tenant_id, "POST /datasets", idempotency_key, upload.identity(),
+                                     ttl_seconds=settings.idempotency_key_ttl_seconds)
     if idempotency is not None and (earlier := earlier_resource(session, idempotency)):
-        return get_dataset_or_404(session, earlier), True
+        return get_dataset_or_404(session, tenant_id, earlier), True
     options = upload.options
     train = _parse(upload.train, split="train", settings=settings)
     test_rows: list = []
@@ -123,7 +125,7 @@ def store_dataset(
     dataset_id = new_id("ds")
     # Before any file is written: a concurrent duplicate stops here and leaves nothing behind.
     if idempotency is not None and (winner := claim_key(session, idempotency, dataset_id)):
-        return get_dataset_or_404(session, winner), True
+        return get_dataset_or_404(session, tenant_id, winner), True
     store = Store(settings)
     relative = store.dataset_dir(dataset_id)
     with store.staging_dir() as staged:
@@ -137,6 +139,7 @@ def store_dataset(
         session,
         Dataset(
             id=dataset_id,
+            tenant_id=tenant_id,
             filename=upload.filename[:255],
             format=train.format.value,
             train_rows=len(train_rows),
@@ -153,8 +156,8 @@ def store_dataset(
     return dataset, False
 
 
-def get_dataset_or_404(session: Session, dataset_id: str, *, param: str = "dataset_id") -> Dataset:
-    dataset = datasets_repo.get_dataset(session, dataset_id)
+def get_dataset_or_404(session: Session, tenant_id: str, dataset_id: str, *, param: str = "dataset_id") -> Dataset:
+    dataset = datasets_repo.get_owned_dataset(session, tenant_id, dataset_id)
     if dataset is None:
         raise NotFound(f"no dataset with id {dataset_id!r}", param=param)
     return dataset

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
@@ -22,13 +21,12 @@ from core.errors import InvalidInput, NotFound
 from core.evaluation.metrics import ALL_METRICS, LOWER_IS_BETTER
 from core.evaluation.spec import EvaluationSpec
 from core.models import AdapterStatus, Evaluation, Job, JobStatus, WorkStatus
-from core.queue import send_evaluate
+from core.queue import send_committed, send_evaluate
 from core.repository import adapters as adapters_repo
 from core.repository import evaluations as evaluations_repo
 from core.repository.datasets import get_dataset
 from core.settings import Settings
 
-log = logging.getLogger(__name__)
 REPORT_EXAMPLES = 5
 
 
@@ -40,8 +38,8 @@ def _unique(values: Sequence[object], param: str) -> None:
         seen.add(value)
 
 
-def create_evaluation(session: Session, settings: Settings, spec: EvaluationSpec) -> Evaluation:
-    dataset = get_dataset_or_404(session, spec.dataset_id)
+def create_evaluation(session: Session, settings: Settings, tenant_id: str, spec: EvaluationSpec) -> Evaluation:
+    dataset = get_dataset_or_404(session, tenant_id, spec.dataset_id)
     rows = dataset.test_rows if spec.split == "test" else dataset.train_rows
     if rows == 0:
         raise InvalidInput(
@@ -55,7 +53,7 @@ def create_evaluation(session: Session, settings: Settings, spec: EvaluationSpec
         if spec.scales is not None:
             raise InvalidInput("scales apply to an adapter; give adapter, or leave scales out for the base model", param="scales")
     else:
-        adapter = adapters_repo.get_adapter_by_name(session, spec.adapter)
+        adapter = adapters_repo.get_owned_adapter(session, tenant_id, spec.adapter)
         if adapter is None or adapter.status == AdapterStatus.deleted:
             raise NotFound(f"no adapter named {spec.adapter!r}", param="adapter")
         if adapter.status != AdapterStatus.ready:
@@ -66,6 +64,7 @@ def create_evaluation(session: Session, settings: Settings, spec: EvaluationSpec
     evaluation = evaluations_repo.add_evaluation(
         session,
         Evaluation(
+            tenant_id=tenant_id,
             dataset_id=dataset.id,
             split=spec.split,
             base_model=settings.served_model_name,
@@ -80,15 +79,12 @@ def create_evaluation(session: Session, settings: Settings, spec: EvaluationSpec
         ),
     )
     session.commit()  # the row exists before any worker can hear of it
-    try:
-        send_evaluate(settings, evaluation.id)
-    except Exception:  # noqa: BLE001 - SQL has the evaluation; the reconciler re-sends it
-        log.warning("could not send evaluation %s; the reconciler will resend it", evaluation.id, exc_info=True)
+    send_committed(send_evaluate, settings, evaluation.id)
     return evaluation
 
 
-def get_evaluation_or_404(session: Session, evaluation_id: str) -> Evaluation:
-    evaluation = evaluations_repo.get_evaluation(session, evaluation_id)
+def get_evaluation_or_404(session: Session, tenant_id: str, evaluation_id: str) -> Evaluation:
+    evaluation = evaluations_repo.get_owned_evaluation(session, tenant_id, evaluation_id)
     if evaluation is None:
         raise NotFound(f"no evaluation with id {evaluation_id!r}", param="evaluation_id")
     return evaluation

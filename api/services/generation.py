@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _servable_adapter(session: Session, name: str, *, param: str) -> Adapter:
-    adapter = adapters_repo.get_adapter_by_name(session, name)
+def _servable_adapter(session: Session, tenant_id: str, name: str, *, param: str) -> Adapter:
+    adapter = adapters_repo.get_owned_adapter(session, tenant_id, name)
     if adapter is None or adapter.status == AdapterStatus.deleted:
         raise NotFound(f"no adapter or model named {name!r}", param=param)
     if adapter.status != AdapterStatus.ready or not adapter.servable:
@@ -32,11 +32,16 @@ def _servable_adapter(session: Session, name: str, *, param: str) -> Adapter:
     return adapter
 
 
-async def resolve_adapter(session: Session, settings: Settings, name: str | None, *, param: str) -> str | None:
-    """The adapter to use for `name` (None: the base model), or 404 naming `param`."""
+async def resolve_adapter(
+    session: Session, settings: Settings, tenant_id: str, name: str | None, *, param: str
+) -> str | None:
+    """The tenant's adapter to use for `name` (None: the base model), or 404 naming `param`.
+
+    Serving looks names up without a tenant, so this check is what keeps tenants apart: it runs first.
+    """
     if name is None or name in (settings.served_model_name, settings.base_model):
         return None
-    adapter = await run_in_threadpool(_servable_adapter, session, name, param=param)
+    adapter = await run_in_threadpool(_servable_adapter, session, tenant_id, name, param=param)
     return adapter.name
 
 
@@ -83,5 +88,5 @@ async def generate_stream(
         return await client.stream(request)
 
 
-def servable_models(session: Session, settings: Settings) -> tuple[str, list[Adapter]]:
-    return settings.served_model_name, adapters_repo.list_servable_adapters(session)
+def servable_models(session: Session, settings: Settings, tenant_id: str) -> tuple[str, list[Adapter]]:
+    return settings.served_model_name, adapters_repo.list_servable_adapters(session, tenant_id)

@@ -6,13 +6,14 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from datetime import UTC, timedelta
 
 from fastapi import Response
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidInput
-from core.models import IdempotencyKey
+from core.models import IdempotencyKey, utcnow
 from core.repository import idempotency as idempotency_repo
 
 log = logging.getLogger(__name__)
@@ -23,16 +24,29 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 
 @dataclass(frozen=True)
 class IdempotentRequest:
+    tenant_id: str
     endpoint: str
     key: str
     request_sha256: str
+    ttl_seconds: int
 
 
-def idempotent_request(endpoint: str, key: str | None, parts: object) -> IdempotentRequest | None:
-    """The request's identity when the client sent a key; `parts` is its body as JSON-able data."""
+def idempotent_request(
+    tenant_id: str, endpoint: str, key: str | None, parts: object, *, ttl_seconds: int
+) -> IdempotentRequest | None:
+    """The request's identity when the client sent a key; `parts` is its body as JSON-able data.
+
+    Keys are per tenant, and a key is remembered for ttl_seconds: after that it is free again.
+    """
     if key is None:
         return None
-    return IdempotentRequest(endpoint=endpoint, key=key, request_sha256=request_sha256(parts))
+    return IdempotentRequest(tenant_id=tenant_id, endpoint=endpoint, key=key, request_sha256=request_sha256(parts),
+                             ttl_seconds=ttl_seconds)
+
+
+def _expired(record: IdempotencyKey, ttl_seconds: int) -> bool:
+    created = record.created_at if record.created_at.tzinfo else record.created_at.replace(tzinfo=UTC)  # SQLite
+    return created < utcnow() - timedelta(seconds=ttl_seconds)
 
 
 def request_sha256(parts: object) -> str:
@@ -45,8 +59,12 @@ def earlier_resource(session: Session, request: IdempotentRequest) -> str | None
 
     The same key with a different request is a client bug (a reused key), refused with 422.
     """
-    record = idempotency_repo.get_key(session, endpoint=request.endpoint, key=request.key)
+    record = idempotency_repo.get_key(session, tenant_id=request.tenant_id, endpoint=request.endpoint, key=request.key)
     if record is None:
+        return None
+    if _expired(record, request.ttl_seconds):
+        # Forget it now, in this transaction, so the insert of the new request's key does not collide.
+        idempotency_repo.delete_key(session, record)
         return None
     if record.request_sha256 != request.request_sha256:
         raise InvalidInput(
@@ -68,8 +86,8 @@ def claim_key(session: Session, request: IdempotentRequest, resource_id: str) ->
     try:
         idempotency_repo.add_key(
             session,
-            IdempotencyKey(endpoint=request.endpoint, key=request.key, request_sha256=request.request_sha256,
-                           resource_id=resource_id),
+            IdempotencyKey(tenant_id=request.tenant_id, endpoint=request.endpoint, key=request.key,
+                           request_sha256=request.request_sha256, resource_id=resource_id),
         )
         return None
     except IntegrityError:

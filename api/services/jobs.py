@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from sqlalchemy.orm import Session
 
 from api.services import idempotency as idempotency_service
@@ -12,11 +10,9 @@ from core.errors import Conflict, InvalidInput, NotFound, RateLimited
 from core.jobspec import JobSpec
 from core.model_info import check_target_modules
 from core.models import Job, JobEvent, JobStatus, new_id
-from core.queue import send_train
+from core.queue import send_committed, send_train
 from core.repository import jobs as jobs_repo
 from core.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 def resolve_base_model(settings: Settings, requested: str | None) -> str:
@@ -29,26 +25,30 @@ def resolve_base_model(settings: Settings, requested: str | None) -> str:
 
 
 def create_job(
-    session: Session, settings: Settings, spec: JobSpec, *, idempotency_key: str | None = None
+    session: Session, settings: Settings, tenant_id: str, spec: JobSpec, *, idempotency_key: str | None = None
 ) -> tuple[Job, bool]:
     """Validate, commit the job, send it; returns the job and whether an earlier request (same Idempotency-Key) made it."""
     # The parsed body, so key order, whitespace and spelled-out defaults do not make another request.
-    idempotency = idempotency_service.idempotent_request("POST /jobs", idempotency_key, spec.model_dump(mode="json"))
+    idempotency = idempotency_service.idempotent_request(
+        tenant_id, "POST /jobs", idempotency_key, spec.model_dump(mode="json"),
+        ttl_seconds=settings.idempotency_key_ttl_seconds,
+    )
     if idempotency is not None and (earlier := idempotency_service.earlier_resource(session, idempotency)):
-        return get_job_or_404(session, earlier), True
+        return get_job_or_404(session, tenant_id, earlier), True
     hp = spec.hyperparameters
     hp.check_limits(settings, spec.method)
     if isinstance(hp.target_modules, list):
         check_target_modules(settings.base_model, hp.target_modules)
     base_model = resolve_base_model(settings, spec.base_model)
-    get_dataset_or_404(session, spec.dataset_id)
+    get_dataset_or_404(session, tenant_id, spec.dataset_id)
     job_id = new_id("ftjob")
     if idempotency is not None and (winner := idempotency_service.claim_key(session, idempotency, job_id)):
-        return get_job_or_404(session, winner), True
+        return get_job_or_404(session, tenant_id, winner), True
     job = jobs_repo.add_job(
         session,
         Job(
             id=job_id,
+            tenant_id=tenant_id,
             base_model=base_model,
             dataset_id=spec.dataset_id,
             method=spec.method,
@@ -59,23 +59,23 @@ def create_job(
             max_attempts=settings.max_attempts,
         ),
     )
-    admit_job(session, settings)
+    admit_job(session, settings, tenant_id)
     jobs_repo.add_event(session, JobEvent(job_id=job.id, kind="status", message="job queued"))
     session.commit()  # the row exists before any worker can hear of it
     dispatch(settings, job.id)
     return job, False
 
 
-def admit_job(session: Session, settings: Settings) -> None:
-    """Refuse the job just inserted (429; the rollback leaves nothing) when active jobs pass max_active_jobs.
+def admit_job(session: Session, settings: Settings, tenant_id: str) -> None:
+    """Refuse the job just inserted (429; the rollback leaves nothing) when the tenant's active jobs pass max_active_jobs.
 
     Counted after the insert and under the admission lock, so concurrent submissions cannot all slip in.
     """
     jobs_repo.lock_admission(session)
-    active = jobs_repo.count_active(session)
+    active = jobs_repo.count_active(session, tenant_id)
     if active > settings.max_active_jobs:
         raise RateLimited(
-            f"{active - 1} jobs are queued or running and the limit is {settings.max_active_jobs}; "
+            f"{active - 1} of your jobs are queued or running and the limit is {settings.max_active_jobs}; "
             "retry when one finishes",
             retry_after=settings.active_jobs_retry_after_seconds,
         )
@@ -83,23 +83,18 @@ def admit_job(session: Session, settings: Settings) -> None:
 
 def dispatch(settings: Settings, job_id: str) -> bool:
     """Send the job id; a broker failure leaves the committed job queued for the reconciler."""
-    try:
-        send_train(settings, job_id)
-        return True
-    except Exception:  # noqa: BLE001 - any broker error means "not sent", and SQL still has the job
-        log.warning("could not send job %s to the broker; the reconciler will resend it", job_id, exc_info=True)
-        return False
+    return send_committed(send_train, settings, job_id)
 
 
-def get_job_or_404(session: Session, job_id: str) -> Job:
-    job = jobs_repo.get_job(session, job_id)
+def get_job_or_404(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = jobs_repo.get_owned_job(session, tenant_id, job_id)
     if job is None:
         raise NotFound(f"no job with id {job_id!r}", param="job_id")
     return job
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
-    job = get_job_or_404(session, job_id)
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = get_job_or_404(session, tenant_id, job_id)
     if job.status.is_terminal:
         raise Conflict(f"job {job_id} is already {job.status.value}", param="job_id", code="job_finished")
     updated = jobs_repo.request_cancel(session, job_id)

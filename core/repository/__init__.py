@@ -10,6 +10,12 @@ from sqlalchemy.orm import Session
 T = TypeVar("T")
 
 
+def get_owned(session: Session, model: type[T], tenant_id: str, ident: str) -> T | None:
+    """The row with primary key `ident` if `tenant_id` owns it; another tenant's row is as good as absent."""
+    row = session.get(model, ident)
+    return row if row is not None and getattr(row, "tenant_id") == tenant_id else None
+
+
 def newest_first_page(
     session: Session, model: type[T], query: Select[tuple[T]], *, limit: int, after: str | None
 ) -> tuple[list[T], bool]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from core.models import AdapterOperation
+from core.repository import get_owned
 
 
 def add_operation(session: Session, operation: AdapterOperation) -> AdapterOperation:
@@ -14,4 +15,9 @@ def add_operation(session: Session, operation: AdapterOperation) -> AdapterOpera
 
 
 def get_operation(session: Session, operation_id: str) -> AdapterOperation | None:
+    """Any tenant's operation: for workers."""
     return session.get(AdapterOperation, operation_id)
+
+
+def get_owned_operation(session: Session, tenant_id: str, operation_id: str) -> AdapterOperation | None:
+    return get_owned(session, AdapterOperation, tenant_id, operation_id)

@@ -8,7 +8,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from core.models import Evaluation, EvaluationSample
-from core.repository import newest_first_page
+from core.repository import get_owned, newest_first_page
 
 
 def add_evaluation(session: Session, evaluation: Evaluation) -> Evaluation:
@@ -18,13 +18,18 @@ def add_evaluation(session: Session, evaluation: Evaluation) -> Evaluation:
 
 
 def get_evaluation(session: Session, evaluation_id: str) -> Evaluation | None:
+    """Any tenant's evaluation: for workers."""
     return session.get(Evaluation, evaluation_id)
 
 
+def get_owned_evaluation(session: Session, tenant_id: str, evaluation_id: str) -> Evaluation | None:
+    return get_owned(session, Evaluation, tenant_id, evaluation_id)
+
+
 def list_evaluations(
-    session: Session, *, limit: int, after: str | None, job_id: str | None = None
+    session: Session, tenant_id: str, *, limit: int, after: str | None, job_id: str | None = None
 ) -> tuple[list[Evaluation], bool]:
-    query = select(Evaluation)
+    query = select(Evaluation).where(Evaluation.tenant_id == tenant_id)
     if job_id is not None:
         query = query.where(Evaluation.job_id == job_id)
     return newest_first_page(session, Evaluation, query, limit=limit, after=after)

@@ -8,7 +8,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.models import Job, JobEvent, JobStatus, utcnow
-from core.repository import newest_first_page
+from core.repository import get_owned, newest_first_page
 
 
 def add_job(session: Session, job: Job) -> Job:
@@ -18,13 +18,21 @@ def add_job(session: Session, job: Job) -> Job:
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
+    """Any tenant's job: for workers and the reconciler."""
     return session.get(Job, job_id)
 
 
+def get_owned_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
+    return get_owned(session, Job, tenant_id, job_id)
+
+
 def list_jobs(
-    session: Session, *, limit: int, after: str | None, status: JobStatus | None = None
+    session: Session, tenant_id: str | None, *, limit: int, after: str | None, status: JobStatus | None = None
 ) -> tuple[list[Job], bool]:
+    """A page of the tenant's jobs (None: every tenant's, for maintenance)."""
     query = select(Job)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
     return newest_first_page(session, Job, query, limit=limit, after=after)
@@ -43,9 +51,10 @@ ACTIVE = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
 ADMISSION_LOCK_KEY = 0x74756E65
 
 
-def count_active(session: Session) -> int:
-    """Jobs that hold or wait for a worker: validating files, queued or running."""
-    return session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE))) or 0
+def count_active(session: Session, tenant_id: str) -> int:
+    """The tenant's jobs that hold or wait for a worker: validating files, queued or running."""
+    query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
+    return session.scalar(query) or 0
 
 
 def lock_admission(session: Session) -> None:

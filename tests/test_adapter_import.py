@@ -1,0 +1,201 @@
+"""POST /adapters: an adapter made elsewhere is unpacked safely, checked, and served only after a worker's
+canary shows it changes the base model's output. Bad archives are a 4xx naming the member, and leave nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.storage import sha256_file
+from tests.conftest import Stack
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def peft_adapter(base_model: str, directory: Path, *, trained: bool, rank: int = 4) -> Path:
+    """A PEFT LoRA adapter for the base model, saved as PEFT saves it: random A and B when `trained`, else
+    PEFT's own initialisation (B = 0: the adapter changes nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=not trained)
+    model = get_peft_model(base, config)
+    if trained:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.5)  # large enough that greedy answers change
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+def tar_gz(members: dict[str, bytes], *, links: dict[str, tuple[str, bytes]] | None = None) -> bytes:
+    """A .tar.gz of name -> bytes, plus link members name -> (kind SYMTYPE/LNKTYPE, target)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for name, (kind, target) in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target.decode()
+            archive.addfile(info)
+    return buffer.getvalue()
+
+
+def files_of(directory: Path, prefix: str = "") -> dict[str, bytes]:
+    return {f"{prefix}{p.name}": p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def post_archive(stack: Stack, data: bytes, filename: str = "adapter.tar.gz", **form: str) -> Any:
+    return stack.client.post("/adapters", files={"file": (filename, data)}, data=form)
+
+
+def wait_for_verdict(stack: Stack, name: str, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        adapter = stack.client.get(f"/adapters/{name}").json()
+        if adapter["status"] != "validating":
+            return adapter
+        time.sleep(0.25)
+    raise AssertionError(f"adapter {name} still validating after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def adapters(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("import")
+    base = stack.settings.base_model
+    return {
+        "trained": peft_adapter(base, root / "trained", trained=True),
+        "untrained": peft_adapter(base, root / "untrained", trained=False),
+    }
+
+
+def test_imported_adapter_passes_its_canary_and_is_ready(stack: Stack, adapters: dict[str, Path]) -> None:
+    source = adapters["trained"]
+    response = post_archive(stack, tar_gz(files_of(source, "my-adapter/")), suffix="ext")
+    assert response.status_code == 202, response.text
+    adapter = response.json()
+    assert adapter["status"] == "validating" and adapter["servable"] is False
+    assert adapter["name"].startswith("imp-ext-") and adapter["rank"] == 4 and adapter["job_id"] is None
+    # Only the two adapter files are kept, byte for byte, and their sha256s are recorded.
+    assert adapter["files"] == {n: sha256_file(source / n) for n in ("adapter_config.json", "adapter_model.safetensors")}
+    # Not usable while validating.
+    assert stack.client.post("/generate", params={"adapter": adapter["name"]}, json={"prompt": "hi"}).status_code == 422
+
+    done = wait_for_verdict(stack, adapter["name"])
+    assert done["status"] == "ready" and done["servable"] is True, done
+    assert done["servable_reason"] is None
+    assert adapter["name"] in [a["name"] for a in stack.client.get("/adapters", params={"limit": 100}).json()["data"]]
+
+
+def test_an_adapter_that_changes_nothing_is_unhealthy_and_never_served(stack: Stack, adapters: dict[str, Path]) -> None:
+    response = post_archive(stack, tar_gz(files_of(adapters["untrained"])))
+    assert response.status_code == 202, response.text
+    done = wait_for_verdict(stack, response.json()["name"])
+    assert done["status"] == "unhealthy" and done["servable"] is False, done
+    assert "canary" in done["servable_reason"] and "equals the base model" in done["servable_reason"]
+    refused = stack.client.post("/generate", params={"adapter": done["name"]}, json={"prompt": "hi"})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "adapter_not_servable"
+    models = [m["id"] for m in stack.client.get("/v1/models").json()["data"]]
+    assert done["name"] not in models
+
+
+def _zip(members: dict[str, bytes], *, symlink: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        if symlink is not None:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (0o120777 << 16)
+            archive.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def _with_config(source: Path, **changes: Any) -> dict[str, bytes]:
+    files = files_of(source)
+    config = json.loads(files["adapter_config.json"])
+    config.update(changes)
+    files["adapter_config.json"] = json.dumps(config).encode()
+    return files
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_bad_archives_are_refused_naming_the_member_and_leave_nothing(
+    stack: Stack, adapters: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = files_of(adapters["trained"])
+    other_base = peft_adapter_for_other_shapes(tmp_path)
+    cases: dict[str, tuple[Callable[[], bytes], int, str]] = {
+        "pickle weights": (lambda: tar_gz({**good, "adapter_model.bin": b"\x80\x04pickle"}), 422, "file:adapter_model.bin"),
+        "pickle only": (lambda: tar_gz({"adapter_config.json": good["adapter_config.json"],
+                                        "training_args.bin": b"\x80\x04"}), 422, "file:training_args.bin"),
+        "path traversal": (lambda: tar_gz({"../evil/adapter_config.json": b"{}", **good}), 422,
+                           "file:../evil/adapter_config.json"),
+        "absolute path": (lambda: tar_gz({"/tmp/adapter_config.json": b"{}"}), 422, "file:/tmp/adapter_config.json"),
+        "symlink": (lambda: tar_gz(good, links={"link.safetensors": (tarfile.SYMTYPE, b"/etc/passwd")}), 422,
+                    "file:link.safetensors"),
+        "hard link": (lambda: tar_gz(good, links={"hard": (tarfile.LNKTYPE, b"adapter_config.json")}), 422, "file:hard"),
+        "zip symlink": (lambda: _zip(good, symlink="adapter_model.safetensors.lnk"), 422,
+                        "file:adapter_model.safetensors.lnk"),
+        "zip traversal": (lambda: _zip({"a/../../x/adapter_config.json": b"{}"}), 422, "file:a/../../x/adapter_config.json"),
+        "not an archive": (lambda: b"just some bytes", 422, "file"),
+        "no weights": (lambda: tar_gz({"adapter_config.json": good["adapter_config.json"]}), 422,
+                       "file:adapter_model.safetensors"),
+        "weights not safetensors": (lambda: tar_gz({**good, "adapter_model.safetensors": b"\x00" * 64}), 422,
+                                    "file:adapter_model.safetensors"),
+        "config not json": (lambda: tar_gz({**good, "adapter_config.json": b"{oops"}), 422, "file:adapter_config.json"),
+        "not LoRA": (lambda: tar_gz(_with_config(adapters["trained"], peft_type="PREFIX_TUNING")), 422,
+                     "file:adapter_config.json"),
+        "rank too high": (lambda: tar_gz(_with_config(adapters["trained"], r=4096)), 422, "file:adapter_config.json"),
+        "other base model": (lambda: tar_gz(_with_config(adapters["trained"], base_model_name_or_path="org/other-7b")),
+                             422, "file:adapter_config.json:base_model_name_or_path"),
+        "shapes of another model": (lambda: tar_gz(files_of(other_base)), 422, "file:adapter_model.safetensors"),
+        "two adapters": (lambda: tar_gz({**files_of(adapters["trained"], "a/"), **files_of(adapters["trained"], "b/")}),
+                         422, "file"),
+    }
+    store = stack.settings.store
+    before = stack.client.get("/adapters", params={"limit": 100}).json()["data"]
+    before_dirs = sorted(p.name for p in (store / "adapters").iterdir())
+    for label, (build, status, param) in cases.items():
+        response = post_archive(stack, build())
+        assert response.status_code == status, (label, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param, (label, error)
+        assert error["message"], label
+
+    monkeypatch.setattr(stack.settings, "max_adapter_upload_bytes", 1024)
+    too_big = post_archive(stack, tar_gz(good))
+    assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "file", too_big.text
+
+    assert stack.client.get("/adapters", params={"limit": 100}).json()["data"] == before
+    assert sorted(p.name for p in (store / "adapters").iterdir()) == before_dirs
+    assert not any((store / "tmp").iterdir())  # every staging dir was removed
+
+
+def peft_adapter_for_other_shapes(tmp_path: Path) -> Path:
+    """A LoRA adapter whose tensors name this model's layers but with another hidden size."""
+    from safetensors.torch import save_file
+    import torch
+
+    directory = tmp_path / "other-shapes"
+    directory.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 999), f"{prefix}.lora_B.weight": torch.zeros(999, 4)},
+              str(directory / "adapter_model.safetensors"))
+    return directory
