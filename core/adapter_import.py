@@ -10,6 +10,7 @@ are skipped. Bytes are counted as they are copied, so a member that lies about i
 from __future__ import annotations
 
 import json
+import lzma
 import tarfile
 import zipfile
 import zlib
@@ -165,7 +166,7 @@ def unpack_adapter(archive: Path, target: Path, *, max_bytes: int) -> None:
     """Write the archive's adapter_config.json and adapter_model.safetensors into target (nothing else)."""
     try:
         _unpack(archive, target, max_bytes=max_bytes)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, RuntimeError, OSError, zlib.error) as e:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, RuntimeError, OSError, zlib.error, lzma.LZMAError) as e:
         # Truncated or corrupt data, an encrypted zip, an unsupported compression method.
         raise ArchiveRefused(f"the archive cannot be read: {type(e).__name__}: {e}") from None
 

@@ -18,8 +18,26 @@ EVALUATE_TASK = "tuneserve.evaluate"
 ADAPTER_OPERATION_TASK = "tuneserve.adapter_operation"
 
 
+# kombu's Redis transport (5.7) looks for unacked messages older than the visibility timeout every
+# unacked_restore_interval (10 s) x unacked_restore_throttle (10) = about 100 s, and once when a worker starts.
+# The unacked index is one per Redis database, and each idle worker sweeps it with its own timeout: every worker
+# on a database needs the same broker_visibility_timeout_seconds.
+KOMBU_RESTORE_SWEEP_SECONDS = 100
+DEFAULT_VISIBILITY_TIMEOUT_SECONDS = 6 * 3600
+
+
+def redis_transport_options(visibility_timeout_seconds: int) -> dict[str, int]:
+    """Redis: an unacked message is re-delivered about `visibility_timeout_seconds` after a worker took it."""
+    options = {"visibility_timeout": visibility_timeout_seconds}
+    if visibility_timeout_seconds < KOMBU_RESTORE_SWEEP_SECONDS:
+        # A timeout shorter than kombu's sweep would come back up to 100 s late: sweep at least twice per timeout.
+        options |= {"unacked_restore_interval": max(1, visibility_timeout_seconds // 2), "unacked_restore_throttle": 1}
+    return options
+
+
 @lru_cache(maxsize=4)
-def make_celery(broker_url: str, queue_name: str) -> Celery:
+def make_celery(broker_url: str, queue_name: str,
+                visibility_timeout_seconds: int = DEFAULT_VISIBILITY_TIMEOUT_SECONDS) -> Celery:
     app = Celery("tuneserve", broker=broker_url)
     app.conf.update(
         task_default_queue=queue_name,
@@ -33,14 +51,14 @@ def make_celery(broker_url: str, queue_name: str) -> Celery:
         worker_hijack_root_logger=False,
     )
     if broker_url.startswith(("redis://", "rediss://")):
-        # Redis re-delivers an unacked message after this long; longer than any training attempt,
-        # and a duplicate delivery is turned away by the lease anyway.
-        app.conf.broker_transport_options = {"visibility_timeout": 6 * 3600}
+        # Redis re-delivers an unacked message after this long (settings.broker_visibility_timeout_seconds);
+        # longer than any training attempt, and a duplicate delivery is turned away by the lease anyway.
+        app.conf.broker_transport_options = redis_transport_options(visibility_timeout_seconds)
     return app
 
 
 def celery_for(settings: Settings) -> Celery:
-    return make_celery(settings.broker_url, settings.queue_name)
+    return make_celery(settings.broker_url, settings.queue_name, settings.broker_visibility_timeout_seconds)
 
 
 def send_train(settings: Settings, job_id: str) -> None:

@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = Field(10.0, gt=0, description="Wait after a cancel before killing the child")
     reconcile_interval_seconds: float = Field(15.0, ge=0, description="0 turns the API's reconciler off")
     requeue_after_seconds: int = Field(120, gt=0, description="Re-send a queued job nobody claimed after this long")
+    broker_visibility_timeout_seconds: int = Field(
+        6 * 3600,
+        gt=0,
+        description=(
+            "Redis broker only: a message taken by a worker comes back from Redis only after this long (acked late, "
+            "so even while its job still trains); kept long on purpose, since the reconciler, not the broker, brings "
+            "lost jobs back, and any earlier redelivery would only be turned away by the lease"
+        ),
+    )
     max_attempts: int = Field(3, ge=1)
     idempotency_key_ttl_seconds: int = Field(
         86_400, gt=0, description="How long an Idempotency-Key is remembered; after that the key may be reused"

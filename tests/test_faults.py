@@ -1,6 +1,6 @@
 """Faults injected into real processes (loopback only): a SIGKILLed worker, a broker down at submit, an API
-killed between commit and send, a duplicate delivery, Redis restarted mid-job. Every job still succeeds exactly
-once, with one adapter.
+killed between commit and send, a duplicate delivery, Redis re-delivering a job still training (a visibility
+timeout shorter than the job), Redis restarted mid-job. Every job still succeeds exactly once, with one adapter.
 
 The stack here has a short lease and a fast reconciler (the API's, running in the TestClient's lifespan),
 so a lost job comes back within seconds instead of minutes.
@@ -9,12 +9,14 @@ so a lost job comes back within seconds instead of minutes.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from core.jobspec import JobSpec
 from core.models import DEFAULT_TENANT_ID, Job, JobEvent, JobStatus
 from core.queue import send_train
 from core.repository import jobs as jobs_repo
-from tests.conftest import Stack, _free_port, bearer, die_with_parent, running_stack
+from tests.conftest import Stack, _free_port, _stop_process_group, bearer, die_with_parent, running_stack
 
 FAST_RECOVERY = {
     "lease_seconds": 6,  # a dead worker's job is claimable again after this
@@ -262,3 +264,74 @@ def test_redis_restarted_mid_job_the_job_completes_once_and_the_worker_reconnect
         # The same worker process consumes from the new Redis.
         assert stack.worker is not None and stack.worker.poll() is None
         _assert_succeeded_once(stack, _submit(stack, max_steps=4), attempts=1)
+
+
+_RECEIVED = re.compile(r"^\[([0-9-]+ [0-9:]+,[0-9]+): INFO/MainProcess\] Task tuneserve\.train\[([0-9a-f-]+)\] received",
+                       re.MULTILINE)
+
+
+def _train_deliveries(log: Path) -> list[tuple[datetime, str]]:
+    """(when, task id) of every train message this worker's log says it received."""
+    return [(datetime.strptime(when, "%Y-%m-%d %H:%M:%S,%f"), task_id) for when, task_id in _RECEIVED.findall(log.read_text())]
+
+
+def test_a_redelivery_after_the_visibility_timeout_is_turned_away_by_the_lease(
+    private_redis: RedisServer, tmp_path: Path, model_dir: Path, demo_files: tuple[Path, Path]
+) -> None:
+    """A visibility timeout shorter than the job: Redis itself gives the training worker's unacked message to the
+    other, idle worker (kombu's restore sweep, which that worker runs), and the lease turns the delivery away.
+
+    A private Redis: kombu's unacked index is one per Redis database and every idle worker sweeps all of it with
+    its own timeout, so 2 s workers on the shared test database would re-deliver other stacks' messages as well.
+    """
+    timeout = 2
+    # The reconciler re-sends a queued job only after 60 s, and the job is claimed at once: the one message the API
+    # sends is the only way its id reaches the workers, so a second delivery can only be the broker's.
+    overrides = {**FAST_RECOVERY, "requeue_after_seconds": 60, "broker_visibility_timeout_seconds": timeout}
+    with running_stack("postgres", tmp_path / "stack", model_dir, broker_url=private_redis.url, **overrides) as stack:
+        _upload_dataset(stack, demo_files)
+        # settings_env does not forward the setting: restart running_stack's worker with it, and add a second one.
+        assert stack.worker_log is not None
+        stack.stop_worker()
+        stack.env["TUNESERVE_BROKER_VISIBILITY_TIMEOUT_SECONDS"] = str(timeout)
+        stack.worker_log = stack.worker_log.with_name("worker-a.log")
+        stack.start_worker()
+        other_log = stack.worker_log.with_name("worker-b.log")
+        other = stack.spawn_worker(other_log, name="other")
+        logs = (stack.worker_log, other_log)
+        try:
+            for log in logs:
+                _wait(lambda log=log: log.exists() and " ready." in log.read_text(), timeout=60,
+                      what=f"{log.name}'s worker to be ready")
+            job_id = _submit(stack, max_steps=60)
+
+            def turned_away(log: Path) -> int:
+                return log.read_text().count(f"job {job_id}: not claimable")
+
+            # Both workers idle on the queue; one takes the message and claims the job. The other sweeps the unacked
+            # index every second (unacked_restore_interval 1, throttle 1) and, once the message is older than the
+            # timeout, Redis gives it the same message again.
+            _wait(lambda: sum(map(turned_away, logs)) >= 1, timeout=60,
+                  what="Redis to re-deliver the training worker's message to the idle worker")
+            job = stack.client.get(f"/jobs/{job_id}").json()
+            assert job["status"] == "running" and job["progress"]["step"] < 60, job  # the first attempt still trains
+
+            _assert_succeeded_once(stack, job_id, attempts=1)
+            assert not any("resuming from checkpoint" in e["message"] for e in _events(stack, job_id))
+            # Exactly one redelivery: the worker that got it acked it, so nothing was left to restore after.
+            assert sorted(map(turned_away, logs)) == [0, 1], [log.read_text() for log in logs]
+            trained, redelivered = sorted(logs, key=turned_away)
+            [(first_at, first_id)] = _train_deliveries(trained)
+            [(again_at, again_id)] = _train_deliveries(redelivered)
+            assert again_id == first_id  # the same message (task id), not a second send
+            gap = (again_at - first_at).total_seconds()
+            assert gap >= timeout - 0.5, f"re-delivered {gap:.2f} s after the first delivery"
+            # Both workers still consume, and the broker holds nothing for this job any more.
+            assert stack.worker is not None and stack.worker.poll() is None and other.poll() is None
+            broker = redis.Redis(host="127.0.0.1", port=private_redis.port)
+            try:
+                assert broker.hlen("unacked") == 0 and broker.llen(stack.settings.queue_name) == 0
+            finally:
+                broker.close()
+        finally:
+            _stop_process_group(other)

@@ -209,7 +209,7 @@ def test_many_adapters_concurrently_each_equals_its_reference(
     jobs = [(name, request) for request in PROMPTS[:2] for name in names] + [(None, r) for r in PROMPTS[:2]]
 
     async def run_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=api_url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=api_url, timeout=120, headers=bearer(serving_stack.api_key)) as client:
             return await asyncio.gather(*(
                 client.post("/generate", params={"adapter": name} if name else {},
                             json={**request, "temperature": 0, "max_tokens": MAX_NEW})
@@ -281,7 +281,7 @@ def test_broken_adapters_fail_alone_while_others_keep_answering(
     request = PROMPTS[1]
 
     async def run_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=api_url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=api_url, timeout=120, headers=bearer(serving_stack.api_key)) as client:
             return await asyncio.gather(*(
                 client.post("/generate", params={"adapter": name},
                             json={**request, "temperature": 0, "max_tokens": MAX_NEW})
