@@ -10,6 +10,7 @@ from core.db import session_scope
 from core.models import utcnow
 from core.models import AdapterOperation, Evaluation
 from core.queue import send_adapter_operation, send_evaluate, send_train
+from core.repository import adapters as adapters_repo
 from core.repository import jobs as jobs_repo
 from core.repository import leases
 from core.settings import Settings
@@ -18,7 +19,8 @@ log = logging.getLogger("tuneserve.reconcile")
 
 
 def reconcile_once(settings: Settings) -> list[str]:
-    """Re-send queued jobs nobody picked up and running jobs whose lease expired; returns the ids sent."""
+    """Re-send queued jobs nobody picked up and running jobs whose lease expired (and the same for evaluations
+    and adapter operations), and settle imported adapters whose canary failed for good; returns the ids sent."""
     now = utcnow()
     with session_scope(settings.database_url) as s:
         jobs_repo.fail_abandoned(s, now=now)
@@ -35,7 +37,12 @@ def reconcile_once(settings: Settings) -> list[str]:
         sent.append(job_id)
     if sent:
         log.info("reconciler re-sent %d job(s): %s", len(sent), ", ".join(sent))
-    return sent + reconcile_leased_work(settings)
+    sent += reconcile_leased_work(settings)
+    with session_scope(settings.database_url) as s:
+        settled = adapters_repo.settle_failed_canaries(s)
+    if settled:
+        log.warning("imported adapter(s) whose canary could not run are unhealthy: %s", ", ".join(settled))
+    return sent
 
 
 def reconcile_leased_work(settings: Settings) -> list[str]:

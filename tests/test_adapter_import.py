@@ -199,3 +199,32 @@ def peft_adapter_for_other_shapes(tmp_path: Path) -> Path:
     save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 999), f"{prefix}.lora_B.weight": torch.zeros(999, 4)},
               str(directory / "adapter_model.safetensors"))
     return directory
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_an_adapter_whose_canary_never_ran_is_settled_unhealthy(stack: Stack, adapters: dict[str, Path]) -> None:
+    """The canary's worker died on every attempt: the reconciler fails the operation and the adapter with it,
+    instead of leaving it `validating` for ever."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from core.db import session_scope
+    from core.models import AdapterOperation, WorkStatus, utcnow
+
+    stack.stop_worker()  # nobody runs the canary: what a worker lost on its last attempt leaves behind
+    try:
+        name = post_archive(stack, tar_gz(files_of(adapters["trained"]))).json()["name"]
+        expired = utcnow() - timedelta(seconds=1)
+        with session_scope(stack.settings.database_url) as s:
+            s.execute(
+                update(AdapterOperation)
+                .where(AdapterOperation.source_adapter == name, AdapterOperation.kind == "canary")
+                .values(status=WorkStatus.running, lease_owner="a-dead-worker", lease_expires_at=expired,
+                        attempt_count=AdapterOperation.max_attempts)
+            )
+        done = wait_for_verdict(stack, name, timeout=60)  # the API's reconciler runs every 2 s here
+        assert done["status"] == "unhealthy" and done["servable"] is False, done
+        assert done["servable_reason"].startswith("canary could not run: the worker running this stopped answering")
+    finally:
+        stack.start_worker()

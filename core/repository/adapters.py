@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session
 
-from core.models import Adapter, AdapterStatus
+from core.models import Adapter, AdapterOperation, AdapterStatus, WorkStatus
 from core.repository import newest_first_page
 
 
@@ -54,6 +54,25 @@ def set_health(session: Session, name: str, *, healthy: bool, reason: str | None
         )
         .execution_options(synchronize_session=False)
     )
+
+
+def settle_failed_canaries(session: Session) -> list[str]:
+    """Imported adapters whose canary failed for good (an error, or no attempts left): unhealthy, with the reason.
+
+    Without this an adapter whose canary never ran would stay `validating` forever: never served, never settled.
+    """
+    query = (
+        select(Adapter, AdapterOperation)
+        .join(AdapterOperation, and_(AdapterOperation.source_adapter == Adapter.name, AdapterOperation.kind == "canary"))
+        .where(Adapter.status == AdapterStatus.validating, AdapterOperation.status == WorkStatus.failed)
+    )
+    settled = []
+    for adapter, operation in session.execute(query).all():
+        adapter.status, adapter.servable = AdapterStatus.unhealthy, False
+        adapter.servable_reason = f"canary could not run: {operation.error_message or operation.error_code}"
+        settled.append(adapter.name)
+    session.flush()
+    return settled
 
 
 def mark_adapter_deleted(session: Session, tenant_id: str, name: str) -> Adapter | None:
