@@ -16,7 +16,8 @@ from core.models import DEFAULT_TENANT_ID
 from core.settings import Settings
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
+    # async: FastAPI runs a plain `def` dependency in the thread pool, a hop on every request for an attribute read.
     return request.app.state.settings  # type: ignore[no-any-return]
 
 

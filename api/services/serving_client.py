@@ -111,8 +111,8 @@ class ServingClient:
         return response.status_code == 200
 
 
-def get_serving_client(request: Request) -> ServingClient:
-    """One client (and connection pool) per app, made on first use."""
+async def get_serving_client(request: Request) -> ServingClient:
+    """One client (and connection pool) per app, made on first use (async: no thread-pool hop per request)."""
     state = request.app.state
     client: ServingClient | None = getattr(state, "serving_client", None)
     if client is None:
