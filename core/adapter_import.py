@@ -48,7 +48,6 @@ class ArchiveRefused(InvalidInput):
 class Member:
     name: str
     is_file: bool
-    is_dir: bool
     open: Callable[[], IO[bytes]]
 
 
@@ -134,7 +133,7 @@ def _checked(raw: Iterator[tuple[str, str, Callable[[], IO[bytes]]]]) -> list[Me
                 f"{ADAPTER_WEIGHTS} (safetensors) only",
                 name,
             )
-        members.append(Member(name=safe, is_file=kind == "file", is_dir=kind == "dir", open=opener))
+        members.append(Member(name=safe, is_file=kind == "file", open=opener))
     return members
 
 
