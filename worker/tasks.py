@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 
 from core.db import session_scope
-from core.models import AdapterOperation, Evaluation, JobEvent, JobStatus, LeasedWork, WorkStatus
+from core.models import AdapterOperation, Evaluation, Job, JobEvent, JobStatus, LeasedWork, WorkStatus
 from core.queue import ADAPTER_OPERATION_TASK, EVALUATE_TASK, TRAIN_TASK, send_adapter_operation, send_evaluate
 from core.repository import evaluations as evaluations_repo
 from core.repository import jobs as jobs_repo
@@ -104,12 +104,7 @@ def run_leased_child(settings: Settings, model: type[LeasedWork], record_id: str
         with session_scope(settings.database_url) as s:
             return leases.renew(s, model, record_id, owner=owner, lease_seconds=settings.lease_seconds)
 
-    def finished() -> bool:
-        with session_scope(settings.database_url) as s:
-            row = s.get(model, record_id)
-            return row is None or row.status.is_terminal
-
-    code = wait_renewing_lease(child, settings, renew, finished, label=f"{kind} {record_id}")
+    code = wait_renewing_lease(child, settings, renew, model, record_id, label=f"{kind} {record_id}")
     if code is None or code == 0:
         return
     reason = f"{kind} process exited with {'signal ' + str(-code) if code < 0 else 'code ' + str(code)}"
@@ -147,12 +142,7 @@ def supervise_attempt(settings: Settings, job_id: str, owner: str, attempt: int)
                 return False
         return still_owner
 
-    def finished() -> bool:
-        with session_scope(settings.database_url) as s:
-            job = jobs_repo.get_job(s, job_id)
-            return job is None or job.status.is_terminal
-
-    code = wait_renewing_lease(child, settings, renew, finished, label=f"job {job_id}")
+    code = wait_renewing_lease(child, settings, renew, Job, job_id, label=f"job {job_id}")
     if code is None or code == 0:
         return
     transient = code == EXIT_TRANSIENT or code < 0
@@ -180,7 +170,8 @@ def wait_renewing_lease(
     child: subprocess.Popen[bytes],
     settings: Settings,
     renew: Callable[[], bool],
-    finished: Callable[[], bool],
+    model: type[Job] | type[LeasedWork],
+    record_id: str,
     *,
     label: str,
 ) -> int | None:
@@ -197,7 +188,9 @@ def wait_renewing_lease(
             pass
         if renew():
             continue
-        done = finished()
+        with session_scope(settings.database_url) as s:
+            row = s.get(model, record_id)
+            done = row is None or row.status.is_terminal
         try:
             child.wait(timeout=settings.cancel_grace_seconds if done else settings.heartbeat_seconds)
         except subprocess.TimeoutExpired:
