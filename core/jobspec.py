@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -75,6 +76,28 @@ class Hyperparameters(BaseModel):
             return ATTENTION_MODULES
         return self.target_modules
 
+    def steps_upper_bound(self, train_rows: int) -> int:
+        """The most optimizer steps n_epochs can take over train_rows rows (max_steps when set).
+
+        n_epochs x ceil(rows / (batch_size x gradient_accumulation_steps)), rounded up: more processes
+        (each takes batch_size rows a step) and packing (several rows a sequence) only take fewer.
+        """
+        if self.max_steps is not None:
+            return self.max_steps
+        per_epoch = max(1, math.ceil(train_rows / (self.batch_size * self.gradient_accumulation_steps)))
+        return math.ceil((self.n_epochs or 1) * per_epoch)
+
+    def check_steps(self, settings: Settings, train_rows: int) -> None:
+        """Refuse n_epochs that would take more than the deployment's max_steps over this many rows."""
+        steps = self.steps_upper_bound(train_rows)
+        if self.max_steps is None and steps > settings.max_steps:
+            raise InvalidInput(
+                f"n_epochs {self.n_epochs:g} over {train_rows} rows at {self.batch_size} x "
+                f"{self.gradient_accumulation_steps} rows a step is up to {steps} steps; the limit is "
+                f"{settings.max_steps} (TUNESERVE_MAX_STEPS): lower n_epochs or set max_steps",
+                param="hyperparameters.n_epochs",
+            )
+
     def check_limits(self, settings: Settings, method: str = "lora") -> None:
         """Refuse what the deployment cannot train or serve, naming the parameter."""
         if method in LORA_METHODS and self.lora_r not in settings.allowed_lora_ranks:
@@ -91,6 +114,12 @@ class Hyperparameters(BaseModel):
             raise InvalidInput(
                 f"max_steps must be at most {settings.max_steps}; got {self.max_steps}",
                 param="hyperparameters.max_steps",
+            )
+        if self.keep_checkpoints > settings.max_keep_checkpoints:
+            raise InvalidInput(
+                f"keep_checkpoints must be at most {settings.max_keep_checkpoints} "
+                f"(TUNESERVE_MAX_KEEP_CHECKPOINTS); got {self.keep_checkpoints}",
+                param="hyperparameters.keep_checkpoints",
             )
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise InvalidInput("target_modules must not be empty", param="hyperparameters.target_modules")

@@ -57,7 +57,29 @@ class Settings(BaseSettings):
         86_400, gt=0, description="How long an Idempotency-Key is remembered; after that the key may be reused"
     )
     max_active_jobs: int = Field(100, ge=1, description="Queued plus running jobs per tenant; a POST /jobs over it gets 429")
-    active_jobs_retry_after_seconds: int = Field(30, ge=1, description="Retry-After sent with that 429")
+    active_jobs_retry_after_seconds: int = Field(
+        30, ge=1, description="Retry-After sent with a 429 for any active-work limit (jobs, evaluations, adapter operations)"
+    )
+    max_active_evaluations: int = Field(
+        50, ge=1, description="Queued plus running evaluations per tenant (a job's own count); a POST /evaluations over it gets 429"
+    )
+    max_active_adapter_operations: int = Field(
+        50, ge=1, description="Queued plus running derives, merges and import canaries per tenant; over it: 429"
+    )
+    max_adapters_per_tenant: int = Field(
+        1000, ge=1,
+        description="Adapters and merged models a tenant keeps (not deleted), counting the queued or running work that "
+        "will make one; a job, derive, merge or import past it gets 413",
+    )
+    max_storage_bytes_per_tenant: int = Field(
+        100 * 1024**3, ge=1,
+        description="Datasets + adapters + merged models + checkpoints of one tenant; an upload or import that would pass "
+        "it, or a job / derive / merge submitted at or over it, gets 413",
+    )
+    max_keep_checkpoints: int = Field(3, ge=2, description="Highest keep_checkpoints a job may ask for (disk per job)")
+    max_sample_chars: int = Field(
+        4096, ge=64, description="An evaluation sample's prompt, reference or prediction is stored cut to this many characters"
+    )
     event_every_steps: int = Field(5, ge=1, description="Write a loss event every N optimizer steps")
 
     # Serving: one vLLM engine (enable_lora) in its own process, reachable only from the API.

@@ -87,6 +87,9 @@ def evaluate(run: EvaluationRun) -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from core.evaluation.inference import model_length, prompt_token_budget
+    from core.evaluation.samples import clip
+
     settings, store = run.settings, Store(run.settings)
     started = time.monotonic()
     with session_scope(settings.database_url) as s:
@@ -116,6 +119,11 @@ def evaluate(run: EvaluationRun) -> None:
     model = load_for_evaluation(settings.base_model, adapter.method if adapter else None, adapter_dir)
     # Only a sweep touches the weights: an adapter evaluated as trained needs no lora_B at all.
     scaler = LoraScaler(model) if any(s not in (None, 1.0) for s in scales) else None
+    # A prompt longer than the model allows keeps its last tokens, leaving room for the answer.
+    max_prompt_tokens = prompt_token_budget(
+        model, tokenizer, max_model_len=settings.serving_max_model_len, max_new_tokens=ev.max_new_tokens
+    )
+    loss_max_length = min(LOSS_MAX_LENGTH, model_length(model, tokenizer, settings.serving_max_model_len))
 
     prompts = chat_prompts(tokenizer, conversations)
     references = [split_prompt_reference(m)[1] for m in conversations]
@@ -135,14 +143,15 @@ def evaluate(run: EvaluationRun) -> None:
                 run.write(done_examples=base_done + done)
 
             tokens = generate_greedy(
-                model, tokenizer, prompts, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, on_batch=progress
+                model, tokenizer, prompts, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, on_batch=progress,
+                max_prompt_tokens=max_prompt_tokens,
             )
             predictions = [decode_prediction(tokenizer, t) for t in tokens]
             for i, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
                 per_example[i].update(score_example(prediction, reference, text_metrics))
         aggregate = mean_scores(per_example)
         if wants_loss:
-            losses = reference_losses(model, tokenizer, conversations, batch_size=ev.batch_size, max_length=LOSS_MAX_LENGTH)
+            losses = reference_losses(model, tokenizer, conversations, batch_size=ev.batch_size, max_length=loss_max_length)
             for i, loss in enumerate(losses):
                 if loss.mean is not None:
                     if "loss" in ev.metrics:
@@ -164,10 +173,14 @@ def evaluate(run: EvaluationRun) -> None:
                 "seconds": round(time.monotonic() - scale_started, 3),
             }
         )
+        # Prompt and reference are stored once, with the first scale (the API fills the other scales in from
+        # them), and every text is cut to max_sample_chars: a sweep does not store the prompts again per scale.
+        limit, first = settings.max_sample_chars, done_scales == 0
         samples = [
             EvaluationSample(
-                evaluation_id=ev.id, scale=scale, example_index=i, prompt=prompts[i], reference=references[i],
-                prediction=predictions[i], scores=per_example[i],
+                evaluation_id=ev.id, scale=scale, example_index=i, prompt=clip(prompts[i], limit) if first else "",
+                reference=clip(references[i], limit) if first else "", prediction=clip(predictions[i], limit),
+                scores=per_example[i],
             )
             for i in range(len(conversations))
         ]

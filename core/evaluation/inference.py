@@ -36,12 +36,19 @@ def generate_greedy(
     batch_size: int,
     max_new_tokens: int,
     on_batch: Callable[[int], None] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> list[list[int]]:
-    """Greedy new token ids for each prompt (text already in the chat template), batch_size prompts at a time."""
+    """Greedy new token ids for each prompt (text already in the chat template), batch_size prompts at a time.
+
+    max_prompt_tokens: a longer prompt keeps only its last tokens (the question and the assistant header),
+    so prompt plus answer fit the model (see prompt_token_budget).
+    """
     import torch
 
     prepare_tokenizer(tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if max_prompt_tokens is not None:
+        encoded = [e[-max_prompt_tokens:] if len(e) > max_prompt_tokens else e for e in encoded]
     order = _length_order([len(e) for e in encoded])
     eos = tokenizer.eos_token_id
     out: list[list[int]] = [[] for _ in prompts]
@@ -68,6 +75,28 @@ def generate_greedy(
         if on_batch is not None:
             on_batch(min(start + batch_size, len(order)))
     return out
+
+
+# Tokenizers that know no limit report a huge model_max_length (1e30); below this it is a real one.
+_REAL_LENGTH_LIMIT = 1_000_000
+
+
+def model_length(model: Any, tokenizer: Any, max_model_len: int) -> int:
+    """Tokens a sequence may have: the least of the model's positions, the tokenizer's limit and max_model_len
+    (the deployment's serving_max_model_len, so evaluation sees what serving would)."""
+    limits = [max_model_len]
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _REAL_LENGTH_LIMIT:
+        limits.append(tokenizer_limit)
+    return min(limits)
+
+
+def prompt_token_budget(model: Any, tokenizer: Any, *, max_model_len: int, max_new_tokens: int) -> int:
+    """The most prompt tokens that leave room for max_new_tokens (at least one token of prompt)."""
+    return max(1, model_length(model, tokenizer, max_model_len) - max_new_tokens)
 
 
 def decode_prediction(tokenizer: Any, tokens: list[int]) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import and_, select, update
+from typing import Any
+
+from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.models import Adapter, AdapterOperation, AdapterStatus, WorkStatus
+from core.models import Adapter, AdapterOperation, AdapterStatus, Evaluation, WorkStatus
 from core.repository import newest_first_page
 
 
@@ -57,19 +59,21 @@ def set_health(session: Session, name: str, *, healthy: bool, reason: str | None
 
 
 def settle_failed_canaries(session: Session) -> list[str]:
-    """Imported adapters whose canary failed for good (an error, or no attempts left): unhealthy, with the reason.
+    """Imported adapters whose canary failed for good (an error, no attempts left, or cancelled): unhealthy, with the reason.
 
     Without this an adapter whose canary never ran would stay `validating` forever: never served, never settled.
     """
     query = (
         select(Adapter, AdapterOperation)
         .join(AdapterOperation, and_(AdapterOperation.source_adapter == Adapter.name, AdapterOperation.kind == "canary"))
-        .where(Adapter.status == AdapterStatus.validating, AdapterOperation.status == WorkStatus.failed)
+        .where(Adapter.status == AdapterStatus.validating,
+               AdapterOperation.status.in_([WorkStatus.failed, WorkStatus.cancelled]))
     )
     settled = []
     for adapter, operation in session.execute(query).all():
         adapter.status, adapter.servable = AdapterStatus.unhealthy, False
-        adapter.servable_reason = f"canary could not run: {operation.error_message or operation.error_code}"
+        why = "cancelled" if operation.status == WorkStatus.cancelled else operation.error_message or operation.error_code
+        adapter.servable_reason = f"canary could not run: {why}"
         settled.append(adapter.name)
     session.flush()
     return settled
@@ -83,3 +87,22 @@ def mark_adapter_deleted(session: Session, tenant_id: str, name: str) -> Adapter
     adapter.status = AdapterStatus.deleted
     session.flush()
     return adapter
+
+
+def in_use(session: Session, name: str) -> bool:
+    """A queued or running evaluation or adapter operation names the adapter: its files must stay for now."""
+    return bool(session.scalar(select(_referenced(name))))
+
+
+def _referenced(name: Any) -> Any:
+    active = [WorkStatus.queued, WorkStatus.running]
+    return or_(
+        exists().where(Evaluation.adapter_name == name, Evaluation.status.in_(active)),
+        exists().where(AdapterOperation.source_adapter == name, AdapterOperation.status.in_(active)),
+    )
+
+
+def deleted_not_in_use(session: Session) -> list[Adapter]:
+    """Deleted adapters no queued or running work names: their files may go (core.cleanup)."""
+    query = select(Adapter).where(Adapter.status == AdapterStatus.deleted, ~_referenced(Adapter.name))
+    return list(session.scalars(query.order_by(Adapter.created_at, Adapter.id)))

@@ -50,6 +50,23 @@ def delete_samples(session: Session, evaluation_id: str) -> None:
     session.execute(delete(EvaluationSample).where(EvaluationSample.evaluation_id == evaluation_id))
 
 
+def shared_texts(
+    session: Session, evaluation_id: str, scale: float | None, indexes: Sequence[int]
+) -> dict[int, tuple[str, str]]:
+    """example index -> (prompt, reference) of the samples at `scale`: the worker stores an example's prompt
+    and reference once, with the first scale's sample, and leaves them empty at the other scales."""
+    where = [EvaluationSample.evaluation_id == evaluation_id,
+             EvaluationSample.scale.is_(None) if scale is None else EvaluationSample.scale == scale]
+    out: dict[int, tuple[str, str]] = {}
+    unique = sorted(set(indexes))
+    for start in range(0, len(unique), 500):
+        query = select(EvaluationSample.example_index, EvaluationSample.prompt, EvaluationSample.reference).where(
+            *where, EvaluationSample.example_index.in_(unique[start : start + 500])
+        )
+        out.update({index: (prompt, reference) for index, prompt, reference in session.execute(query)})
+    return out
+
+
 def list_samples(
     session: Session, evaluation_id: str, *, limit: int, offset: int, scale: float | None = None, filter_scale: bool = False
 ) -> tuple[list[EvaluationSample], int]:
