@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
-from api.routes import adapters, datasets, evaluations, generation, health, jobs, openai_compat
+from api.routes import adapters, datasets, evaluations, generation, health, jobs, openai_compat, usage
 from api.schemas import ErrorResponse
 from api.services.serving_client import close_serving_client
 from core.reconcile import ReconcilerThread
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     install_metrics(app, settings)
-    for router in (*(m.router for m in (health, datasets, jobs, adapters, evaluations, generation, openai_compat)),
+    for router in (*(m.router for m in (health, datasets, jobs, adapters, evaluations, generation, openai_compat, usage)),
                    adapters.operations_router):
         app.include_router(router, responses=ERROR_RESPONSES)
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from core.models import Adapter, AdapterOperation, Dataset, Evaluation, EvaluationSample, Job, JobEvent, utcnow
 
@@ -248,6 +248,7 @@ class EvaluationOut(BaseModel):
     results: list[EvaluationResult]
     duration_seconds: float | None
     attempts: int
+    cancel_requested: bool = False
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -275,6 +276,7 @@ class EvaluationOut(BaseModel):
             results=[EvaluationResult.model_validate(r) for r in e.results],
             duration_seconds=e.duration_seconds,
             attempts=e.attempt_count,
+            cancel_requested=bool(e.cancel_requested),
             created_at=unix(e.created_at) or 0,
             started_at=unix(e.started_at),
             finished_at=unix(e.finished_at),
@@ -292,9 +294,11 @@ class EvaluationSampleOut(BaseModel):
     scores: dict[str, float]
 
     @classmethod
-    def of(cls, s: EvaluationSample) -> "EvaluationSampleOut":
+    def of(cls, s: EvaluationSample, shared: tuple[str, str] | None = None) -> "EvaluationSampleOut":
+        """shared: the example's (prompt, reference), stored once with the evaluation's first scale."""
+        prompt, reference = shared if shared is not None else (s.prompt, s.reference)
         return cls(
-            index=s.example_index, scale=s.scale, prompt=s.prompt, reference=s.reference, prediction=s.prediction,
+            index=s.example_index, scale=s.scale, prompt=prompt, reference=reference, prediction=s.prediction,
             scores=s.scores,
         )
 
@@ -357,6 +361,7 @@ class AdapterOperationOut(BaseModel):
     scale: float
     result: str | None
     attempts: int
+    cancel_requested: bool = False
     created_at: int
     finished_at: int | None
     error: ErrorBody | None
@@ -371,10 +376,39 @@ class AdapterOperationOut(BaseModel):
             scale=o.scale,
             result=o.result_name,
             attempts=o.attempt_count,
+            cancel_requested=bool(o.cancel_requested),
             created_at=unix(o.created_at) or 0,
             finished_at=unix(o.finished_at),
             error=_work_error(o),
         )
+
+
+class QuotaOut(BaseModel):
+    used: int
+    limit: int
+    setting: str = Field(description="The TUNESERVE_ setting that sets the limit")
+
+
+class AdapterQuotaOut(QuotaOut):
+    pending: int = Field(description="Queued or running jobs, derives and merges: each may add one; they count too")
+
+
+class StorageUsageOut(QuotaOut):
+    """Bytes: `used` is the total of the four kinds."""
+
+    datasets: int
+    adapters: int
+    merged_models: int
+    checkpoints: int
+
+
+class UsageOut(BaseModel):
+    object: Literal["usage"] = "usage"
+    active_jobs: QuotaOut
+    active_evaluations: QuotaOut
+    active_adapter_operations: QuotaOut
+    adapters: AdapterQuotaOut
+    storage_bytes: StorageUsageOut
 
 
 JobOut.model_rebuild()

@@ -87,17 +87,30 @@ def get_adapter_operation(session: SessionDep, tenant: TenantDep, operation_id: 
     return AdapterOperationOut.of(operations_service.get_operation_or_404(session, tenant, operation_id))
 
 
+@operations_router.post("/{operation_id}/cancel", response_model=AdapterOperationOut,
+                        responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+def cancel_adapter_operation(session: SessionDep, tenant: TenantDep, operation_id: str) -> AdapterOperationOut:
+    """A queued operation is `cancelled` at once; a running one stays `running` with `cancel_requested` until its
+    worker stops it. 409 once it has ended. A cancelled canary leaves its imported adapter `unhealthy`."""
+    return AdapterOperationOut.of(operations_service.cancel_operation(session, tenant, operation_id))
+
+
 class AdapterDeletedOut(BaseModel):
     id: str
     name: str
     object: str = "adapter"
     deleted: bool = True
+    files_deleted: bool = Field(
+        description="Its files are gone now; false while queued or running work still names it (they go once it ended)"
+    )
 
 
 @router.delete("/{name}", response_model=AdapterDeletedOut, responses={404: {"model": ErrorResponse}})
 async def delete_adapter(
-    session: SessionDep, tenant: TenantDep, name: str, serving: Annotated[ServingClient, Depends(get_serving_client)]
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, name: str,
+    serving: Annotated[ServingClient, Depends(get_serving_client)],
 ) -> AdapterDeletedOut:
-    """Delete for good: the name is never served again (not even with other weights)."""
-    adapter = await adapters_service.delete_adapter(session, serving, tenant, name)
-    return AdapterDeletedOut(id=adapter.id, name=adapter.name)
+    """Delete for good: the name is never served again (not even with other weights), and its files are deleted
+    (at once, or once the queued or running work that names it ended)."""
+    adapter, freed = await adapters_service.delete_adapter(session, settings, serving, tenant, name)
+    return AdapterDeletedOut(id=adapter.id, name=adapter.name, files_deleted=freed)

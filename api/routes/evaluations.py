@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.schemas import EvaluationOut, EvaluationSamplePage, ListResponse
+from api.schemas import ErrorResponse, EvaluationOut, EvaluationSamplePage, ListResponse
 from api.services import evaluations as service
 from core.evaluation.spec import EvaluationSpec
 from core.repository import evaluations as evaluations_repo
@@ -33,6 +33,14 @@ def list_evaluations(
 @router.get("/{evaluation_id}", response_model=EvaluationOut)
 def get_evaluation(session: SessionDep, tenant: TenantDep, evaluation_id: str) -> EvaluationOut:
     return EvaluationOut.of(service.get_evaluation_or_404(session, tenant, evaluation_id))
+
+
+@router.post("/{evaluation_id}/cancel", response_model=EvaluationOut,
+             responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+def cancel_evaluation(session: SessionDep, tenant: TenantDep, evaluation_id: str) -> EvaluationOut:
+    """A queued evaluation is `cancelled` at once; a running one stays `running` with `cancel_requested` until its
+    worker stops it. 409 once it has ended."""
+    return EvaluationOut.of(service.cancel_evaluation(session, tenant, evaluation_id))
 
 
 @router.get("/{evaluation_id}/samples", response_model=EvaluationSamplePage)

@@ -4,12 +4,14 @@ and queue its canary, which a worker runs before the adapter may be served."""
 from __future__ import annotations
 
 import secrets
+import shutil
 from pathlib import Path
 
 from fastapi import UploadFile
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.services import usage as usage_service
 from core.adapter_import import check_unpacked, unpack_adapter
 from core.errors import PayloadTooLarge
 from core.models import Adapter, AdapterOperation, AdapterStatus, WorkStatus
@@ -42,6 +44,8 @@ def imported_name(suffix: str | None) -> str:
 async def import_adapter(
     session: Session, settings: Settings, tenant_id: str, upload: UploadFile, *, suffix: str | None
 ) -> Adapter:
+    # Refused before the upload is read when the tenant has no room left (admit() decides, after the insert).
+    await run_in_threadpool(usage_service.check_room, session, settings, tenant_id, "import")
     store = Store(settings)
     with store.staging_dir() as work:
         archive = work / "upload"
@@ -74,6 +78,11 @@ def _unpack_and_record(
         AdapterOperation(tenant_id=tenant_id, kind="canary", source_adapter=name, scale=1.0,
                          status=WorkStatus.queued, max_attempts=settings.max_attempts),
     )
+    try:
+        usage_service.admit(session, settings, tenant_id, "import", new_bytes=size)
+    except Exception:
+        shutil.rmtree(store.resolve(relative), ignore_errors=True)  # the rollback drops the rows; the files go too
+        raise
     session.commit()  # the rows exist before any worker can hear of them
     send_committed(send_adapter_operation, settings, operation.id)
     return adapter

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from api.services import usage as usage_service
 from core.adapter_ops import SCALABLE_METHODS
-from core.errors import InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
 from core.models import AdapterOperation, AdapterStatus, WorkStatus
 from core.queue import send_adapter_operation, send_committed
 from core.repository import adapter_operations as operations_repo
 from core.repository import adapters as adapters_repo
+from core.repository import leases
 from core.settings import Settings
 
 
@@ -31,6 +33,7 @@ def create_operation(
             tenant_id=tenant_id, kind=kind, source_adapter=name, scale=scale, status=WorkStatus.queued, max_attempts=settings.max_attempts
         ),
     )
+    usage_service.admit(session, settings, tenant_id, kind)  # type: ignore[arg-type]
     session.commit()  # the row exists before any worker can hear of it
     send_committed(send_adapter_operation, settings, operation.id)
     return operation
@@ -40,4 +43,24 @@ def get_operation_or_404(session: Session, tenant_id: str, operation_id: str) ->
     operation = operations_repo.get_owned_operation(session, tenant_id, operation_id)
     if operation is None:
         raise NotFound(f"no adapter operation with id {operation_id!r}", param="operation_id")
+    return operation
+
+
+def cancel_operation(session: Session, tenant_id: str, operation_id: str) -> AdapterOperation:
+    """A queued operation is cancelled at once; a running one is flagged for its worker (409 once it ended).
+
+    A cancelled canary leaves its imported adapter unhealthy (never served): at once here when it was queued,
+    by the reconciler (adapters_repo.settle_failed_canaries) when its worker stops it.
+    """
+    operation = get_operation_or_404(session, tenant_id, operation_id)
+    if operation.status.is_terminal:
+        raise Conflict(
+            f"adapter operation {operation_id} is already {operation.status.value}", param="operation_id",
+            code="operation_finished",
+        )
+    leases.request_cancel(session, AdapterOperation, operation_id)
+    operation = get_operation_or_404(session, tenant_id, operation_id)
+    if operation.kind == "canary" and operation.status == WorkStatus.cancelled:
+        adapters_repo.set_health(session, operation.source_adapter, healthy=False,
+                                 reason="canary cancelled before it ran: the adapter was never checked")
     return operation

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass
 
 from fastapi import UploadFile
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.services import usage as usage_service
 from api.services.idempotency import claim_key, earlier_resource, idempotent_request
 from core.dataset_formats import DatasetLineError, dump_jsonl, parse_jsonl, row_stats, split_rows
 from core.errors import InvalidInput, NotFound, PayloadTooLarge
@@ -87,6 +89,8 @@ async def create_dataset(
     """Read the upload, then validate and store it off the event loop; returns the dataset and whether it is a replay."""
     if options.test_fraction is not None and test_file is not None:
         raise InvalidInput("give either test_file or test_fraction, not both", param="test_fraction")
+    # A tenant already at its storage quota is refused before the upload is read (admit() decides, after the insert).
+    await run_in_threadpool(usage_service.check_room, session, settings, tenant_id, "dataset")
     train_bytes = await read_limited(file, limit=settings.max_upload_bytes, param="file")
     test_bytes = None
     if test_file is not None:
@@ -153,6 +157,11 @@ def store_dataset(
             stats=stats,
         ),
     )
+    try:
+        usage_service.admit(session, settings, tenant_id, "dataset", new_bytes=dataset.bytes)  # 413 past the quota
+    except Exception:
+        shutil.rmtree(store.resolve(relative), ignore_errors=True)  # the rollback drops the row; the files go too
+        raise
     return dataset, False
 
 

@@ -15,15 +15,17 @@ from api.schemas import (
     JobReport,
     MetricComparison,
 )
+from api.services import usage as usage_service
 from api.services.datasets import get_dataset_or_404
 from core.adapter_ops import check_scalable
-from core.errors import InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
 from core.evaluation.metrics import ALL_METRICS, LOWER_IS_BETTER
 from core.evaluation.spec import EvaluationSpec
-from core.models import AdapterStatus, Evaluation, Job, JobStatus, WorkStatus
+from core.models import AdapterStatus, Evaluation, EvaluationSample, Job, JobStatus, WorkStatus
 from core.queue import send_committed, send_evaluate
 from core.repository import adapters as adapters_repo
 from core.repository import evaluations as evaluations_repo
+from core.repository import leases
 from core.repository.datasets import get_dataset
 from core.settings import Settings
 
@@ -78,6 +80,7 @@ def create_evaluation(session: Session, settings: Settings, tenant_id: str, spec
             max_attempts=settings.max_attempts,
         ),
     )
+    usage_service.admit(session, settings, tenant_id, "evaluation")  # 429 past max_active_evaluations
     session.commit()  # the row exists before any worker can hear of it
     send_committed(send_evaluate, settings, evaluation.id)
     return evaluation
@@ -90,6 +93,18 @@ def get_evaluation_or_404(session: Session, tenant_id: str, evaluation_id: str) 
     return evaluation
 
 
+def cancel_evaluation(session: Session, tenant_id: str, evaluation_id: str) -> Evaluation:
+    """A queued evaluation is cancelled at once; a running one is flagged for its worker (409 once it ended)."""
+    evaluation = get_evaluation_or_404(session, tenant_id, evaluation_id)
+    if evaluation.status.is_terminal:
+        raise Conflict(
+            f"evaluation {evaluation_id} is already {evaluation.status.value}", param="evaluation_id",
+            code="evaluation_finished",
+        )
+    leases.request_cancel(session, Evaluation, evaluation_id)
+    return get_evaluation_or_404(session, tenant_id, evaluation_id)
+
+
 def sample_page(
     session: Session, evaluation: Evaluation, *, limit: int, offset: int, scale: float | None
 ) -> EvaluationSamplePage:
@@ -99,8 +114,16 @@ def sample_page(
         session, evaluation.id, limit=limit, offset=offset, scale=scale, filter_scale=scale is not None
     )
     return EvaluationSamplePage(
-        data=[EvaluationSampleOut.of(r) for r in rows], total=total, offset=offset, has_more=offset + len(rows) < total
+        data=samples_out(session, evaluation, rows), total=total, offset=offset, has_more=offset + len(rows) < total
     )
+
+
+def samples_out(session: Session, evaluation: Evaluation, rows: Sequence[EvaluationSample]) -> list[EvaluationSampleOut]:
+    """The samples with their prompt and reference, which the worker stores once, with the first scale's samples."""
+    first = (evaluation.scales or [None])[0]
+    later = [r.example_index for r in rows if r.scale != first]
+    shared = evaluations_repo.shared_texts(session, evaluation.id, first, later) if later else {}
+    return [EvaluationSampleOut.of(r, shared.get(r.example_index) if r.scale != first else None) for r in rows]
 
 
 def _result_at(evaluation: Evaluation | None, scale: float | None) -> EvaluationResult | None:
@@ -121,6 +144,8 @@ def _status(session: Session, job: Job, rows: dict[str, Evaluation]) -> str:
     statuses = {r.status for r in rows.values()}
     if WorkStatus.failed in statuses:
         return "failed"
+    if WorkStatus.cancelled in statuses:
+        return "cancelled"
     if statuses == {WorkStatus.succeeded}:
         return "succeeded"
     return "running" if WorkStatus.running in statuses else "queued"

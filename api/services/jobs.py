@@ -5,8 +5,9 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from api.services import idempotency as idempotency_service
+from api.services import usage as usage_service
 from api.services.datasets import get_dataset_or_404
-from core.errors import Conflict, InvalidInput, NotFound, RateLimited
+from core.errors import Conflict, InvalidInput, NotFound
 from core.jobspec import JobSpec
 from core.model_info import check_target_modules
 from core.models import Job, JobEvent, JobStatus, new_id
@@ -40,7 +41,8 @@ def create_job(
     if isinstance(hp.target_modules, list):
         check_target_modules(settings.base_model, hp.target_modules)
     base_model = resolve_base_model(settings, spec.base_model)
-    get_dataset_or_404(session, tenant_id, spec.dataset_id)
+    dataset = get_dataset_or_404(session, tenant_id, spec.dataset_id)
+    hp.check_steps(settings, dataset.train_rows)
     job_id = new_id("ftjob")
     if idempotency is not None and (winner := idempotency_service.claim_key(session, idempotency, job_id)):
         return get_job_or_404(session, tenant_id, winner), True
@@ -67,18 +69,12 @@ def create_job(
 
 
 def admit_job(session: Session, settings: Settings, tenant_id: str) -> None:
-    """Refuse the job just inserted (429; the rollback leaves nothing) when the tenant's active jobs pass max_active_jobs.
+    """Refuse the job just inserted (the rollback leaves nothing): 429 past max_active_jobs, 413 at the storage
+    quota or past max_adapters_per_tenant.
 
     Counted after the insert and under the admission lock, so concurrent submissions cannot all slip in.
     """
-    jobs_repo.lock_admission(session)
-    active = jobs_repo.count_active(session, tenant_id)
-    if active > settings.max_active_jobs:
-        raise RateLimited(
-            f"{active - 1} of your jobs are queued or running and the limit is {settings.max_active_jobs}; "
-            "retry when one finishes",
-            retry_after=settings.active_jobs_retry_after_seconds,
-        )
+    usage_service.admit(session, settings, tenant_id, "job")
 
 
 def dispatch(settings: Settings, job_id: str) -> bool:
