@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
+# An absolute POSIX path of two parts or more (not one inside a URL): /data/store/tmp/x/upload.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/:,;()\[\]{}<>]+/)+([^\s'\"/:,;()\[\]{}<>]*)")
+
+
+def redact_paths(text: str) -> str:
+    """A message with every absolute filesystem path cut to its last part (`.../upload`).
+
+    For messages built from an exception's text that a client sees (job errors, an adapter's servable_reason, an
+    archive that cannot be read): where the server keeps its files is not the client's business, and the file's
+    own name is what helps.
+    """
+    return _ABSOLUTE_PATH.sub(lambda m: f".../{m.group(1)}" if m.group(1) else "...", text)
+
 
 class TuneserveError(Exception):
     status_code = 400
@@ -70,9 +85,14 @@ class RateLimited(RetryLater):
 
 
 class TrainingError(Exception):
-    """A failure inside a training attempt, with the code and param a user acts on."""
+    """A failure inside a training attempt, with the code and param a user acts on.
+
+    The message is stored as the job's (or operation's) error and shown to its tenant, and is often built from
+    another exception's text: absolute server paths in it are cut to their last part (redact_paths).
+    """
 
     def __init__(self, code: str, message: str, *, param: str | None = None, transient: bool = False) -> None:
+        message = redact_paths(message)
         super().__init__(message)
         self.code = code
         self.message = message

@@ -10,10 +10,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # vLLM can only serve these LoRA ranks (vllm.config.lora.LoRAConfig.max_lora_rank choices).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Every secret in .env.example starts with this; a setting that still holds it is refused at startup.
+PLACEHOLDER_SECRET = "change-me"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TUNESERVE_", env_file=".env", extra="ignore")
+    # env_ignore_empty: a variable set but empty means the default (docker-compose.yml passes `${VAR:-}`).
+    model_config = SettingsConfigDict(env_prefix="TUNESERVE_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(Path("var"), description="Root for the embedded database, broker and store")
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite file in data_dir")
@@ -32,6 +35,55 @@ class Settings(BaseSettings):
     )
     max_dataset_rows: int = Field(200_000, gt=0)
     max_line_bytes: int = Field(1024 * 1024, gt=0)
+    max_messages_per_row: int = Field(256, gt=0, description="Messages in one chat row of a dataset (422 past it)")
+    max_chars_per_row: int = Field(
+        200_000, gt=0, description="Characters of text (all messages together) in one dataset row (422 past it)"
+    )
+
+    # Limits on what any client may send (README, "Limits"); each is refused in the one error shape.
+    max_json_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        gt=0,
+        description=(
+            "Largest request body of every route but the two uploads, refused with 413 before routing: a prompt of "
+            "max_prompt_chars ASCII characters (1 MB) fits with room for JSON escapes and the other fields"
+        ),
+    )
+    max_multipart_overhead_bytes: int = Field(
+        64 * 1024, ge=0, description="Multipart framing allowed on top of an upload's limit (boundaries, part headers)"
+    )
+    max_prompt_chars: int = Field(
+        1_000_000,
+        gt=0,
+        le=1_000_000,
+        description="Characters of one prompt (or of all chat messages together), checked before tokenizing; "
+        "at most 1 000 000 (serving's own bound)",
+    )
+    max_prompts_per_request: int = Field(16, gt=0, le=128, description="Prompts in one /v1/completions request (a list)")
+    max_messages_per_request: int = Field(
+        1024, gt=0, le=4096, description="Chat messages in one /generate or /v1/chat/completions request"
+    )
+    auth_cache_seconds: float = Field(
+        10.0, ge=0, description="How long a valid key is remembered by the pre-routing check (the route still checks)"
+    )
+    max_archive_members: int = Field(1000, gt=0, description="Members (files, folders) of an adapter archive")
+    max_archive_header_bytes: int = Field(
+        1024 * 1024, gt=0, description="Bytes of member headers (names, tar/pax/zip records) of an adapter archive"
+    )
+    max_adapter_config_bytes: int = Field(1024 * 1024, gt=0, description="Size of an imported adapter_config.json")
+    max_safetensors_header_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="JSON header of a safetensors file, checked before it is parsed"
+    )
+    adapter_unpack_timeout_seconds: float = Field(
+        60.0, gt=0, description="Wall and CPU time for unpacking one adapter archive (in a child process)"
+    )
+    adapter_unpack_memory_bytes: int = Field(
+        1024 * 1024 * 1024, gt=0, description="Address space of the child process that unpacks an adapter archive"
+    )
+    metrics_cache_seconds: float = Field(
+        5.0, ge=0, description="The SQL and broker parts of /metrics and /readyz are reused for this long"
+    )
+    metrics_token: str = Field("", description="When set, GET /metrics needs Authorization: Bearer <metrics_token>")
     max_lora_rank: int = Field(64, description="Highest LoRA rank a job may ask for (and serving loads)")
     max_seq_length: int = Field(4096, gt=0)
     max_steps: int = Field(100_000, gt=0)
@@ -123,6 +175,11 @@ class Settings(BaseSettings):
             self.serving_max_prompt_tokens = self.serving_max_model_len - 1
         if self.serving_max_prompt_tokens >= self.serving_max_model_len:
             raise ValueError("serving_max_prompt_tokens must be < serving_max_model_len")
+        # .env.example's placeholders are public: a deployment that kept one has no secret at all.
+        for name in ("serving_token", "metrics_token", "database_url"):
+            if PLACEHOLDER_SECRET in getattr(self, name):
+                raise ValueError(f"{name} still holds the .env.example placeholder ({PLACEHOLDER_SECRET}...): "
+                                 "set a real secret, e.g. `openssl rand -hex 32`")
         return self
 
     @property
