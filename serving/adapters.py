@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.db import session_scope
-from core.errors import InvalidInput, NotFound
+from core.errors import InvalidInput, NotFound, redact_paths
 from core.models import AdapterStatus
 from core.repository import adapters as adapters_repo
 from core.settings import Settings
@@ -158,5 +158,6 @@ class AdapterRegistry:
 
 
 def _first_line(e: BaseException) -> str:
+    """The engine's reason, for the client: its first line, without the server's paths (redact_paths)."""
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:500]
+    return redact_paths(text.splitlines()[0])[:500]

@@ -228,3 +228,101 @@ def test_an_adapter_whose_canary_never_ran_is_settled_unhealthy(stack: Stack, ad
         assert done["servable_reason"].startswith("canary could not run: the worker running this stopped answering")
     finally:
         stack.start_worker()
+
+
+def _config_text(source: Path, **replacements: str) -> bytes:
+    """adapter_config.json with fields set to raw JSON text (NaN, Infinity: what json.dumps will not write)."""
+    text = json.dumps(json.loads(files_of(source)["adapter_config.json"]))
+    for key, raw in replacements.items():
+        text = text.replace("{", f'{{"{key}": {raw}, ', 1)
+    return text.encode()
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_hostile_config_and_weights_are_422_naming_the_field(stack: Stack, adapters: dict[str, Path]) -> None:
+    """Values of the wrong type, NaN / Infinity, and safetensors headers of the wrong shape were 500s."""
+    from tests.hostile.archives import safetensors
+
+    source = adapters["trained"]
+    good = files_of(source)
+    config_cases = {
+        "lora_alpha a string": (json.dumps({**json.loads(good["adapter_config.json"]), "lora_alpha": "x"}).encode(),
+                                "lora_alpha"),
+        "r Infinity": (_config_text(source, r="Infinity"), "Infinity"),
+        "r NaN": (_config_text(source, r="NaN"), "NaN"),
+        "rank_pattern a list": (json.dumps({**json.loads(good["adapter_config.json"]), "rank_pattern": []}).encode(),
+                                "rank_pattern"),
+        "rank_pattern of strings": (json.dumps({**json.loads(good["adapter_config.json"]),
+                                                "rank_pattern": {"q_proj": "8"}}).encode(), "rank_pattern"),
+        "alpha_pattern Infinity": (_config_text(source, alpha_pattern='{"q_proj": -Infinity}'), "Infinity"),
+        "target_modules of numbers": (json.dumps({**json.loads(good["adapter_config.json"]),
+                                                  "target_modules": [1, 2]}).encode(), "target_modules"),
+        "nested 100k deep": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    }
+    for label, (config, named) in config_cases.items():
+        response = post_archive(stack, tar_gz({**good, "adapter_config.json": config}))
+        assert response.status_code == 422, (label, response.text)
+        error = response.json()["error"]
+        assert error["param"] == "file:adapter_config.json" and named in error["message"], (label, error)
+
+    tensor = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    weights_cases = {
+        "header is a list": (safetensors([]), "must be a JSON object"),
+        "data_offsets [0]": (safetensors({tensor: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0]}}), "data_offsets"),
+        "shape of strings": (safetensors({tensor: {"dtype": "F32", "shape": ["4", "8"], "data_offsets": [0, 0]}}), "shape"),
+        "entry not an object": (safetensors({tensor: 5}), tensor),
+        "header NaN": (safetensors(b'{"x": NaN}'), "NaN"),
+        "header over the cap": (safetensors({}, declared_len=stack.settings.max_safetensors_header_bytes + 1),
+                                "TUNESERVE_MAX_SAFETENSORS_HEADER_BYTES"),
+        "header cut short": (safetensors({}, declared_len=1000), "truncated"),
+    }
+    for label, (weights, named) in weights_cases.items():
+        response = post_archive(stack, tar_gz({**good, "adapter_model.safetensors": weights}))
+        assert response.status_code == 422, (label, response.text)
+        error = response.json()["error"]
+        assert error["param"] == "file:adapter_model.safetensors" and named in error["message"], (label, error)
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_archive_bombs_cost_bounded_time_and_leave_nothing(
+    stack: Stack, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each bomb kind is a 413 naming the bound it hit, within seconds, with nothing stored. Before, 100k empty
+    members took 5 s of the API's own CPU (getmembers()), and a 3 MB upload made it decompress 3 GiB (12 s)."""
+    from tests.hostile import archives
+
+    good = files_of(adapters["trained"])
+    settings = stack.settings
+    store = settings.store
+    before = stack.client.get("/adapters", params={"limit": 100}).json()["data"]
+    cases: dict[str, tuple[Callable[[], bytes], dict[str, Any], str]] = {
+        "100k empty members (gzip)": (lambda: archives.many_empty_members(100_000), {}, "MAX_ARCHIVE_MEMBERS"),
+        "100k empty members (bz2)": (lambda: archives.many_empty_members(100_000, compress="bz2"), {},
+                                     "MAX_ARCHIVE_MEMBERS"),
+        "zip of 5000 members": (lambda: archives.zip_of_many_members(5000), {}, "MAX_ARCHIVE_MEMBERS"),
+        "member declaring 100 GiB over gzip zeros": (archives.declared_huge_over_zeros, {},
+                                                     "MAX_ADAPTER_UPLOAD_BYTES"),
+        "3 GiB of gzip zeros to skip": (lambda: archives.slow_to_skip(3072, good),
+                                        {"adapter_unpack_timeout_seconds": 1, "max_adapter_upload_bytes": 4 * 1024**3},
+                                        "ADAPTER_UNPACK_TIMEOUT_SECONDS"),
+        "512 MiB long name": (lambda: archives.long_name_bomb(512),
+                              {"adapter_unpack_memory_bytes": 256 * 1024**2, "max_adapter_upload_bytes": 4 * 1024**3},
+                              "ADAPTER_UNPACK_MEMORY_BYTES"),
+        "headers past the header budget": (lambda: archives.many_empty_members(500), {"max_archive_header_bytes": 64 * 1024},
+                                           "MAX_ARCHIVE_HEADER_BYTES"),
+    }
+    for label, (build, overrides, setting) in cases.items():
+        with monkeypatch.context() as patch:
+            for key, value in overrides.items():
+                patch.setattr(settings, key, value)
+            data = build()
+            started = time.monotonic()
+            response = post_archive(stack, data)
+            elapsed = time.monotonic() - started
+        assert response.status_code == 413, (label, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "payload_too_large" and f"TUNESERVE_{setting}" in error["message"], (label, error)
+        assert error["param"].startswith("file"), (label, error)
+        assert elapsed < 10, f"{label}: {elapsed:.1f} s"
+    assert stack.client.get("/adapters", params={"limit": 100}).json()["data"] == before
+    assert not any((store / "tmp").iterdir())

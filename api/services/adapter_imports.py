@@ -58,7 +58,7 @@ def _unpack_and_record(
 ) -> Adapter:
     staged = work / "adapter"
     staged.mkdir()
-    unpack_adapter(work / "upload", staged, max_bytes=settings.max_adapter_upload_bytes)
+    unpack_adapter(work / "upload", staged, settings)
     imported = check_unpacked(staged, settings)
     name = imported_name(suffix)
     relative = store.adapter_dir(name)
