@@ -265,8 +265,20 @@ def _load_object(text: str) -> dict[str, Any]:
     return value
 
 
-def parse_jsonl(data: bytes, *, split: str = "train", max_rows: int, max_line_bytes: int) -> ParsedDataset:
-    """Validate a JSONL upload and return its rows as chat messages; raise DatasetLineError on the first bad line."""
+def parse_jsonl(
+    data: bytes,
+    *,
+    split: str = "train",
+    max_rows: int,
+    max_line_bytes: int,
+    max_messages: int | None = None,
+    max_chars: int | None = None,
+) -> ParsedDataset:
+    """Validate a JSONL upload and return its rows as chat messages; raise DatasetLineError on the first bad line.
+
+    max_messages bounds the messages of one chat row (checked before they are validated one by one), max_chars the
+    characters of text of one row, all messages together (what training tokenizes); None: no bound.
+    """
     if max_rows < 1 or max_line_bytes < 1:
         raise ValueError("max_rows and max_line_bytes must be positive")
 
@@ -300,7 +312,17 @@ def parse_jsonl(data: bytes, *, split: str = "train", max_rows: int, max_line_by
             obj = _load_object(text)
             if fmt is None:
                 fmt, first_line = _detect_format(obj), line_no
-            rows.append(_ROW_PARSERS[fmt](obj))
+            items = obj.get("messages") if fmt == DatasetFormat.CHAT else None
+            if max_messages is not None and isinstance(items, list) and len(items) > max_messages:
+                raise _RowError("messages", f"has {len(items)} messages; the limit is {max_messages} per row "
+                                "(TUNESERVE_MAX_MESSAGES_PER_ROW)")
+            row = _ROW_PARSERS[fmt](obj)
+            chars = sum(len(m["content"]) for m in row)
+            if max_chars is not None and chars > max_chars:
+                raise _RowError("messages" if fmt == DatasetFormat.CHAT else "row",
+                                f"has {chars} characters of text; the limit is {max_chars} per row "
+                                "(TUNESERVE_MAX_CHARS_PER_ROW)", subject="the row")
+            rows.append(row)
         except _RowError as exc:
             text = exc.text
             if exc.missing and fmt is not None and first_line != line_no:

@@ -42,7 +42,8 @@ async def read_limited(upload: UploadFile, *, limit: int, param: str) -> bytes:
 
 def _parse(data: bytes, *, split: str, settings: Settings):  # type: ignore[no-untyped-def]
     try:
-        return parse_jsonl(data, split=split, max_rows=settings.max_dataset_rows, max_line_bytes=settings.max_line_bytes)
+        return parse_jsonl(data, split=split, max_rows=settings.max_dataset_rows, max_line_bytes=settings.max_line_bytes,
+                           max_messages=settings.max_messages_per_row, max_chars=settings.max_chars_per_row)
     except DatasetLineError as e:
         param = "test_file" if split == "test" else "file"
         where = f"line {e.line}" if e.line else "file"
