@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,12 +18,30 @@ from core.errors import RetryLater, TuneserveError, Unauthenticated
 log = logging.getLogger(__name__)
 
 
+# The member tags pydantic puts in an error's loc when a union fails (`str`, `constrained-str`, `list[TextPart]`):
+# the client named a field, not a type.
+_UNION_TAG = re.compile(r"^(?:str|int|float|bool|bytes|constrained-(?:str|int|float|bytes)|[a-z-]+\[.*\])$")
+
+
 def _param_of(loc: tuple[object, ...]) -> str | None:
-    parts = [p for p in loc if p not in ("body", "query", "path", "form", "header")]
+    parts = [p for p in loc if p not in ("body", "query", "path", "form", "header")
+             and not (isinstance(p, str) and _UNION_TAG.match(p))]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or None
+
+
+def _most_telling(errors: Sequence[Any]) -> Any:
+    """The error to report: the first, except that a value fitting no member of a union fails each member, and the
+    first member's "not a string" says less than another member's "at most 1000000 characters"."""
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    tag_at = next((i for i, p in enumerate(loc) if isinstance(p, str) and _UNION_TAG.match(p)), None)
+    if tag_at is None or not str(first.get("type", "")).endswith("_type"):
+        return first
+    return next((e for e in errors if tuple(e.get("loc", ()))[:tag_at] == loc[:tag_at]
+                 and not str(e.get("type", "")).endswith("_type")), first)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -53,6 +74,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # api/routing.py: not JSON, NaN/Infinity, or nested too deeply
+            error = (first.get("ctx") or {}).get("error", "JSON decode error")
+            return JSONResponse(_body("invalid_request_error", "invalid_json", f"the request body is not valid JSON: "
+                                      f"{error}", "body"), status_code=422)
+        first = _most_telling(exc.errors())
         param = _param_of(tuple(first.get("loc", ())))
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return JSONResponse(_body("invalid_request_error", "invalid_value", message, param), status_code=422)

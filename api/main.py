@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
+from api.middleware import RequestGuard
 from api.routes import adapters, datasets, evaluations, generation, health, jobs, openai_compat, usage
 from api.schemas import ErrorResponse
 from api.services.serving_client import close_serving_client
@@ -47,6 +48,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    # Authentication and the body cap, before routing and before any body is read (api/middleware.py); added
+    # before the metrics middleware, which therefore wraps it and counts its 401s and 413s too.
+    open_paths = ("/healthz", "/readyz", "/metrics", app.docs_url, app.redoc_url, app.openapi_url,
+                  app.swagger_ui_oauth2_redirect_url)
+    app.add_middleware(RequestGuard, settings=settings, open_paths=[p for p in open_paths if p])
     install_metrics(app, settings)
     for router in (*(m.router for m in (health, datasets, jobs, adapters, evaluations, generation, openai_compat, usage)),
                    adapters.operations_router):

@@ -1,33 +1,42 @@
 """Prometheus metrics of the API: requests by route template and status, jobs by status, broker queue depth.
 
 Each app gets its own registry (tests build several apps in one process); `GET /metrics` renders it.
-Jobs by status and the queue depth are read at scrape time, so every API replica reports the same
-numbers: sum the request metrics across replicas, not these.
+Jobs by status and the queue depth are read at scrape time (reused for metrics_cache_seconds), so every API
+replica reports the same numbers: sum the request metrics across replicas, not these. With metrics_token set,
+a scrape needs `Authorization: Bearer <metrics_token>`.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from fastapi.security.utils import get_authorization_scheme_param
 from kombu.exceptions import ChannelError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.services.health import Cached
 from core.db import session_scope
+from core.errors import Unauthenticated
 from core.queue import celery_for
 from core.repository import jobs as jobs_repo
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Requests that matched no route share one label, so scanners cannot blow up the series count.
+# Every label comes from a fixed set, so scanners cannot blow up the series count: requests that matched no route
+# share one route label, and methods outside the standard ones (`curl -X FOO`) share one method label.
 UNMATCHED_ROUTE = "<unmatched>"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -47,6 +56,7 @@ class ApiMetrics:
         self.registry.register(StateCollector(settings))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in KNOWN_METHODS else OTHER_METHOD
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 
@@ -54,35 +64,49 @@ class ApiMetrics:
         return generate_latest(self.registry)
 
 
+@dataclass(frozen=True)
+class StateSnapshot:
+    """What a scrape reads from SQL and the broker (None: that source did not answer)."""
+
+    job_counts: dict[str, int] | None
+    queue_depth: int | None
+
+
 class StateCollector(Collector):
-    """Read at each scrape: jobs by status (SQL) and the messages waiting in the broker queue."""
+    """Jobs by status (SQL) and the messages waiting in the broker queue, read at scrape time but at most once per
+    metrics_cache_seconds: scrapes in between (or piled up behind a slow database) share one reading."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.snapshot = Cached(self.read, lambda: settings.metrics_cache_seconds)
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected lazily: registering must not query the database
 
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("tuneserve_metrics_source_up", "1 if the source answered this scrape", labels=["source"])
-        jobs = GaugeMetricFamily("tuneserve_jobs", "Jobs by status (all jobs in the registry)", labels=["status"])
+    def read(self) -> StateSnapshot:
+        counts: dict[str, int] | None = None
         try:
             with session_scope(self.settings.database_url) as session:
-                counts = jobs_repo.count_by_status(session)
-            for status, n in counts.items():
-                jobs.add_metric([status.value], n)
-            yield jobs
-            up.add_metric(["database"], 1)
+                counts = {status.value: n for status, n in jobs_repo.count_by_status(session).items()}
         except Exception as e:  # noqa: BLE001 - a scrape reports the source as down instead of failing whole
             # One line, not a traceback: scrapes repeat every few seconds while the database is down.
             log.warning("metrics: counting jobs failed: %s: %s", type(e).__name__, e)
-            up.add_metric(["database"], 0)
-        depth = queue_depth(self.settings)
-        if depth is not None:
+        return StateSnapshot(job_counts=counts, queue_depth=queue_depth(self.settings))
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.snapshot.get()
+        up = GaugeMetricFamily("tuneserve_metrics_source_up", "1 if the source answered this scrape", labels=["source"])
+        if snapshot.job_counts is not None:
+            jobs = GaugeMetricFamily("tuneserve_jobs", "Jobs by status (all jobs in the registry)", labels=["status"])
+            for status, n in snapshot.job_counts.items():
+                jobs.add_metric([status], n)
+            yield jobs
+        up.add_metric(["database"], 0 if snapshot.job_counts is None else 1)
+        if snapshot.queue_depth is not None:
             queue = GaugeMetricFamily("tuneserve_queue_depth", "Task messages waiting in the broker queue", labels=["queue"])
-            queue.add_metric([self.settings.queue_name], depth)
+            queue.add_metric([self.settings.queue_name], snapshot.queue_depth)
             yield queue
-        up.add_metric(["broker"], 0 if depth is None else 1)
+        up.add_metric(["broker"], 0 if snapshot.queue_depth is None else 1)
         yield up
 
 
@@ -133,6 +157,17 @@ class MetricsMiddleware:
             self.metrics.observe(scope["method"], route, status, time.perf_counter() - start)
 
 
+def check_metrics_token(authorization: str | None, token: str) -> None:
+    """With metrics_token set, a scrape must send `Authorization: Bearer <metrics_token>` (401 otherwise)."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if scheme.lower() != "bearer" or not credentials:
+        raise Unauthenticated("GET /metrics needs Authorization: Bearer <TUNESERVE_METRICS_TOKEN>",
+                              param="Authorization", code="missing_metrics_token")
+    if not hmac.compare_digest(credentials.encode(), token.encode()):
+        raise Unauthenticated("the metrics token is not valid (TUNESERVE_METRICS_TOKEN)", param="Authorization",
+                              code="invalid_metrics_token")
+
+
 def install_metrics(app: FastAPI, settings: Settings) -> ApiMetrics:
     """Add the timing middleware and `GET /metrics` (Prometheus text format) to the app."""
     metrics = ApiMetrics(settings)
@@ -140,7 +175,9 @@ def install_metrics(app: FastAPI, settings: Settings) -> ApiMetrics:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics() -> Response:
+    def prometheus_metrics(request: Request) -> Response:
+        if settings.metrics_token:
+            check_metrics_token(request.headers.get("Authorization"), settings.metrics_token)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics

@@ -37,8 +37,10 @@ def sample(samples: dict, name: str, **labels: str) -> float | None:  # type: ig
 @pytest.fixture(params=["sqlite", "redis"])
 def api(request: pytest.FixtureRequest, tmp_path: Path, model_dir: Path) -> Iterator[tuple[TestClient, Settings]]:
     """The API on SQLite with either broker, and no worker: a job sent stays in the queue."""
+    # metrics_cache_seconds 0: each scrape reads SQL and the broker afresh, so a test sees its own changes at once
+    # (the cache has its own test below).
     values: dict[str, object] = {"data_dir": tmp_path, "base_model": str(model_dir), "reconcile_interval_seconds": 0,
-                                 "queue_name": f"tuneserve-metrics-{secrets.token_hex(4)}"}
+                                 "queue_name": f"tuneserve-metrics-{secrets.token_hex(4)}", "metrics_cache_seconds": 0}
     if request.param == "redis":
         values["broker_url"] = REDIS_URL
     settings = Settings(**values)  # type: ignore[arg-type]
@@ -110,6 +112,72 @@ def test_broker_down_is_reported_not_fatal(tmp_path: Path, model_dir: Path) -> N
     assert sample(samples, "tuneserve_metrics_source_up", source="broker") == 0
     assert sample(samples, "tuneserve_metrics_source_up", source="database") == 1
     assert not any(name == "tuneserve_queue_depth" for name, _ in samples)
+
+
+def test_labels_come_from_fixed_sets(api: tuple[TestClient, Settings]) -> None:
+    """Odd methods and unknown paths cannot add series: they share one label each."""
+    client, _ = api
+    for method in ("FOO", "BREW", "X" * 50):
+        assert client.request(method, "/jobs").status_code == 405
+        assert client.request(method, f"/no/such/{method}").status_code == 404
+    samples = scrape(client)
+    methods = {dict(labels)["method"] for name, labels in samples if name == "tuneserve_http_requests_total"}
+    routes = {dict(labels)["route"] for name, labels in samples if name == "tuneserve_http_requests_total"}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}, methods
+    assert sample(samples, "tuneserve_http_requests_total", method="other", route="/jobs", status="405") == 3
+    assert sample(samples, "tuneserve_http_requests_total", method="other", route="<unmatched>", status="404") == 3
+    assert not any("/no/such" in r for r in routes)
+
+
+def test_scrapes_and_probes_share_one_reading_per_cache_window(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With metrics_cache_seconds, SQL and the broker are asked once however many scrapes and probes come
+    (also when they come together: the others wait for the one reading)."""
+    import api.metrics
+    import api.services.health
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = Settings(data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0,
+                        metrics_cache_seconds=60)
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    calls = {"jobs": 0, "ready": 0}
+    count_by_status, readiness_checks = api.metrics.jobs_repo.count_by_status, api.services.health.readiness_checks
+
+    def counting_jobs(session):  # type: ignore[no-untyped-def]
+        calls["jobs"] += 1
+        return count_by_status(session)
+
+    def counting_ready(s):  # type: ignore[no-untyped-def]
+        calls["ready"] += 1
+        return readiness_checks(s)
+
+    monkeypatch.setattr(api.metrics.jobs_repo, "count_by_status", counting_jobs)
+    monkeypatch.setattr(api.services.health, "readiness_checks", counting_ready)
+    with TestClient(create_app(settings)) as client:
+        with ThreadPoolExecutor(8) as pool:
+            scrapes = list(pool.map(lambda _: client.get("/metrics").status_code, range(16)))
+            probes = list(pool.map(lambda _: client.get("/readyz").status_code, range(16)))
+    assert scrapes == [200] * 16 and probes == [200] * 16
+    assert calls == {"jobs": 1, "ready": 1}
+
+
+def test_metrics_token(tmp_path: Path, model_dir: Path) -> None:
+    settings = Settings(data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0,
+                        metrics_token="scrape-secret")
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    with TestClient(create_app(settings)) as client:
+        for headers, code in (({}, "missing_metrics_token"), (bearer("wrong"), "invalid_metrics_token"),
+                              (bearer(mint_api_key(settings)), "invalid_metrics_token")):
+            refused = client.get("/metrics", headers=headers)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", refused.text
+            error = refused.json()["error"]
+            assert error["code"] == code and error["param"] == "Authorization", error
+            assert "TUNESERVE_METRICS_TOKEN" in error["message"]
+        assert client.get("/metrics", headers=bearer("scrape-secret")).status_code == 200
+        assert client.get("/healthz").status_code == 200  # the probes stay open
 
 
 def test_serving_metrics_module() -> None:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import SessionDep, SettingsDep, TenantDep
+from api.routing import StrictJSONRoute
 from api.schemas import AdapterOperationOut, AdapterOut, ErrorResponse, ListResponse
 from api.services import adapter_imports as imports_service
 from api.services import adapters as adapters_service
@@ -15,8 +16,8 @@ from core.adapter_ops import MAX_SCALE, MIN_SCALE
 from core.errors import NotFound
 from core.repository import adapters as adapters_repo
 
-router = APIRouter(prefix="/adapters", tags=["adapters"])
-operations_router = APIRouter(prefix="/adapter-operations", tags=["adapters"])
+router = APIRouter(prefix="/adapters", tags=["adapters"], route_class=StrictJSONRoute)
+operations_router = APIRouter(prefix="/adapter-operations", tags=["adapters"], route_class=StrictJSONRoute)
 
 
 class ScaleBody(BaseModel):

@@ -5,12 +5,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, TenantDep
+from api.routing import StrictJSONRoute
 from api.schemas import DatasetOut, ListResponse
 from api.services import datasets as service
 from api.services.idempotency import mark_replayed
+from core.bounds import MAX_INT32
 from core.repository import datasets as datasets_repo
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=StrictJSONRoute)
 
 
 @router.post(
@@ -27,7 +29,7 @@ async def upload_dataset(
     file: Annotated[UploadFile, File(description="JSONL: chat, prompt/completion or instruction rows")],
     test_file: Annotated[UploadFile | None, File(description="Held-out test split, same format")] = None,
     test_fraction: Annotated[float | None, Form(gt=0, lt=1, description="Hold out this share as the test split")] = None,
-    seed: Annotated[int, Form(ge=0, description="Seed of the test_fraction split")] = 0,
+    seed: Annotated[int, Form(ge=0, le=MAX_INT32, description="Seed of the test_fraction split")] = 0,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> DatasetOut:
     options = service.UploadOptions(test_fraction=test_fraction, seed=seed)

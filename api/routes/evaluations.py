@@ -5,12 +5,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import SessionDep, SettingsDep, TenantDep
+from api.routing import StrictJSONRoute
 from api.schemas import ErrorResponse, EvaluationOut, EvaluationSamplePage, ListResponse
 from api.services import evaluations as service
+from core.bounds import MAX_INT32
 from core.evaluation.spec import EvaluationSpec
 from core.repository import evaluations as evaluations_repo
 
-router = APIRouter(prefix="/evaluations", tags=["evaluations"])
+router = APIRouter(prefix="/evaluations", tags=["evaluations"], route_class=StrictJSONRoute)
 
 
 @router.post("", status_code=201, response_model=EvaluationOut)
@@ -49,8 +51,8 @@ def list_samples(
     tenant: TenantDep,
     evaluation_id: str,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    scale: Annotated[float | None, Query(description="Only the samples at this adapter scale")] = None,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
+    scale: Annotated[float | None, Query(allow_inf_nan=False, description="Only the samples at this adapter scale")] = None,
 ) -> EvaluationSamplePage:
     evaluation = service.get_evaluation_or_404(session, tenant, evaluation_id)
     return service.sample_page(session, evaluation, limit=limit, offset=offset, scale=scale)

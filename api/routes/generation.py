@@ -10,12 +10,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from api.deps import SessionDep, SettingsDep, TenantDep
+from api.routing import StrictJSONRoute
 from api.schemas import ErrorResponse
 from api.services import generation as service
 from api.services.serving_client import ServingClient, get_serving_client
 from serving.protocol import GenerateChunk, GenerateRequest, Usage
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(tags=["generation"], route_class=StrictJSONRoute)
 ServingDep = Annotated[ServingClient, Depends(get_serving_client)]
 
 
@@ -57,6 +58,8 @@ async def generate(
     serving: ServingDep,
     adapter: Annotated[str | None, Query(max_length=128, description="Adapter name; none: the base model")] = None,
 ) -> Any:
+    service.check_prompt_size(settings, prompts=None if body.prompt is None else [body.prompt],
+                              messages=None if body.messages is None else [m.content for m in body.messages])
     name = await service.resolve_adapter(session, settings, tenant, adapter, param="adapter")
     request = service.serving_request(body, name)
     gen_id = f"gen-{uuid.uuid4().hex}"

@@ -5,16 +5,18 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, TenantDep
+from api.routing import StrictJSONRoute
 from api.schemas import CheckpointOut, ErrorResponse, JobEventOut, JobOut, JobReport, ListResponse
 from api.services import evaluations as evaluations_service
 from api.services import jobs as service
 from api.services.idempotency import mark_replayed
+from core.bounds import MAX_INT32
 from core.checkpoints import list_checkpoints
 from core.jobspec import JobSpec
 from core.models import JobStatus
 from core.repository import jobs as jobs_repo
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
 
 @router.post(
@@ -70,7 +72,7 @@ def list_job_events(
     tenant: TenantDep,
     job_id: str,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[int | None, Query(ge=0, description="Continue after this event id")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_INT32, description="Continue after this event id")] = None,
 ) -> ListResponse[JobEventOut]:
     service.get_job_or_404(session, tenant, job_id)
     rows, has_more = jobs_repo.list_events(session, job_id, limit=limit, after=after)

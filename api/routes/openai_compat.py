@@ -14,16 +14,29 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep
+from api.routing import StrictJSONRoute
 from api.schemas import ErrorResponse, unix
 from api.services import generation as service
 from api.services.serving_client import ServingClient, get_serving_client
+from core.bounds import MAX_INT32
 from core.errors import InvalidInput
-from serving.protocol import MAX_PROMPT_CHARS, ChatMessage, GenerateChunk, GenerateRequest, SamplingOptions, Usage
+from serving.protocol import (
+    MAX_MESSAGES,
+    MAX_PROMPT_CHARS,
+    ChatMessage,
+    GenerateChunk,
+    GenerateRequest,
+    SamplingOptions,
+    Usage,
+)
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJSONRoute)
 ServingDep = Annotated[ServingClient, Depends(get_serving_client)]
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 SAMPLING_FIELDS = set(SamplingOptions.model_fields)
+# Schema bounds; the route applies the deployment's settings (max_prompt_chars, max_prompts_per_request) within them.
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+MAX_PROMPTS = 128
 
 
 class StreamOptions(BaseModel):
@@ -42,8 +55,8 @@ class OpenAIRequest(SamplingOptions):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str] = Field(max_length=MAX_PROMPT_CHARS)
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: PromptText | Annotated[list[PromptText], Field(max_length=MAX_PROMPTS)]
+    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)
     echo: Literal[False] = False
     logprobs: None = None
 
@@ -51,23 +64,25 @@ class CompletionRequest(OpenAIRequest):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: PromptText
 
 
 class OpenAIChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: PromptText | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
+    name: str | None = Field(None, max_length=256)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
     def plain(self) -> ChatMessage:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.text())
 
 
 class ChatCompletionRequest(OpenAIRequest):
-    messages: list[OpenAIChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[OpenAIChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: Literal[False] = False
 
 
@@ -172,8 +187,9 @@ async def list_models(session: SessionDep, settings: SettingsDep, tenant: Tenant
 async def create_completion(
     body: CompletionRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep, serving: ServingDep
 ) -> Any:
-    adapter = await service.resolve_adapter(session, settings, tenant, body.model, param="model")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    service.check_prompt_size(settings, prompts=prompts)
+    adapter = await service.resolve_adapter(session, settings, tenant, body.model, param="model")
     if not prompts:
         raise InvalidInput("prompt must not be empty", param="prompt")
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -208,6 +224,8 @@ async def create_completion(
 async def create_chat_completion(
     body: ChatCompletionRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep, serving: ServingDep
 ) -> Any:
+    # A message's text parts are joined: the total is checked before any ChatMessage (1M characters at most) is made.
+    service.check_prompt_size(settings, messages=[m.text() for m in body.messages])
     adapter = await service.resolve_adapter(session, settings, tenant, body.model, param="model")
     generate = GenerateRequest(
         messages=[m.plain() for m in body.messages],

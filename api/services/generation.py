@@ -45,6 +45,35 @@ async def resolve_adapter(
     return adapter.name
 
 
+def check_prompt_size(
+    settings: Settings, *, prompts: list[str] | None = None, messages: list[str] | None = None
+) -> None:
+    """Refuse a prompt (or chat) past the deployment's character limits, before anything is tokenized: 422
+    naming the field and the setting. Each prompt counts alone; chat messages (their contents) count together."""
+    limit = settings.max_prompt_chars
+    if prompts is not None:
+        if len(prompts) > settings.max_prompts_per_request:
+            raise InvalidInput(
+                f"prompt: {len(prompts)} prompts; the limit is {settings.max_prompts_per_request} per request "
+                "(TUNESERVE_MAX_PROMPTS_PER_REQUEST)", param="prompt", code="too_many_prompts",
+            )
+        for i, prompt in enumerate(prompts):
+            if len(prompt) > limit:
+                param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                raise InvalidInput(f"{param}: {len(prompt)} characters; the limit is {limit} "
+                                   "(TUNESERVE_MAX_PROMPT_CHARS)", param=param, code="prompt_too_long")
+    if messages is not None:
+        if len(messages) > settings.max_messages_per_request:
+            raise InvalidInput(
+                f"messages: {len(messages)} messages; the limit is {settings.max_messages_per_request} per request "
+                "(TUNESERVE_MAX_MESSAGES_PER_REQUEST)", param="messages", code="too_many_messages",
+            )
+        total = sum(len(content) for content in messages)
+        if total > limit:
+            raise InvalidInput(f"messages: {total} characters of content in all; the limit is {limit} "
+                               "(TUNESERVE_MAX_PROMPT_CHARS)", param="messages", code="prompt_too_long")
+
+
 def serving_request(body: GenerateRequest, adapter: str | None) -> ServingRequest:
     return ServingRequest(adapter=adapter, **body.model_dump())
 

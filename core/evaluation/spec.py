@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.adapter_ops import MAX_SCALE, MIN_SCALE
+from core.bounds import MAX_INT32
 from core.evaluation.metrics import ALL_METRICS
 
 # Spelled out for the schema; tests/test_metrics.py checks it against ALL_METRICS.
@@ -22,10 +23,10 @@ class EvaluationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metrics: list[MetricName] = Field(default_factory=lambda: list(DEFAULT_METRICS), min_length=1)
+    metrics: list[MetricName] = Field(default_factory=lambda: list(DEFAULT_METRICS), min_length=1, max_length=32)
     batch_size: int = Field(16, ge=1, le=MAX_EVAL_BATCH, description="Prompts per left-padded generation batch")
     max_new_tokens: int = Field(32, ge=1, le=1024)
-    max_examples: int | None = Field(None, ge=1, description="Evaluate only the split's first N examples")
+    max_examples: int | None = Field(None, ge=1, le=MAX_INT32, description="Evaluate only the split's first N examples")
 
 
 class EvaluationSpec(EvaluationOptions):

@@ -1,0 +1,167 @@
+"""The request guard: what every request passes before routing, before its body is read.
+
+1. With auth on, a request to any route but the open ones (probes, /metrics, the docs) must carry a valid
+   bearer key, or it is refused with the same 401 the route dependency gives (`missing_api_key` /
+   `invalid_api_key`, `WWW-Authenticate: Bearer`). Unknown keys cost one indexed lookup in a worker thread;
+   valid ones are remembered for `auth_cache_seconds` (the route's own dependency still checks every request,
+   so a revoked key is refused at once, only after its body was read).
+2. The body is capped by route: `POST /datasets` at max_upload_bytes, `POST /adapters` at
+   max_adapter_upload_bytes (each plus max_multipart_overhead_bytes of multipart framing), every other route at
+   max_json_body_bytes. A Content-Length over the cap is a 413 at once; a chunked or streamed body is counted
+   as it arrives and refused with 413 as soon as it passes the cap.
+
+Both refusals are in the one error shape (api/errors.py) and name the limit's setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import anyio
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.auth import key_sha256, tenant_for_key
+from core.db import session_scope
+from core.errors import PayloadTooLarge, TuneserveError, Unauthenticated
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The routes whose body is a multipart upload, with the setting that caps it.
+UPLOAD_LIMITS = {("POST", "/datasets"): "max_upload_bytes", ("POST", "/adapters"): "max_adapter_upload_bytes"}
+MAX_CACHED_KEYS = 10_000
+
+
+class BodyTooLarge(Exception):
+    """Raised from receive() once a streamed body passes its cap; the guard answers 413 in place of the app."""
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path.rstrip("/") or "/"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class RequestGuard:
+    """Pure ASGI middleware (no body buffering): authentication, then the body-size cap."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, open_paths: Iterable[str]) -> None:
+        self.app = app
+        self.settings = settings
+        self.open_paths = frozenset(p.rstrip("/") or "/" for p in open_paths)
+        self._valid_keys: dict[str, float] = {}  # sha256 of a key -> monotonic time it is trusted until
+
+    def body_limit(self, method: str, path: str) -> tuple[int, str, str | None]:
+        """The cap on this request's body: (bytes, the setting's name, the param a 413 names)."""
+        setting = UPLOAD_LIMITS.get((method, path))
+        if setting is None:
+            return self.settings.max_json_body_bytes, "max_json_body_bytes", None
+        return getattr(self.settings, setting) + self.settings.max_multipart_overhead_bytes, setting, "file"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = _route_path(scope), scope.get("method", "GET")
+        if self.settings.auth_enabled and path not in self.open_paths:
+            refusal = await self._authenticate(scope)
+            if refusal is not None:
+                await _send_error(send, refusal)
+                return
+        limit, setting, param = self.body_limit(method, path)
+        too_large = PayloadTooLarge(
+            f"the request body is larger than the limit of {limit} bytes (TUNESERVE_{setting.upper()})",
+            param=param,
+        )
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            await _send_error(send, too_large)
+            return
+        await self._call_counting(scope, receive, send, limit, too_large)
+
+    async def _call_counting(self, scope: Scope, receive: Receive, send: Send, limit: int, too_large: PayloadTooLarge) -> None:
+        received = 0
+        exceeded = started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            if exceeded:
+                raise BodyTooLarge
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # whatever the app answers to a body it could not read, the client gets the 413
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await _send_error(send, too_large)
+
+    async def _authenticate(self, scope: Scope) -> TuneserveError | None:
+        """None if the request may go on; else the 401 the route dependency (api/deps.py) would give."""
+        scheme, credentials = get_authorization_scheme_param(_header(scope, b"authorization"))
+        if not (scheme and credentials) or scheme.lower() != "bearer":
+            return Unauthenticated("send an API key: Authorization: Bearer <key>", param="Authorization",
+                                   code="missing_api_key")
+        digest = key_sha256(credentials)
+        now = time.monotonic()
+        if self._valid_keys.get(digest, 0.0) > now:
+            return None
+        try:
+            await anyio.to_thread.run_sync(self._lookup, credentials)
+        except Unauthenticated as e:
+            return e
+        except Exception as e:  # noqa: BLE001 - the database is down: let the route answer as it does today
+            log.warning("request guard: key lookup failed (%s); the route checks the key", type(e).__name__)
+            return None
+        if len(self._valid_keys) >= MAX_CACHED_KEYS:
+            self._valid_keys.clear()
+        self._valid_keys[digest] = now + self.settings.auth_cache_seconds
+        return None
+
+    def _lookup(self, credentials: str) -> None:
+        with session_scope(self.settings.database_url) as session:
+            tenant_for_key(session, credentials)
+
+
+async def _send_error(send: Send, error: TuneserveError) -> None:
+    """The one error shape (api/errors.py), answered here; a refused body's connection is closed after it, since
+    the client may still be sending the body."""
+    headers = {}
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, PayloadTooLarge):
+        headers["Connection"] = "close"
+    response = JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
+    await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
