@@ -117,6 +117,23 @@ def test_the_other_tenant_can_use_its_own_data(stack: Stack, other_tenant: TestC
     _assert_404(stack.client.get(f"/datasets/{dataset_id}"), "dataset_id")
 
 
+def test_another_tenants_id_as_after_cursor_does_not_move_the_page(
+    stack: Stack, other_tenant: TestClient, demo_files: tuple
+) -> None:
+    """`after` is tenant-scoped: another tenant's id (here older than one of ours) is ignored as unknown, where it
+    used to cut the page at that row's creation time (telling when another tenant made something)."""
+    train, _ = demo_files
+    files = {"file": ("train.jsonl", train.read_bytes())}
+    theirs = other_tenant.post("/datasets", files=files).json()["id"]
+    newer = stack.client.post("/datasets", files=files).json()["id"]
+    first_page = stack.client.get("/datasets", params={"limit": 100}).json()
+    assert first_page["data"][0]["id"] == newer
+    assert stack.client.get("/datasets", params={"limit": 100, "after": theirs}).json() == first_page
+    assert stack.client.get("/datasets", params={"limit": 100, "after": "ds-unknown"}).json() == first_page
+    # Their own cursor still pages their own list.
+    assert other_tenant.get("/datasets", params={"after": theirs}).json()["data"] == []
+
+
 def test_idempotency_keys_are_per_tenant(stack: Stack, other_tenant: TestClient, demo_files: tuple) -> None:
     train, _ = demo_files
     key = {"Idempotency-Key": f"shared-{uuid.uuid4()}"}

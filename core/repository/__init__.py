@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import Select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 T = TypeVar("T")
@@ -19,13 +19,21 @@ def get_owned(session: Session, model: type[T], tenant_id: str, ident: str) -> T
 def newest_first_page(
     session: Session, model: type[T], query: Select[tuple[T]], *, limit: int, after: str | None
 ) -> tuple[list[T], bool]:
-    """Keyset page, newest first, continuing after the row with id `after` (OpenAI's `after` cursor)."""
+    """Keyset page, newest first, continuing after the row with id `after` (OpenAI's `after` cursor).
+
+    The cursor is tenant-scoped like the query: an id of a tenant whose rows the query does not list (another
+    tenant's, guessed or leaked) is ignored as if unknown, so the page it gives tells nothing about that row.
+    """
     created: Any = getattr(model, "created_at")
     ident: Any = getattr(model, "id")
     if after is not None:
-        anchor = session.get(model, after)
+        anchor_query = select(created, ident).where(ident == after)
+        tenant: Any = getattr(model, "tenant_id", None)
+        if tenant is not None:
+            anchor_query = anchor_query.where(tenant.in_(query.with_only_columns(tenant)))
+        anchor = session.execute(anchor_query).first()
         if anchor is not None:
-            anchor_created, anchor_id = getattr(anchor, "created_at"), getattr(anchor, "id")
+            anchor_created, anchor_id = anchor
             query = query.where((created < anchor_created) | ((created == anchor_created) & (ident < anchor_id)))
     rows = list(session.scalars(query.order_by(created.desc(), ident.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
