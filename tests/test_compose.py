@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 import yaml
 from dotenv import dotenv_values
+from pydantic import ValidationError
 
-from core.settings import Settings
+from core.settings import PLACEHOLDER_SECRET, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_SERVICES = ("migrate", "api", "worker", "serving")
@@ -206,13 +207,20 @@ def test_env_example_lists_every_setting_with_valid_values(compose: dict[str, An
                and k not in ("TUNESERVE_API_HOST", "TUNESERVE_API_PORT", "TUNESERVE_API_URL", "TUNESERVE_API_PUBLISHED_PORT")]
     assert not unknown, f".env.example names settings that do not exist: {unknown}"
 
-    settings = Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
+    # Its placeholders are public, so a deployment that kept one is refused at startup, naming the setting.
+    with pytest.raises(ValidationError, match="serving_token still holds the .env.example placeholder"):
+        Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
+    user, password = env_example["POSTGRES_USER"], env_example["POSTGRES_PASSWORD"]
+    assert password.startswith(PLACEHOLDER_SECRET) and env_example["TUNESERVE_SERVING_TOKEN"].startswith(PLACEHOLDER_SECRET)
+    with pytest.raises(ValidationError, match="database_url still holds"):
+        Settings(_env_file=ROOT / ".env.example", serving_token="s3cret")  # type: ignore[call-arg]
+    real_url = env_example["TUNESERVE_DATABASE_URL"].replace(password, "s3cret")
+    settings = Settings(_env_file=ROOT / ".env.example", serving_token="s3cret", database_url=real_url)  # type: ignore[call-arg]
     assert settings.database_url.startswith("postgresql+psycopg://") and "@postgres:" in settings.database_url
     assert settings.broker_url.startswith("redis://redis:")
-    assert settings.serving_url == "http://serving:8100" and settings.serving_token
+    assert settings.serving_url == "http://serving:8100"
     assert settings.training_device == "cuda"
-    user, password = env_example["POSTGRES_USER"], env_example["POSTGRES_PASSWORD"]
-    assert f"://{user}:{password}@postgres:5432/{env_example['POSTGRES_DB']}" in settings.database_url
+    assert f"://{user}:{password}@postgres:5432/{env_example['POSTGRES_DB']}" in env_example["TUNESERVE_DATABASE_URL"]
 
     worker = command(compose, "worker")
     assert worker[worker.index("-Q") + 1] == settings.queue_name
@@ -221,3 +229,43 @@ def test_env_example_lists_every_setting_with_valid_values(compose: dict[str, An
     text = (ROOT / "docker-compose.yml").read_text()
     for name, default in re.findall(r"(?<!\$)\$\{(\w+)(:-[^}]*)?\}", text):
         assert name in env_example or default, f"docker-compose.yml uses ${{{name}}}, which .env.example lacks"
+
+
+# The settings that are secrets, and the services that need each (docker-compose.yml hands out no other).
+SECRETS = {
+    "TUNESERVE_DATABASE_URL": {"api", "worker", "serving", "migrate"},
+    "TUNESERVE_BROKER_URL": {"api", "worker"},
+    "TUNESERVE_SERVING_TOKEN": {"api", "serving"},
+    "TUNESERVE_METRICS_TOKEN": {"api"},
+}
+
+
+def environment(compose: dict[str, Any], service: str) -> dict[str, str]:
+    env = compose["services"][service].get("environment") or {}
+    return env if isinstance(env, dict) else dict(e.split("=", 1) if "=" in e else (e, "") for e in env)
+
+
+def test_no_container_gets_the_whole_env_file(compose: dict[str, Any]) -> None:
+    """docker compose reads .env for interpolation only: each service gets the variables it needs, by name."""
+    for name, service in compose["services"].items():
+        assert "env_file" not in service, f"{name} must not get the whole .env (env_file)"
+    for name, needers in SECRETS.items():
+        given = {service for service in compose["services"] if name in environment(compose, service)}
+        assert given == needers, f"{name} goes to {sorted(given)}; only {sorted(needers)} need it"
+    # The one service on the internet gets nothing but the model's name.
+    assert set(environment(compose, "fetch-model")) == {"HF_HOME", "TUNESERVE_BASE_MODEL"}
+    assert set(environment(compose, "migrate")) == {"TUNESERVE_DATA_DIR", "TUNESERVE_DATABASE_URL"}
+    assert set(environment(compose, "postgres")) == {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
+    assert not environment(compose, "redis")
+
+
+def test_long_running_services_get_every_setting(compose: dict[str, Any]) -> None:
+    """api, worker and serving get every TUNESERVE_ setting that is not a secret, from .env by name."""
+    settings = {f"TUNESERVE_{name.upper()}" for name in Settings.model_fields} - set(SECRETS)
+    for service in ("api", "worker", "serving"):
+        env = environment(compose, service)
+        missing = sorted(settings - set(env))
+        assert not missing, f"docker-compose.yml (x-tuneserve-env) does not pass {missing} to {service}"
+        for name in settings:
+            if name not in ("TUNESERVE_SERVING_HOST",):
+                assert env[name] == f"${{{name}:-}}", f"{service}: {name} comes from .env (empty: the default)"
