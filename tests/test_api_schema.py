@@ -13,12 +13,14 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error, positive_data_acceptance
+from hypothesis import strategies as st
+from schemathesis.checks import negative_data_rejection, not_a_server_error, positive_data_acceptance
 from schemathesis.core.parameters import ParameterLocation
 
 from api.main import create_app
@@ -70,6 +72,63 @@ API_KEY: list[str] = []  # the deployment's key, minted once the database exists
 EXCLUDED_CHECKS = [positive_data_acceptance]
 
 
+# Extra strategies (issue 12): besides what the schema allows, half the generated bodies and queries get one value
+# swapped for a hostile one of its type: an integer past 32 or 64 bits, or a string of up to a million characters
+# (or of NULs, or astral characters). Each must be refused with a 4xx naming the field, never a 5xx.
+BIG_INTEGERS = st.sampled_from([2**31, 2**31 - 1, 2**32, 2**63, 2**63 - 1, 2**64, -(2**63) - 1, 10**30])
+LONG_STRINGS = st.one_of(
+    st.integers(min_value=1_000, max_value=1_100_000).map(lambda n: "x" * n),
+    st.sampled_from(["\x00" * 1000, "é𝄞" * 50_000, " " * 100_000]),
+)
+
+
+def _leaves(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Where the integers (not booleans) and strings of a generated value are."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _leaves(v, (*at, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _leaves(v, (*at, i))]
+    if (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str):
+        return [at]
+    return []
+
+
+def _get(value: Any, at: tuple[Any, ...]) -> Any:
+    for part in at:
+        value = value[part]
+    return value
+
+
+def _replaced(value: Any, at: tuple[Any, ...], new: Any) -> Any:
+    if not at:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[at[0]] = _replaced(value[at[0]], at[1:], new)
+    return copy
+
+
+def _with_one_hostile_value(value: Any) -> st.SearchStrategy[Any]:
+    leaves = _leaves(value)
+    if not leaves:
+        return st.just(value)
+
+    def swap(at: tuple[Any, ...]) -> st.SearchStrategy[Any]:
+        kind = BIG_INTEGERS if isinstance(_get(value, at), int) else LONG_STRINGS
+        return kind.map(lambda new: _replaced(value, at, new))
+
+    return st.one_of(st.just(value), st.sampled_from(leaves).flatmap(swap))
+
+
+@schema.hook
+def flatmap_body(ctx: Any, body: Any) -> st.SearchStrategy[Any]:
+    return _with_one_hostile_value(body)
+
+
+@schema.hook
+def flatmap_query(ctx: Any, query: Any) -> st.SearchStrategy[Any]:
+    return _with_one_hostile_value(query)
+
+
 @schema.parametrize()
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
@@ -87,5 +146,11 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
         assert response.json()["error"]["type"] == "service_unavailable_error"
         assert "retry-after" in {name.lower() for name in response.headers}
         case.validate_response(response, excluded_checks=[*EXCLUDED_CHECKS, not_a_server_error])
+        return
+    if response.status_code == 413:
+        # A body past max_json_body_bytes (a generated array past its maxItems can be megabytes) is refused before
+        # routing with a 413 naming the setting: a rejection, though not one of schemathesis' expected codes.
+        assert response.json()["error"]["code"] == "payload_too_large", response.text[:500]
+        case.validate_response(response, excluded_checks=[*EXCLUDED_CHECKS, negative_data_rejection])
         return
     case.validate_response(response, excluded_checks=EXCLUDED_CHECKS)
