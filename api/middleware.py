@@ -10,7 +10,10 @@
    max_json_body_bytes. A Content-Length over the cap is a 413 at once; a chunked or streamed body is counted
    as it arrives and refused with 413 as soon as it passes the cap.
 
-Both refusals are in the one error shape (api/errors.py) and name the limit's setting.
+3. A NUL character in the URL (path or query) is a 422 naming the part: Postgres text cannot hold one, so every
+   route that looks an id up would otherwise fail inside the database.
+
+Every refusal is in the one error shape (api/errors.py) and names the limit's setting or the field.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from urllib.parse import parse_qsl
 
 import anyio
 from fastapi.security.utils import get_authorization_scheme_param
@@ -26,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.auth import key_sha256, tenant_for_key
 from core.db import session_scope
-from core.errors import PayloadTooLarge, TuneserveError, Unauthenticated
+from core.errors import InvalidInput, PayloadTooLarge, TuneserveError, Unauthenticated
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,23 @@ def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return bytes(value).decode("latin-1")
+    return None
+
+
+def _nul_in_url(scope: Scope) -> str | None:
+    """The part of the URL that holds a NUL character (`path`, or the query parameter's name), if one does.
+
+    No string the API stores or looks up may hold NUL: Postgres text cannot, and an id with one would be the
+    database's error (a 500) deep inside a query, on every route that takes an id.
+    """
+    if "\x00" in scope.get("path", ""):
+        return "path"
+    query = scope.get("query_string", b"")
+    if b"%00" in query.lower() or b"\x00" in query:
+        for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if "\x00" in key or "\x00" in value:
+                return key.replace("\x00", "") or "query"
+        return "query"
     return None
 
 
@@ -81,6 +102,11 @@ class RequestGuard:
             if refusal is not None:
                 await _send_error(send, refusal)
                 return
+        nul = _nul_in_url(scope)
+        if nul is not None:
+            await _send_error(send, InvalidInput(f"{nul}: NUL (%00) is not accepted in a URL", param=nul,
+                                                 code="invalid_value"))
+            return
         limit, setting, param = self.body_limit(method, path)
         too_large = PayloadTooLarge(
             f"the request body is larger than the limit of {limit} bytes (TUNESERVE_{setting.upper()})",
