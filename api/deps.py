@@ -25,7 +25,13 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 def get_db(settings: SettingsDep) -> Iterator[Session]:
-    """A session that commits when the route returned and rolls back when it raised."""
+    """A session that commits when the route function returned and rolls back when it raised.
+
+    Scoped to the route function (below), so the commit happens before the response is sent: a 201 means the row
+    is committed and the client's very next request sees it (invariant 6). With FastAPI's default ("request")
+    scope the code after `yield` runs after the response went out, and a failed commit would be a lie already told.
+    It also means no request holds a database connection while it streams.
+    """
     session = get_session_factory(settings.database_url)()
     try:
         yield session
@@ -37,7 +43,7 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 
 # auto_error=False: a missing key is our 401 in the one error shape, not FastAPI's 403.
 bearer = HTTPBearer(auto_error=False, description="A tenant's API key (`tuneserve admin create-key`)")

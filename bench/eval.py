@@ -4,7 +4,7 @@
 
 Same model, same prompts (the demo task's chat prompts), in one run: one-by-one,
 then batches of 8, 16 and 32. The generated token ids of every batched run must equal the
-one-by-one ids (DESIGN invariant 7); the script exits non-zero if any differ. Prints a table and
+one-by-one ids (docs/architecture.md, invariant 9); the script exits non-zero if any differ. Prints a table and
 writes JSON. Throughput counts generated tokens (up to and including an end-of-turn token).
 """
 

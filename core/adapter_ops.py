@@ -1,4 +1,4 @@
-"""The adapter scale s (DESIGN "Adapter scale"): the LoRA delta (alpha/r)·BA times s is the delta with B times s.
+"""The adapter scale s (docs/architecture.md, "Adapter scale"): the LoRA delta (alpha/r)·BA times s is the delta with B times s.
 
 Used three ways with one rule: an evaluation sweeps s on a loaded PeftModel, `derive` writes a new adapter
 with B scaled, `merge` folds W0 + s·(alpha/r)·BA into a full model. Torch; worker side only.

@@ -1,4 +1,4 @@
-"""One chat template for training, evaluation and serving (DESIGN invariant 6): how rows become tokens."""
+"""One chat template for training, evaluation and serving (docs/architecture.md, invariant 8): how rows become tokens."""
 
 from __future__ import annotations
 

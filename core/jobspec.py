@@ -64,6 +64,11 @@ class Hyperparameters(BaseModel):
         2, ge=2, le=100, description="Keep the last K checkpoints (at least 2, so a crash mid-save leaves a whole one)"
     )
     distributed: Distributed | None = None
+    time_limit_seconds: int | None = Field(
+        None, ge=1, le=2**31 - 1,
+        description="Wall-clock limit of one attempt; over it the job fails (time_limit). At most, and by default, "
+        "the deployment's TUNESERVE_MAX_RUNTIME_SECONDS",
+    )
 
     @model_validator(mode="after")
     def _default_epochs(self) -> "Hyperparameters":
@@ -114,6 +119,12 @@ class Hyperparameters(BaseModel):
             raise InvalidInput(
                 f"max_steps must be at most {settings.max_steps}; got {self.max_steps}",
                 param="hyperparameters.max_steps",
+            )
+        if self.time_limit_seconds is not None and self.time_limit_seconds > settings.max_runtime_seconds:
+            raise InvalidInput(
+                f"time_limit_seconds must be at most {settings.max_runtime_seconds} (TUNESERVE_MAX_RUNTIME_SECONDS); "
+                f"got {self.time_limit_seconds}",
+                param="hyperparameters.time_limit_seconds",
             )
         if self.keep_checkpoints > settings.max_keep_checkpoints:
             raise InvalidInput(

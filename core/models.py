@@ -127,6 +127,8 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0, doc="sends since the last claim (backoff)")
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -193,10 +195,11 @@ class WorkStatus(str, enum.Enum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    cancelled = "cancelled"
 
     @property
     def is_terminal(self) -> bool:
-        return self in (WorkStatus.succeeded, WorkStatus.failed)
+        return self in (WorkStatus.succeeded, WorkStatus.failed, WorkStatus.cancelled)
 
 
 class LeasedWork:
@@ -207,6 +210,9 @@ class LeasedWork:
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0, doc="sends since the last claim (backoff)")
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_param: Mapped[str | None] = mapped_column(String(128), nullable=True)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from functools import lru_cache
 
 from celery import Celery
+from sqlalchemy.orm import Session
 
+from core.models import AdapterOperation, Evaluation, Job
+from core.repository import leases
+from core.repository.leases import Leased
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TRAIN_TASK = "tuneserve.train"
-RECONCILE_TASK = "tuneserve.reconcile"
 EVALUATE_TASK = "tuneserve.evaluate"
 ADAPTER_OPERATION_TASK = "tuneserve.adapter_operation"
 
@@ -42,7 +44,7 @@ def make_celery(broker_url: str, queue_name: str,
     app.conf.update(
         task_default_queue=queue_name,
         # SQL is the source of truth; a message is acked only after the task ran, and a duplicate is
-        # turned away by the job lease (DESIGN invariants 1 and 2).
+        # turned away by the lease (docs/architecture.md, invariants 1 and 2).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -61,26 +63,15 @@ def celery_for(settings: Settings) -> Celery:
     return make_celery(settings.broker_url, settings.queue_name, settings.broker_visibility_timeout_seconds)
 
 
-def send_train(settings: Settings, job_id: str) -> None:
-    """Send a committed job's id to the workers."""
-    _send(settings, TRAIN_TASK, job_id)
+TASKS: dict[type, str] = {Job: TRAIN_TASK, Evaluation: EVALUATE_TASK, AdapterOperation: ADAPTER_OPERATION_TASK}
 
 
-def send_evaluate(settings: Settings, evaluation_id: str) -> None:
-    """Send a committed evaluation's id to the workers."""
-    _send(settings, EVALUATE_TASK, evaluation_id)
-
-
-def send_adapter_operation(settings: Settings, operation_id: str) -> None:
-    """Send a committed adapter operation's (derive, merge) id to the workers."""
-    _send(settings, ADAPTER_OPERATION_TASK, operation_id)
-
-
-def _send(settings: Settings, task: str, record_id: str) -> None:
+def send(settings: Settings, model: Leased, record_id: str) -> None:
+    """Publish a committed record's id to the workers (raises on a broker error); see commit_and_send."""
     # Few, short publish retries: a broker that is down must not hold the API request for minutes;
     # the row is already committed and the reconciler re-sends it.
     celery_for(settings).send_task(
-        task,
+        TASKS[model],
         args=[record_id],
         queue=settings.queue_name,
         retry=True,
@@ -88,14 +79,26 @@ def _send(settings: Settings, task: str, record_id: str) -> None:
     )
 
 
-def send_committed(send: Callable[[Settings, str], None], settings: Settings, record_id: str) -> bool:
+def send_committed(settings: Settings, model: Leased, record_id: str) -> bool:
     """Send the id of a record already committed to SQL; False when the broker failed.
 
-    Nothing is lost then: the record stays queued in SQL and the API's reconciler sends it later.
+    Nothing is lost then: the record stays queued in SQL and the reconciler sends it later.
     """
     try:
-        send(settings, record_id)
+        send(settings, model, record_id)
         return True
     except Exception:  # noqa: BLE001 - any broker error means "not sent", and SQL still has the record
         log.warning("could not send %s to the broker; the reconciler will resend it", record_id, exc_info=True)
         return False
+
+
+def commit_and_send(session: Session, settings: Settings, model: Leased, *record_ids: str) -> bool:
+    """The one way work reaches the workers: record the send, commit, and only then publish each id.
+
+    The row exists before any worker can hear of it (invariant 1), and the recorded send starts the reconciler's
+    backoff for it, so a send that fails (False) is retried by the reconciler, never lost.
+    """
+    for record_id in record_ids:
+        leases.mark_dispatched(session, model, record_id)
+    session.commit()
+    return all([send_committed(settings, model, record_id) for record_id in record_ids])

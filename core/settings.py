@@ -105,6 +105,18 @@ class Settings(BaseSettings):
         ),
     )
     max_attempts: int = Field(3, ge=1)
+    max_runtime_seconds: int = Field(
+        24 * 3600, gt=0,
+        description="Wall-clock limit of one attempt of any worker child (training, evaluation, derive, merge, canary); "
+        "a job's hyperparameters.time_limit_seconds may only lower it. Over it the record fails with time_limit",
+    )
+    sweep_interval_seconds: float = Field(
+        300.0, gt=0, description="How often the reconciler runs its sweeper (leftover files, broker messages)"
+    )
+    sweep_min_age_seconds: int = Field(
+        3600, gt=0,
+        description="The reconciler's sweeper deletes staging leftovers and unregistered store directories this old",
+    )
     idempotency_key_ttl_seconds: int = Field(
         86_400, gt=0, description="How long an Idempotency-Key is remembered; after that the key may be reused"
     )

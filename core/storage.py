@@ -67,12 +67,26 @@ class Store:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def publish(self, staged: Path, relative: str) -> Path:
-        """Atomically move a fully written staging dir to its final place."""
+    def publish(self, staged: Path, relative: str, *, replace_unregistered: bool = False) -> Path:
+        """Atomically move a fully written staging dir to its final place.
+
+        An existing target is an error, unless the caller has made sure no row points at it (under the record's
+        lease, see worker.publishing) and says so with replace_unregistered: a registered directory is never
+        deleted or replaced.
+        """
         final = self.resolve(relative)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
-            # Only an earlier attempt that crashed between rename and commit leaves this; no row points at it.
+            if not replace_unregistered:
+                raise FileExistsError(f"{relative} is already published")
             shutil.rmtree(final)
-        os.replace(staged, final)
+        os.rename(staged, final)
         return final
+
+    def remove(self, relative: str) -> bool:
+        """Delete a published directory (an unregistered leftover, or a deleted resource's files)."""
+        path = self.resolve(relative)
+        if path == self.root or not path.exists():
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return True

@@ -80,7 +80,7 @@ class Generation:
         if (req.prompt is None) == (req.messages is None):
             raise InvalidInput("give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
-            # The chat template training used (DESIGN invariant 6); it adds any special tokens itself.
+            # The chat template training used (docs/architecture.md, invariant 8); it adds any special tokens itself.
             text = prompt_text(self.tokenizer, [m.model_dump() for m in req.messages])
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), "messages"
         assert req.prompt is not None

@@ -3,7 +3,7 @@
 vLLM's CPU punica wrapper (``vllm.lora.punica_wrapper.punica_cpu``) calls the PyTorch ops in
 ``vllm.lora.ops.torch_ops``; those gather a full copy of every token's A or B matrix
 (``weights[token_indices]``, tokens x out x r) and einsum it, which is memory traffic per token
-and per layer. This module replaces them with the "stacked" form (see shared/ENV.md):
+and per layer. This module replaces them with the "stacked" form (see docs/environment.md):
 
 * shrink: one matmul of ``x`` with the A matrices of all slots in use, stacked (``S*r x in``),
   then each token picks its own ``r``-slice by slot;

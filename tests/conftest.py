@@ -212,8 +212,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def paused_stack(stack: Stack) -> Iterator[Stack]:
     """The stack with its worker stopped for a module, so new jobs stay queued; cancelled and restarted after."""
     from core.db import session_scope
-    from core.models import JobStatus
+    from core.models import Job, JobStatus
     from core.repository import jobs as jobs_repo
+    from core.repository import leases
 
     stack.stop_worker()
     try:
@@ -222,7 +223,7 @@ def paused_stack(stack: Stack) -> Iterator[Stack]:
         with session_scope(stack.settings.database_url) as s:
             queued, _ = jobs_repo.list_jobs(s, None, limit=1000, after=None, status=JobStatus.queued)
             for job in queued:
-                jobs_repo.request_cancel(s, job.id)
+                leases.request_cancel(s, Job, job.id)
         stack.start_worker()
 
 

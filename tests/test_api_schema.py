@@ -66,7 +66,7 @@ def deployment(model_dir: Path, demo_files: tuple[Path, Path]) -> Iterator[Setti
 
 TALLY: Counter[str] = Counter()
 API_KEY: list[str] = []  # the deployment's key, minted once the database exists
-# Schema-valid requests this API refuses on purpose, with a 422 naming the field (DESIGN invariant 8),
+# Schema-valid requests this API refuses on purpose, with a 422 naming the field (docs/architecture.md, invariant 10),
 # for rules a JSON schema cannot state: the one served base model, LoRA ranks vLLM can serve, a JSONL
 # file's lines, a dataset's size against test_fraction, a multipart text part sent where a file goes.
 EXCLUDED_CHECKS = [positive_data_acceptance]

@@ -1,4 +1,4 @@
-"""docker-compose.yml, the Dockerfiles and .env.example, checked without a docker engine (shared/ENV.md).
+"""docker-compose.yml, the Dockerfiles and .env.example, checked without a docker engine (none runs on the CI machines, docs/environment.md).
 
 What can be checked here: the files parse; every service runs a real entrypoint of the project, the
 same one the tests or the demo start; health checks, networks, GPU reservations and the broker's

@@ -18,7 +18,7 @@ from core.evaluation.inference import chat_prompts, generate_greedy
 from core.storage import sha256_file
 from tests.conftest import Stack
 
-# What shared/ENV.md and scripts/demo.py found to take the tiny model from 0% to ~100% on the demo task.
+# What scripts/demo.py found to take the tiny model from 0% to ~100% on the demo task.
 DEMO = {"max_steps": int(os.environ.get("TUNESERVE_TEST_DEMO_STEPS", "300")), "learning_rate": 3e-3, "batch_size": 16, "lora_r": 8, "lora_alpha": 16, "seed": 0}
 EVAL = {"batch_size": 32, "max_new_tokens": 6}
 SWEEP = [0.0, 0.5, 1.0, 1.5]

@@ -91,7 +91,7 @@ def test_scale_zero_is_the_base_model_and_scale_changes_the_output(
 
 
 def test_scaling_b_equals_scaling_peft_scaling(model_dir: Path, tokenizer: Any, random_adapter: Path) -> None:
-    """The rule everything rests on (shared/ENV.md): B times s is PEFT's `scaling` times s."""
+    """The rule everything rests on (docs/architecture.md, "Adapter scale"): B times s is PEFT's `scaling` times s."""
     ids = tokenizer("Classify the sentiment: good river", return_tensors="pt")
     by_b = load_adapter(load_base_model(str(model_dir)), random_adapter)
     LoraScaler(by_b).set_scale(0.5)

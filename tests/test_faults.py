@@ -27,8 +27,9 @@ from fastapi.testclient import TestClient
 from core.db import session_scope
 from core.jobspec import JobSpec
 from core.models import DEFAULT_TENANT_ID, Job, JobEvent, JobStatus
-from core.queue import send_train
+from core.queue import send
 from core.repository import jobs as jobs_repo
+from core.repository import leases
 from tests.conftest import Stack, _free_port, _stop_process_group, bearer, die_with_parent, running_stack
 
 FAST_RECOVERY = {
@@ -153,6 +154,7 @@ def test_job_committed_but_never_sent_is_dispatched_by_the_reconciler(fault_stac
             evaluation=spec.evaluation.model_dump(mode="json"), status=JobStatus.queued,
             max_attempts=stack.settings.max_attempts))
         jobs_repo.add_event(s, JobEvent(job_id=job.id, kind="status", message="job queued"))
+        leases.mark_dispatched(s, Job, job.id)  # as commit_and_send does before its commit
         job_id = job.id
     _assert_succeeded_once(stack, job_id, attempts=1)
 
@@ -174,8 +176,8 @@ def test_duplicate_delivery_is_turned_away_by_the_lease(fault_stack: Stack) -> N
             return sum(log.read_text().count(f"job {job_id}: not claimable") for log in logs)
 
         already = turned_away()
-        send_train(stack.settings, job_id)
-        send_train(stack.settings, job_id)
+        send(stack.settings, Job, job_id)
+        send(stack.settings, Job, job_id)
         # The idle worker takes both messages while the first attempt trains, and finds the lease held.
         _wait(lambda: turned_away() >= already + 2, timeout=60, what="both duplicates to be turned away")
         assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "running"

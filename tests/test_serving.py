@@ -1,7 +1,7 @@
 """Serving against the real vLLM engine on the tiny model: one `python -m serving` for the whole session.
 
 References are transformers + PEFT greedy generations with the same adapter files; vLLM must match them
-token for token (shared/ENV.md verified this holds on the tiny fp32 model).
+token for token (docs/environment.md: this holds on the tiny fp32 model).
 """
 
 from __future__ import annotations

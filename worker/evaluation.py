@@ -44,6 +44,7 @@ from core.repository import leases
 from core.repository.datasets import get_dataset
 from core.settings import Settings, get_settings
 from core.storage import Store, hash_dir, sha256_file
+from worker.publishing import LeaseLost, publish_under_lease
 from worker.training import EXIT_TRANSIENT, load_rows
 
 log = logging.getLogger("tuneserve.evaluation")
@@ -51,12 +52,8 @@ log = logging.getLogger("tuneserve.evaluation")
 LOSS_MAX_LENGTH = 2048
 
 
-class LeaseLost(Exception):
-    """Another attempt owns the record now; this one stops writing."""
-
-
 def verified_adapter_dir(store: Store, adapter: Adapter) -> Path:
-    """The adapter's directory, after checking every file against its recorded sha256 (DESIGN invariant 4)."""
+    """The adapter's directory, after checking every file against its recorded sha256 (docs/architecture.md, invariant 4)."""
     path = store.resolve(adapter.path)
     for name, digest in adapter.files.items():
         file = path / name
@@ -187,7 +184,7 @@ def evaluate(run: EvaluationRun) -> None:
         run.write_scale(samples, results=list(results), done_examples=(done_scales + 1) * len(conversations))
     with session_scope(settings.database_url) as s:
         if not leases.finish(
-            s, Evaluation, ev.id, owner=run.owner, status=WorkStatus.succeeded,
+            s, Evaluation, ev.id, owner=run.owner, status_name="succeeded",
             duration_seconds=round(time.monotonic() - started, 3),
         ):
             raise LeaseLost(ev.id)
@@ -249,7 +246,7 @@ def run_canary(settings: Settings, op: AdapterOperation, source: Adapter | None,
         log.warning("canary of %s could not load it", source.name, exc_info=True)
         healthy, reason = False, f"canary failed: it does not load: {type(e).__name__}: {str(e)[:300]}"
     with session_scope(settings.database_url) as s:
-        if not leases.finish(s, AdapterOperation, op.id, owner=owner, status=WorkStatus.succeeded,
+        if not leases.finish(s, AdapterOperation, op.id, owner=owner, status_name="succeeded",
                              result_name=source.name):
             raise LeaseLost(op.id)
         adapters_repo.set_health(s, source.name, healthy=healthy, reason=reason)
@@ -268,43 +265,47 @@ def run_adapter_operation(settings: Settings, operation_id: str, owner: str) -> 
         raise TrainingError("adapter_missing", f"adapter {op.source_adapter!r} is not a ready LoRA adapter", param="name")
     source_dir = verified_adapter_dir(store, source)
     name = derived_name(source.name, op.kind, op.scale, op.id)
-    relative = store.adapter_dir(name)
     with store.staging_dir() as staged:
         if op.kind == "derive":
             derive_adapter(source_dir, staged, op.scale)
         else:
             merge_adapter(settings.base_model, source_dir, staged, op.scale)
         files, size = hash_dir(staged)
-        store.publish(staged, relative)
-    merged = op.kind == "merge"
-    with session_scope(settings.database_url) as s:
-        if not leases.finish(s, AdapterOperation, op.id, owner=owner, status=WorkStatus.succeeded, result_name=name):
-            raise LeaseLost(op.id)
-        adapters_repo.add_adapter(
-            s,
-            Adapter(
-                name=name,
-                tenant_id=op.tenant_id,
-                job_id=None,
-                base_model=source.base_model,
-                method="merged" if merged else source.method,
-                rank=source.rank,
-                alpha=source.alpha,
-                target_modules=list(source.target_modules),
-                path=relative,
-                files=files,
-                size_bytes=size,
-                status=AdapterStatus.ready,
-                servable=False if merged else source.servable,
-                servable_reason=(
-                    "a merged full model (base + scale x adapter): serve it as a base model, not as a LoRA adapter"
-                    if merged
-                    else source.servable_reason
-                ),
-                parent_name=source.name,
-                scale=op.scale,
+        merged = op.kind == "merge"
+        # One transaction under the operation's lease: publish, register, finish (invariant 4).
+        with session_scope(settings.database_url) as s:
+            relative = publish_under_lease(s, store, AdapterOperation, op.id, owner, staged, name)
+            leases.finish(s, AdapterOperation, op.id, owner=owner, status_name="succeeded", result_name=name)
+            _register_derived(s, op, source, name, relative, files, size, merged)
+
+
+def _register_derived(s: Any, op: AdapterOperation, source: Adapter, name: str, relative: str, files: dict[str, str],
+                      size: int, merged: bool) -> None:
+    adapters_repo.add_adapter(
+        s,
+        Adapter(
+            name=name,
+            tenant_id=op.tenant_id,
+            job_id=None,
+            base_model=source.base_model,
+            method="merged" if merged else source.method,
+            rank=source.rank,
+            alpha=source.alpha,
+            target_modules=list(source.target_modules),
+            path=relative,
+            files=files,
+            size_bytes=size,
+            status=AdapterStatus.ready,
+            servable=False if merged else source.servable,
+            servable_reason=(
+                "a merged full model (base + scale x adapter): serve it as a base model, not as a LoRA adapter"
+                if merged
+                else source.servable_reason
             ),
-        )
+            parent_name=source.name,
+            scale=op.scale,
+        ),
+    )
 
 
 def run(kind: str, record_id: str, owner: str) -> int:
@@ -334,7 +335,7 @@ def run(kind: str, record_id: str, owner: str) -> int:
         log.exception("%s %s failed", kind, record_id)
         error = (f"{kind}_error", f"{type(e).__name__}: {e}", None)
     with session_scope(settings.database_url) as s:
-        leases.finish(s, model, record_id, owner=owner, status=WorkStatus.failed, error=error)
+        leases.finish(s, model, record_id, owner=owner, status_name="failed", error=error)
     return 0
 
 

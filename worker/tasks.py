@@ -1,9 +1,15 @@
-"""Celery tasks. A task gets only a job id, claims the job's lease, and supervises a training child."""
+"""Celery tasks. A task gets only a record id, claims its lease, and supervises the child that does the work.
+
+Jobs, evaluations and adapter operations run through the same supervisor (`run_leased`): claim, start the child,
+renew the lease every heartbeat, enforce cancellation, lease loss and the wall-clock limit, and settle the
+record's state when the child stops (docs/architecture.md, invariants 1-5).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,15 +17,24 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from core.db import session_scope
-from core.models import AdapterOperation, Evaluation, Job, JobEvent, JobStatus, LeasedWork, WorkStatus
-from core.queue import ADAPTER_OPERATION_TASK, EVALUATE_TASK, TRAIN_TASK, send_adapter_operation, send_evaluate
-from core.repository import evaluations as evaluations_repo
-from core.repository import jobs as jobs_repo
+from core.models import AdapterOperation, Evaluation, Job, WorkStatus
+from core.queue import (
+    ADAPTER_OPERATION_TASK,
+    EVALUATE_TASK,
+    TRAIN_TASK,
+    commit_and_send,
+    send_committed,
+)
 from core.repository import leases
-from core.repository.datasets import get_dataset
+from core.repository.leases import Leased
 from core.settings import Settings, get_settings
+from core.storage import Store
 from worker.app import app
 from worker.process import die_with_parent
 from worker.training import EXIT_TRANSIENT, training_command
@@ -27,179 +42,232 @@ from worker.training import EXIT_TRANSIENT, training_command
 log = logging.getLogger("tuneserve.worker")
 
 
+@dataclass(frozen=True)
+class WorkKind:
+    """How the supervisor runs one kind of leased work."""
+
+    model: Leased
+    label: str
+    command: Callable[[Settings, str, str], list[str]]
+
+
+def _evaluation_child(kind: str) -> Callable[[Settings, str, str], list[str]]:
+    return lambda _settings, record_id, owner: [sys.executable, "-m", "worker.evaluation", kind, record_id, owner]
+
+
+KINDS: dict[Leased, WorkKind] = {
+    Job: WorkKind(Job, "job", training_command),
+    Evaluation: WorkKind(Evaluation, "evaluation", _evaluation_child("evaluation")),
+    AdapterOperation: WorkKind(AdapterOperation, "adapter_operation", _evaluation_child("adapter_operation")),
+}
+
+
 @app.task(name=TRAIN_TASK)
 def train_job(job_id: str) -> None:
     """Run one attempt of the job, unless its row says it is done, cancelled or held by a live lease."""
-    settings = get_settings()
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    with session_scope(settings.database_url) as s:
-        if not jobs_repo.claim_job(s, job_id, owner=owner, lease_seconds=settings.lease_seconds):
-            log.info("job %s: not claimable (finished, cancelled or held elsewhere); skipping", job_id)
-            return
-        job = jobs_repo.get_job(s, job_id)
-        assert job is not None
-        attempt = job.attempt_count
-        jobs_repo.add_event(s, JobEvent(job_id=job_id, kind="status", attempt=attempt, message=f"attempt {attempt} started"))
-    supervise_attempt(settings, job_id, owner, attempt)
-    schedule_job_evaluations(settings, job_id)
-
-
-def schedule_job_evaluations(settings: Settings, job_id: str) -> list[str]:
-    """After a job succeeds: queue its base and adapter evaluations on the test split (once), if it asked for them."""
-    with session_scope(settings.database_url) as s:
-        job = jobs_repo.get_job(s, job_id)
-        if job is None or job.status != JobStatus.succeeded or not job.adapter_name or not job.evaluation:
-            return []
-        options = dict(job.evaluation)
-        if not options.pop("enabled", True) or evaluations_repo.evaluations_for_job(s, job_id):
-            return []
-        dataset = get_dataset(s, job.dataset_id)
-        if dataset is None or dataset.test_rows == 0:
-            jobs_repo.add_event(s, JobEvent(job_id=job_id, kind="status", message="no test split: before/after evaluation skipped"))
-            return []
-        scales = options.pop("scales", None) or [1.0]
-        rows = [
-            Evaluation(
-                tenant_id=job.tenant_id, dataset_id=job.dataset_id, split="test", base_model=job.base_model, adapter_name=adapter,
-                job_id=job_id, role=role, scales=row_scales, max_attempts=settings.max_attempts, **options,
-            )
-            for role, adapter, row_scales in (("base", None, None), ("adapter", job.adapter_name, scales))
-        ]
-        ids = [evaluations_repo.add_evaluation(s, row).id for row in rows]
-        jobs_repo.add_event(s, JobEvent(job_id=job_id, kind="status", message=f"evaluation queued: base {ids[0]}, adapter {ids[1]}"))
-    for evaluation_id in ids:
-        try:
-            send_evaluate(settings, evaluation_id)
-        except Exception:  # noqa: BLE001 - the rows are committed; the reconciler re-sends them
-            log.warning("could not send evaluation %s; the reconciler will resend it", evaluation_id, exc_info=True)
-    return ids
+    run_leased(get_settings(), KINDS[Job], job_id)
 
 
 @app.task(name=EVALUATE_TASK)
 def evaluate(evaluation_id: str) -> None:
     """Run one attempt of an evaluation in a child process, unless it is done or held by a live lease."""
-    run_leased_child(get_settings(), Evaluation, evaluation_id, "evaluation")
+    run_leased(get_settings(), KINDS[Evaluation], evaluation_id)
 
 
 @app.task(name=ADAPTER_OPERATION_TASK)
 def adapter_operation(operation_id: str) -> None:
-    """Derive a scaled adapter or merge one into a full model, in a child process."""
-    run_leased_child(get_settings(), AdapterOperation, operation_id, "adapter_operation")
+    """Derive a scaled adapter, merge one into a full model, or run an import's canary, in a child process."""
+    run_leased(get_settings(), KINDS[AdapterOperation], operation_id)
 
 
-def run_leased_child(settings: Settings, model: type[LeasedWork], record_id: str, kind: str) -> None:
-    """Claim the record, run `python -m worker.evaluation KIND ID OWNER`, renew the lease while it lives."""
+def time_limit(settings: Settings, row: Job | Evaluation | AdapterOperation) -> int:
+    """The attempt's wall-clock limit: the operator's, or a job's own lower one."""
+    own = (row.hyperparameters or {}).get("time_limit_seconds") if isinstance(row, Job) else None
+    return min(own or settings.max_runtime_seconds, settings.max_runtime_seconds)
+
+
+def run_leased(settings: Settings, kind: WorkKind, record_id: str) -> None:
+    """Claim the record, run its child under the lease, settle the outcome. The child never outlives this call."""
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    with session_scope(settings.database_url) as s:
-        if not leases.claim(s, model, record_id, owner=owner, lease_seconds=settings.lease_seconds):
-            log.info("%s %s: not claimable (finished or held elsewhere); skipping", kind, record_id)
-            return
-    child = subprocess.Popen(
-        [sys.executable, "-m", "worker.evaluation", kind, record_id, owner],
-        start_new_session=True,
-        preexec_fn=die_with_parent,
-    )
-
-    def renew() -> bool:
+    label = f"{kind.label} {record_id}"
+    try:
         with session_scope(settings.database_url) as s:
-            return leases.renew(s, model, record_id, owner=owner, lease_seconds=settings.lease_seconds)
-
-    code = wait_renewing_lease(child, settings, renew, model, record_id, label=f"{kind} {record_id}")
-    if code is None or code == 0:
+            if not leases.claim(s, kind.model, record_id, owner=owner, lease_seconds=settings.lease_seconds):
+                log.info("%s: not claimable (finished, cancelled or held elsewhere); skipping", label)
+                return
+            row = s.get(kind.model, record_id)
+            assert row is not None
+            attempt = row.attempt_count
+            limit = time_limit(settings, row)
+            leases.note(s, kind.model, record_id, f"attempt {attempt} started", attempt=attempt)
+    except SQLAlchemyError:
+        # Nothing was claimed (the transaction rolled back): the reconciler sends the record again.
+        log.warning("%s: database unreachable, not claimed; the reconciler will send it again", label, exc_info=True)
         return
-    reason = f"{kind} process exited with {'signal ' + str(-code) if code < 0 else 'code ' + str(code)}"
-    with session_scope(settings.database_url) as s:
-        row = s.get(model, record_id)
-        if row is None or row.lease_owner != owner:
-            return
-        retry = (code == EXIT_TRANSIENT or code < 0) and row.attempt_count < row.max_attempts
-        if retry:
-            leases.release_for_retry(s, model, record_id, owner=owner, reason=f"{reason}; retrying")
-        else:
-            leases.finish(s, model, record_id, owner=owner, status=WorkStatus.failed, error=("worker_lost", reason, None))
-    if retry:
-        (send_evaluate if model is Evaluation else send_adapter_operation)(settings, record_id)
+    child = subprocess.Popen(kind.command(settings, record_id, owner), start_new_session=True,
+                             preexec_fn=die_with_parent)
+    try:
+        outcome = watch(child, settings, kind.model, record_id, owner, label=label, limit_seconds=limit)
+    finally:
+        # Whatever stops this supervisor (a database error included), the child and its group stop with it;
+        # a supervisor killed outright takes its child along through PR_SET_PDEATHSIG.
+        _kill(child)
+    settle(settings, kind, record_id, owner, attempt, outcome, limit_seconds=limit)
 
 
-def supervise_attempt(settings: Settings, job_id: str, owner: str, attempt: int) -> None:
-    """Run the training child, renew the lease while it lives, and enforce cancellation and lease loss."""
-    child = subprocess.Popen(training_command(settings, job_id, owner), start_new_session=True, preexec_fn=die_with_parent)
-    cancel_seen_at: float | None = None
-
-    def renew() -> bool:
-        nonlocal cancel_seen_at
-        with session_scope(settings.database_url) as s:
-            still_owner = jobs_repo.renew_lease(s, job_id, owner=owner, lease_seconds=settings.lease_seconds)
-            cancel = jobs_repo.is_cancel_requested(s, job_id)
-        if still_owner and cancel:
-            cancel_seen_at = cancel_seen_at or time.monotonic()
-            if time.monotonic() - cancel_seen_at > settings.cancel_grace_seconds:
-                # Cooperative cancel did not finish in time (DESIGN invariant 3): hard-kill the child.
-                _kill(child)
-                with session_scope(settings.database_url) as s:
-                    jobs_repo.finish_job(s, job_id, owner=owner, status=JobStatus.cancelled)
-                    jobs_repo.add_event(s, JobEvent(job_id=job_id, kind="status", attempt=attempt, message="job cancelled (child killed after the grace period)"))
-                return False
-        return still_owner
-
-    code = wait_renewing_lease(child, settings, renew, Job, job_id, label=f"job {job_id}")
-    if code is None or code == 0:
-        return
-    transient = code == EXIT_TRANSIENT or code < 0
-    reason = f"training process exited with {'signal ' + str(-code) if code < 0 else 'code ' + str(code)}"
-    with session_scope(settings.database_url) as s:
-        job = jobs_repo.get_job(s, job_id)
-        if job is None or job.lease_owner != owner:
-            return
-        if transient and job.attempt_count < job.max_attempts and not job.cancel_requested:
-            jobs_repo.release_for_retry(s, job_id, owner=owner, error=("worker_lost", reason, None))
-            jobs_repo.add_event(s, JobEvent(job_id=job_id, kind="status", level="warning", attempt=attempt, message=f"{reason}; retrying"))
-            retry = True
-        else:
-            status = JobStatus.cancelled if job.cancel_requested else JobStatus.failed
-            jobs_repo.finish_job(s, job_id, owner=owner, status=status, error=("worker_lost", f"{reason}; no attempts left", None))
-            jobs_repo.add_event(s, JobEvent(job_id=job_id, kind="status", level="error", attempt=attempt, message=f"job {status.value}: {reason}"))
-            retry = False
-    if retry:
-        from core.queue import send_train
-
-        send_train(settings, job_id)
+# What `watch` saw: the child's exit code, or why the supervisor stopped the child.
+LEASE_LOST = "lease_lost"
+CANCELLED = "cancelled"
+TIMED_OUT = "time_limit"
+HEARTBEAT_FAILED = "heartbeat_failed"
+Outcome = int | str
 
 
-def wait_renewing_lease(
+def watch(
     child: subprocess.Popen[bytes],
     settings: Settings,
-    renew: Callable[[], bool],
-    model: type[Job] | type[LeasedWork],
+    model: Leased,
     record_id: str,
+    owner: str,
     *,
     label: str,
-) -> int | None:
-    """The child's exit code, renewing the lease every heartbeat; None once `renew` says the lease is gone.
+    limit_seconds: float,
+) -> Outcome:
+    """Wait for the child, renewing the lease every heartbeat; stop it on cancel, lease loss or the time limit.
 
-    A lease goes away in two ways: the child finished the record (and released it) and is still exiting,
-    which gets cancel_grace_seconds to exit on its own; or another attempt took over, which stops this
-    child after one more heartbeat.
+    A lease goes away in two ways: the child finished the record (and released it) and is still exiting, which
+    gets cancel_grace_seconds to exit on its own; or another attempt took over, which stops this child after one
+    more heartbeat. When the database cannot be reached, the child keeps running only while the lease surely
+    still holds: it is stopped before the lease could expire and another attempt claim the record.
     """
+    started = last_renewed = time.monotonic()
+    renew_deadline = max(settings.lease_seconds - 2 * settings.heartbeat_seconds, settings.heartbeat_seconds)
+    cancel_seen_at: float | None = None
     while True:
         try:
             return child.wait(timeout=settings.heartbeat_seconds)
         except subprocess.TimeoutExpired:
             pass
-        if renew():
-            continue
-        with session_scope(settings.database_url) as s:
-            row = s.get(model, record_id)
-            done = row is None or row.status.is_terminal
+        now = time.monotonic()
+        if now - started > limit_seconds:
+            log.warning("%s: ran past its time limit of %ss; stopping it", label, limit_seconds)
+            return TIMED_OUT
         try:
-            child.wait(timeout=settings.cancel_grace_seconds if done else settings.heartbeat_seconds)
+            with session_scope(settings.database_url) as s:
+                held, cancel = leases.renew(s, model, record_id, owner=owner, lease_seconds=settings.lease_seconds)
+                done = not held and _is_terminal(s, model, record_id)
+        except SQLAlchemyError:
+            if now - last_renewed < renew_deadline:
+                log.warning("%s: could not renew the lease; retrying at the next heartbeat", label, exc_info=True)
+                continue
+            log.error("%s: the lease could not be renewed for %.0fs; stopping the child before it expires",
+                      label, now - last_renewed)
+            return HEARTBEAT_FAILED
+        last_renewed = now
+        if held:
+            if cancel:
+                cancel_seen_at = cancel_seen_at or now
+                if now - cancel_seen_at > settings.cancel_grace_seconds:
+                    return CANCELLED  # cooperative cancel did not finish in time (invariant 3): hard stop
+            continue
+        try:
+            return child.wait(timeout=settings.cancel_grace_seconds if done else settings.heartbeat_seconds)
         except subprocess.TimeoutExpired:
             if done:
                 log.info("%s: finished, but its process did not exit; stopping it", label)
             else:
                 log.warning("%s: lease lost; stopping this attempt", label)
-            _kill(child)
-        return None
+            return LEASE_LOST
+
+
+def _is_terminal(session: object, model: Leased, record_id: str) -> bool:
+    status = session.scalar(select(model.status).where(model.id == record_id))  # type: ignore[attr-defined]
+    return status is None or status.is_terminal
+
+
+def settle(settings: Settings, kind: WorkKind, record_id: str, owner: str, attempt: int, outcome: Outcome, *,
+           limit_seconds: int) -> None:
+    """Give the record the state its attempt's outcome calls for, if this attempt still holds the lease."""
+    model = kind.model
+    if outcome == LEASE_LOST:
+        return
+    if outcome == CANCELLED:
+        finish_held(settings, model, record_id, owner, attempt, "cancelled", None,
+                    "cancelled (the child was stopped after the grace period)")
+    elif outcome == TIMED_OUT:
+        finish_held(settings, model, record_id, owner, attempt, "failed",
+                    ("time_limit", f"the attempt ran longer than its time limit of {limit_seconds}s", None),
+                    f"time limit of {limit_seconds}s reached")
+    elif outcome == HEARTBEAT_FAILED:
+        retry(settings, model, record_id, owner, attempt, "the worker lost its database connection", transient=True)
+    elif outcome == 0:
+        # The child settles its own record; one that exited 0 without doing so (it found the lease gone, or
+        # crashed quietly) leaves it to a retry.
+        retry(settings, model, record_id, owner, attempt, f"{kind.label} process exited without finishing",
+              transient=True)
+    else:
+        assert isinstance(outcome, int)
+        reason = f"{kind.label} process exited with {'signal ' + str(-outcome) if outcome < 0 else 'code ' + str(outcome)}"
+        retry(settings, model, record_id, owner, attempt, reason, transient=outcome == EXIT_TRANSIENT or outcome < 0)
+    after_attempt(settings, model, record_id)
+
+
+def finish_held(settings: Settings, model: Leased, record_id: str, owner: str, attempt: int, status_name: str,
+                error: tuple[str, str, str | None] | None, message: str) -> None:
+    with session_scope(settings.database_url) as s:
+        if leases.finish(s, model, record_id, owner=owner, status_name=status_name, error=error):
+            leases.note(s, model, record_id, f"{kind_word(model)} {message}", attempt=attempt,
+                 level="info" if status_name == "cancelled" else "error")
+
+
+def kind_word(model: Leased) -> str:
+    return KINDS[model].label.replace("_", " ")
+
+
+def retry(settings: Settings, model: Leased, record_id: str, owner: str, attempt: int, reason: str, *,
+          transient: bool) -> None:
+    """After a failed attempt: queue another (and send it) while attempts are left and it was transient; else
+    failed, or cancelled when a cancel was asked. Nothing happens if another attempt holds the lease now."""
+    try:
+        with session_scope(settings.database_url) as s:
+            row = s.get(model, record_id)
+            if row is None or row.lease_owner != owner or row.status.is_terminal:
+                return
+            if transient and row.attempt_count < row.max_attempts:
+                state = leases.release_for_retry(s, model, record_id, owner=owner, reason=f"{reason}; retrying")
+            else:
+                state = "cancelled" if row.cancel_requested else "failed"
+                error = None if state == "cancelled" else ("worker_lost", f"{reason}; no attempts left", None)
+                leases.finish(s, model, record_id, owner=owner, status_name=state, error=error)
+            if state is None:
+                return
+            leases.note(s, model, record_id, f"{reason}; retrying" if state == "queued" else f"{kind_word(model)} {state}: {reason}",
+                 attempt=attempt, level="warning" if state == "queued" else "error")
+            if state == "queued":
+                commit_and_send(s, settings, model, record_id)
+    except SQLAlchemyError:
+        # The lease then expires on its own and the reconciler gives the record to another attempt.
+        log.warning("%s %s: could not record the attempt's end; the lease will expire", kind_word(model), record_id,
+                    exc_info=True)
+
+
+def after_attempt(settings: Settings, model: Leased, record_id: str) -> None:
+    """Once a job ended: send the evaluations its success queued, and free its checkpoints (no retry needs them)."""
+    if model is not Job:
+        return
+    try:
+        with session_scope(settings.database_url) as s:
+            job = s.get(Job, record_id)
+            if job is None or not job.status.is_terminal:
+                return  # a retry may resume from the last checkpoint
+            pending = list(s.scalars(select(Evaluation.id).where(Evaluation.job_id == record_id,
+                                                                 Evaluation.status == WorkStatus.queued)))
+    except SQLAlchemyError:
+        log.warning("job %s: could not look up its end; the reconciler's sweeper takes over", record_id, exc_info=True)
+        return
+    for evaluation_id in pending:
+        send_committed(settings, Evaluation, evaluation_id)
+    shutil.rmtree(Store(settings).job_dir(record_id), ignore_errors=True)
 
 
 def _kill(child: subprocess.Popen[bytes]) -> None:

@@ -18,16 +18,22 @@ from typing import Any
 
 from core.chat import IGNORE_INDEX, encode_for_training
 from core.checkpoints import checkpoints_dir, latest_complete, mark_complete
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
 from core.db import session_scope
 from core.errors import TrainingError
+from core.job_evaluations import plan_job_evaluations
 from core.jobspec import Hyperparameters
 from core.models import Adapter, AdapterStatus, Job, JobEvent, JobStatus
 from core.repository import adapters as adapters_repo
 from core.repository import jobs as jobs_repo
+from core.repository import leases
 from core.settings import Settings, get_settings
 from core.storage import Store, hash_dir
 from worker.collators import PackingCollator, PaddingCollator
 from worker.distributed import trainer_distributed_arguments
+from worker.publishing import LeaseLost, publish_under_lease
 from worker.peft_methods import load_base_model, servability, trained_target_modules, wrap_for_method
 
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
@@ -84,32 +90,42 @@ class Attempt:
     def event(self, message: str, *, kind: str = "message", level: str = "info", **metrics: Any) -> None:
         if not self.main:
             return
-        with session_scope(self.settings.database_url) as s:
-            jobs_repo.add_event(
-                s, JobEvent(job_id=self.job_id, kind=kind, level=level, attempt=self.attempt, message=message, **metrics)
-            )
+        try:
+            with session_scope(self.settings.database_url) as s:
+                jobs_repo.add_event(
+                    s, JobEvent(job_id=self.job_id, kind=kind, level=level, attempt=self.attempt, message=message, **metrics)
+                )
+        except SQLAlchemyError:
+            log.warning("job %s: could not write an event (database unreachable); going on", self.job_id)
 
     def progress(self, step: int, total: int | None, loss: float | None) -> bool:
         if not self.main:
             return True
-        with session_scope(self.settings.database_url) as s:
-            return jobs_repo.record_progress(s, self.job_id, owner=self.owner, step=step, total_steps=total, loss=loss)
+        try:
+            with session_scope(self.settings.database_url) as s:
+                return jobs_repo.record_progress(s, self.job_id, owner=self.owner, step=step, total_steps=total, loss=loss)
+        except SQLAlchemyError:
+            # A brief database outage must not end the attempt: the supervisor stops this child before the lease
+            # could expire, and nothing is published without the lease (worker.publishing).
+            log.warning("job %s: could not record progress (database unreachable); going on", self.job_id)
+            return True
 
     def cancel_requested(self) -> bool:
-        with session_scope(self.settings.database_url) as s:
-            return jobs_repo.is_cancel_requested(s, self.job_id)
+        try:
+            with session_scope(self.settings.database_url) as s:
+                return bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+        except SQLAlchemyError:
+            return False  # asked again at the next step
 
     def finish(self, status: JobStatus, *, error: TrainingError | None = None) -> None:
         if not self.main:
             return
         with session_scope(self.settings.database_url) as s:
-            jobs_repo.finish_job(
-                s,
-                self.job_id,
-                owner=self.owner,
-                status=status,
+            if not leases.finish(
+                s, Job, self.job_id, owner=self.owner, status_name=status.value,
                 error=(error.code, error.message, error.param) if error else None,
-            )
+            ):
+                return  # another attempt owns the job now: its outcome is not ours to write
             jobs_repo.add_event(
                 s,
                 JobEvent(
@@ -316,47 +332,49 @@ def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
 
 
 def publish_adapter(attempt: Attempt, job: Job, model: Any, tokenizer: Any, hp: Hyperparameters, train_tokens: int) -> None:
-    """Write the adapter to a staging dir, move it into place, then register it with the job's success."""
+    """Write the adapter to a staging dir, then, in one transaction under the job's lease: move it into place,
+    register it, mark the job succeeded and plan its evaluations."""
     settings = attempt.settings
     store = Store(settings)
     name = adapter_name_for(job)
-    relative = store.adapter_dir(name)
     target_modules = trained_target_modules(model, job.method)
+    serve = servability(job.method, hp, target_modules)
+    lora = job.method in ("lora", "qlora", "dora")
     with store.staging_dir() as staged:
         model.save_pretrained(str(staged), safe_serialization=True)
         if job.method == "full":
             tokenizer.save_pretrained(str(staged))  # a full model must stand on its own
         files, size = hash_dir(staged)
-        store.publish(staged, relative)
-    serve = servability(job.method, hp, target_modules)
-    lora = job.method in ("lora", "qlora", "dora")
-    with session_scope(settings.database_url) as s:
-        if not jobs_repo.finish_job(
-            s, job.id, owner=attempt.owner, status=JobStatus.succeeded, adapter_name=name, train_tokens=train_tokens
-        ):
-            raise TrainingError("lease_lost", "another attempt owns this job now", transient=True)
-        adapters_repo.add_adapter(
-            s,
-            Adapter(
-                name=name,
-                tenant_id=job.tenant_id,
-                job_id=job.id,
-                base_model=job.base_model,
-                method=job.method,
-                rank=hp.lora_r if lora else None,
-                alpha=hp.lora_alpha if lora else None,
-                target_modules=target_modules,
-                path=relative,
-                files=files,
-                size_bytes=size,
-                status=AdapterStatus.ready,
-                servable=serve.servable,
-                servable_reason=serve.reason,
-            ),
-        )
-        jobs_repo.add_event(
-            s, JobEvent(job_id=job.id, kind="status", attempt=attempt.attempt, message=f"job succeeded: adapter {name}")
-        )
+        try:
+            with session_scope(settings.database_url) as s:
+                relative = publish_under_lease(s, store, Job, job.id, attempt.owner, staged, name)
+                leases.finish(s, Job, job.id, owner=attempt.owner, status_name="succeeded", adapter_name=name,
+                              train_tokens=train_tokens)
+                adapters_repo.add_adapter(
+                    s,
+                    Adapter(
+                        name=name,
+                        tenant_id=job.tenant_id,
+                        job_id=job.id,
+                        base_model=job.base_model,
+                        method=job.method,
+                        rank=hp.lora_r if lora else None,
+                        alpha=hp.lora_alpha if lora else None,
+                        target_modules=target_modules,
+                        path=relative,
+                        files=files,
+                        size_bytes=size,
+                        status=AdapterStatus.ready,
+                        servable=serve.servable,
+                        servable_reason=serve.reason,
+                    ),
+                )
+                jobs_repo.add_event(
+                    s, JobEvent(job_id=job.id, kind="status", attempt=attempt.attempt, message=f"job succeeded: adapter {name}")
+                )
+                plan_job_evaluations(s, settings, job, name)
+        except LeaseLost:
+            raise TrainingError("lease_lost", "another attempt owns this job now", transient=True) from None
 
 
 def run(job_id: str, owner: str) -> int:

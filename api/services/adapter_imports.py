@@ -15,7 +15,7 @@ from api.services import usage as usage_service
 from core.adapter_import import check_unpacked, unpack_adapter
 from core.errors import PayloadTooLarge
 from core.models import Adapter, AdapterOperation, AdapterStatus, WorkStatus
-from core.queue import send_adapter_operation, send_committed
+from core.queue import commit_and_send
 from core.repository import adapter_operations as operations_repo
 from core.repository import adapters as adapters_repo
 from core.settings import Settings
@@ -83,6 +83,5 @@ def _unpack_and_record(
     except Exception:
         shutil.rmtree(store.resolve(relative), ignore_errors=True)  # the rollback drops the rows; the files go too
         raise
-    session.commit()  # the rows exist before any worker can hear of them
-    send_committed(send_adapter_operation, settings, operation.id)
+    commit_and_send(session, settings, AdapterOperation, operation.id)
     return adapter

@@ -8,7 +8,7 @@ from api.services import usage as usage_service
 from core.adapter_ops import SCALABLE_METHODS
 from core.errors import Conflict, InvalidInput, NotFound
 from core.models import AdapterOperation, AdapterStatus, WorkStatus
-from core.queue import send_adapter_operation, send_committed
+from core.queue import commit_and_send
 from core.repository import adapter_operations as operations_repo
 from core.repository import adapters as adapters_repo
 from core.repository import leases
@@ -34,8 +34,7 @@ def create_operation(
         ),
     )
     usage_service.admit(session, settings, tenant_id, kind)  # type: ignore[arg-type]
-    session.commit()  # the row exists before any worker can hear of it
-    send_committed(send_adapter_operation, settings, operation.id)
+    commit_and_send(session, settings, AdapterOperation, operation.id)
     return operation
 
 

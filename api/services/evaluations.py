@@ -22,7 +22,7 @@ from core.errors import Conflict, InvalidInput, NotFound
 from core.evaluation.metrics import ALL_METRICS, LOWER_IS_BETTER
 from core.evaluation.spec import EvaluationSpec
 from core.models import AdapterStatus, Evaluation, EvaluationSample, Job, JobStatus, WorkStatus
-from core.queue import send_committed, send_evaluate
+from core.queue import commit_and_send
 from core.repository import adapters as adapters_repo
 from core.repository import evaluations as evaluations_repo
 from core.repository import leases
@@ -81,8 +81,7 @@ def create_evaluation(session: Session, settings: Settings, tenant_id: str, spec
         ),
     )
     usage_service.admit(session, settings, tenant_id, "evaluation")  # 429 past max_active_evaluations
-    session.commit()  # the row exists before any worker can hear of it
-    send_committed(send_evaluate, settings, evaluation.id)
+    commit_and_send(session, settings, Evaluation, evaluation.id)
     return evaluation
 
 

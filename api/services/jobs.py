@@ -11,8 +11,9 @@ from core.errors import Conflict, InvalidInput, NotFound
 from core.jobspec import JobSpec
 from core.model_info import check_target_modules
 from core.models import Job, JobEvent, JobStatus, new_id
-from core.queue import send_committed, send_train
+from core.queue import commit_and_send
 from core.repository import jobs as jobs_repo
+from core.repository import leases
 from core.settings import Settings
 
 
@@ -63,8 +64,7 @@ def create_job(
     )
     admit_job(session, settings, tenant_id)
     jobs_repo.add_event(session, JobEvent(job_id=job.id, kind="status", message="job queued"))
-    session.commit()  # the row exists before any worker can hear of it
-    dispatch(settings, job.id)
+    commit_and_send(session, settings, Job, job.id)
     return job, False
 
 
@@ -75,11 +75,6 @@ def admit_job(session: Session, settings: Settings, tenant_id: str) -> None:
     Counted after the insert and under the admission lock, so concurrent submissions cannot all slip in.
     """
     usage_service.admit(session, settings, tenant_id, "job")
-
-
-def dispatch(settings: Settings, job_id: str) -> bool:
-    """Send the job id; a broker failure leaves the committed job queued for the reconciler."""
-    return send_committed(send_train, settings, job_id)
 
 
 def get_job_or_404(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -93,7 +88,6 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     job = get_job_or_404(session, tenant_id, job_id)
     if job.status.is_terminal:
         raise Conflict(f"job {job_id} is already {job.status.value}", param="job_id", code="job_finished")
-    updated = jobs_repo.request_cancel(session, job_id)
-    assert updated is not None
+    leases.request_cancel(session, Job, job_id)
     jobs_repo.add_event(session, JobEvent(job_id=job_id, kind="status", message="cancel requested"))
-    return updated
+    return get_job_or_404(session, tenant_id, job_id)

@@ -2,7 +2,7 @@
 
 Left padding keeps every prompt's last token at the end of the row, so the first generated token of
 every row comes from its own prompt; the attention mask hides the pads and generate() derives the
-position ids from it, so a row's tokens match what the same prompt gives alone (DESIGN invariant 7).
+position ids from it, so a row's tokens match what the same prompt gives alone (docs/architecture.md, invariant 9).
 """
 
 from __future__ import annotations
