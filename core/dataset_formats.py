@@ -118,11 +118,14 @@ def _json_type(value: object) -> str:
 
 
 def _check_encodable(field: str, value: str) -> None:
-    """Reject strings holding lone surrogates, which JSON \\u escapes allow but UTF-8 cannot store."""
+    """Reject strings holding lone surrogates, which JSON \\u escapes allow but UTF-8 cannot store, and NUL, which
+    Postgres text cannot hold (an evaluation stores prompts and references)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise _RowError(field, "contains an invalid \\u escape (an unpaired surrogate)") from None
+    if "\x00" in value:
+        raise _RowError(field, "contains a NUL character (\\u0000)")
 
 
 def _required_str(obj: dict[str, Any], key: str, field: str | None = None) -> str:

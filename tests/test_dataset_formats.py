@@ -389,3 +389,16 @@ def test_row_stats() -> None:
     ]
     assert row_stats(rows) == {"rows": 2, "messages": 5, "assistant_messages": 2, "chars": 11, "max_row_chars": 6}
     assert row_stats([]) == {"rows": 0, "messages": 0, "assistant_messages": 0, "chars": 0, "max_row_chars": 0}
+
+
+@pytest.mark.parametrize(("row", "field"), [
+    ({"prompt": "a\u0000b", "completion": "c"}, "prompt"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\u0000"}]}, "messages[1].content"),
+])
+def test_a_nul_character_is_refused_naming_line_and_field(row: dict[str, Any], field: str) -> None:
+    """Postgres text cannot hold NUL, and an evaluation stores prompts and references: refused at upload."""
+    good = json.dumps({**row, **({"prompt": "p"} if "prompt" in row else {"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})}).encode()
+    with pytest.raises(DatasetLineError) as info:
+        parse_jsonl(good + b"\n" + json.dumps(row).encode() + b"\n", split="train", max_rows=10, max_line_bytes=10_000)
+    assert info.value.line == 2 and info.value.field == field and "NUL" in info.value.message

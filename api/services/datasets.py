@@ -145,7 +145,7 @@ def store_dataset(
         Dataset(
             id=dataset_id,
             tenant_id=tenant_id,
-            filename=upload.filename[:255],
+            filename=upload.filename.replace("\x00", "")[:255],  # Postgres text cannot hold NUL
             format=train.format.value,
             train_rows=len(train_rows),
             test_rows=len(test_rows),
