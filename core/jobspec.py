@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.bounds import MAX_INT32
 from core.errors import InvalidInput
 from core.evaluation.spec import JobEvaluation
 from core.settings import Settings
@@ -34,24 +35,26 @@ class Distributed(BaseModel):
 
 
 class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: "inf" / "NaN" as strings pass pydantic's lax float parsing, and the job row's JSON column
+    # cannot hold them (Postgres refuses Infinity). Every number is bounded by what its column or trainer can take.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_epochs: float | None = Field(None, gt=0, le=100, description="Passes over the train split (default 3)")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides n_epochs")
+    max_steps: int | None = Field(None, gt=0, le=MAX_INT32, description="Optimizer steps; overrides n_epochs")
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
     batch_size: int = Field(8, ge=1, le=1024)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
+    lora_r: int = Field(8, ge=1, le=4096)
+    lora_alpha: float = Field(16.0, gt=0, le=1e6)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r (rsLoRA)")
     target_modules: TargetModules = "all-linear"
     num_virtual_tokens: int = Field(16, ge=1, le=512, description="prompt_tuning, p_tuning, prefix_tuning")
     encoder_hidden_size: int = Field(128, ge=8, le=8192, description="p_tuning's prompt encoder width")
-    max_seq_length: int = Field(512, ge=8)
-    seed: int = Field(42, ge=0)
+    max_seq_length: int = Field(512, ge=8, le=MAX_INT32)
+    seed: int = Field(42, ge=0, le=MAX_INT32)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1e3)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     optimizer: Literal["adamw_torch", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -59,13 +62,13 @@ class Hyperparameters(BaseModel):
     packing: bool = Field(False, description="Padding-free batches: examples concatenated, attention kept apart")
     completion_only_loss: bool = Field(True, description="Loss on the assistant tokens only")
     qlora_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="qlora only")
-    checkpoint_every_steps: int = Field(100, ge=1, description="Save a resumable checkpoint every N steps")
+    checkpoint_every_steps: int = Field(100, ge=1, le=MAX_INT32, description="Save a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(
         2, ge=2, le=100, description="Keep the last K checkpoints (at least 2, so a crash mid-save leaves a whole one)"
     )
     distributed: Distributed | None = None
     time_limit_seconds: int | None = Field(
-        None, ge=1, le=2**31 - 1,
+        None, ge=1, le=MAX_INT32,
         description="Wall-clock limit of one attempt; over it the job fails (time_limit). At most, and by default, "
         "the deployment's TUNESERVE_MAX_RUNTIME_SECONDS",
     )

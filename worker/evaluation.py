@@ -27,7 +27,7 @@ from core.adapter_ops import (
 )
 from core.chat import prompt_text, split_prompt_reference
 from core.db import session_scope
-from core.errors import InvalidInput, TrainingError
+from core.errors import InvalidInput, TrainingError, redact_paths
 from core.evaluation.inference import (
     chat_prompts,
     corpus_loss,
@@ -244,7 +244,7 @@ def run_canary(settings: Settings, op: AdapterOperation, source: Adapter | None,
         healthy, reason = False, f"canary failed: {e.message}"
     except Exception as e:  # noqa: BLE001 - PEFT or transformers refused it: unhealthy, with the reason
         log.warning("canary of %s could not load it", source.name, exc_info=True)
-        healthy, reason = False, f"canary failed: it does not load: {type(e).__name__}: {str(e)[:300]}"
+        healthy, reason = False, redact_paths(f"canary failed: it does not load: {type(e).__name__}: {str(e)[:300]}")
     with session_scope(settings.database_url) as s:
         if not leases.finish(s, AdapterOperation, op.id, owner=owner, status_name="succeeded",
                              result_name=source.name):
@@ -333,7 +333,7 @@ def run(kind: str, record_id: str, owner: str) -> int:
         return EXIT_TRANSIENT
     except Exception as e:  # noqa: BLE001 - the user gets the reason instead of a silent crash
         log.exception("%s %s failed", kind, record_id)
-        error = (f"{kind}_error", f"{type(e).__name__}: {e}", None)
+        error = (f"{kind}_error", redact_paths(f"{type(e).__name__}: {e}"), None)
     with session_scope(settings.database_url) as s:
         leases.finish(s, model, record_id, owner=owner, status_name="failed", error=error)
     return 0

@@ -369,9 +369,7 @@ def test_archive_bombs_and_odd_archives(hostile: dict[str, Any]) -> None:
     verdicts.assert_clean()
 
 
-@pytest.mark.xfail(strict=True, reason="open, in core/jobspec.py (owned elsewhere): unbounded float hyperparameters "
-                   "(lora_alpha, weight_decay) take the strings 'inf' / 'Infinity' (pydantic's lax mode), and "
-                   "Postgres' JSON column refuses the Infinity the job row then holds: a 500. Fix: allow_inf_nan=False")
+# Was a 500: "inf" strings passed pydantic's lax float parsing and Postgres' JSON column refused the Infinity.
 def test_job_floats_sent_as_inf_strings_on_postgres(model_dir: Path, demo_files: tuple[Path, Path]) -> None:
     import redis
 
