@@ -50,13 +50,17 @@ bearer = HTTPBearer(auto_error=False, description="A tenant's API key (`tuneserv
 
 
 def current_tenant(
-    settings: SettingsDep, session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    settings: SettingsDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
     """The tenant id every query of the request is scoped to: the key's tenant, or the default one with auth off."""
     if not settings.auth_enabled:
         return DEFAULT_TENANT_ID
     if credentials is None:
-        raise Unauthenticated("send an API key: Authorization: Bearer <key>", param="Authorization", code="missing_api_key")
+        raise Unauthenticated(
+            "send an API key: Authorization: Bearer <key>", param="Authorization", code="missing_api_key"
+        )
     return tenant_for_key(session, credentials.credentials)
 
 

@@ -24,8 +24,11 @@ _UNION_TAG = re.compile(r"^(?:str|int|float|bool|bytes|constrained-(?:str|int|fl
 
 
 def _param_of(loc: tuple[object, ...]) -> str | None:
-    parts = [p for p in loc if p not in ("body", "query", "path", "form", "header")
-             and not (isinstance(p, str) and _UNION_TAG.match(p))]
+    parts = [
+        p
+        for p in loc
+        if p not in ("body", "query", "path", "form", "header") and not (isinstance(p, str) and _UNION_TAG.match(p))
+    ]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -40,8 +43,14 @@ def _most_telling(errors: Sequence[Any]) -> Any:
     tag_at = next((i for i, p in enumerate(loc) if isinstance(p, str) and _UNION_TAG.match(p)), None)
     if tag_at is None or not str(first.get("type", "")).endswith("_type"):
         return first
-    return next((e for e in errors if tuple(e.get("loc", ()))[:tag_at] == loc[:tag_at]
-                 and not str(e.get("type", "")).endswith("_type")), first)
+    return next(
+        (
+            e
+            for e in errors
+            if tuple(e.get("loc", ()))[:tag_at] == loc[:tag_at] and not str(e.get("type", "")).endswith("_type")
+        ),
+        first,
+    )
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -76,8 +85,10 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":  # api/routing.py: not JSON, NaN/Infinity, or nested too deeply
             error = (first.get("ctx") or {}).get("error", "JSON decode error")
-            return JSONResponse(_body("invalid_request_error", "invalid_json", f"the request body is not valid JSON: "
-                                      f"{error}", "body"), status_code=422)
+            return JSONResponse(
+                _body("invalid_request_error", "invalid_json", f"the request body is not valid JSON: {error}", "body"),
+                status_code=422,
+            )
         first = _most_telling(exc.errors())
         param = _param_of(tuple(first.get("loc", ())))
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))

@@ -50,12 +50,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # Authentication and the body cap, before routing and before any body is read (api/middleware.py); added
     # before the metrics middleware, which therefore wraps it and counts its 401s and 413s too.
-    open_paths = ("/healthz", "/readyz", "/metrics", app.docs_url, app.redoc_url, app.openapi_url,
-                  app.swagger_ui_oauth2_redirect_url)
+    open_paths = (
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        app.docs_url,
+        app.redoc_url,
+        app.openapi_url,
+        app.swagger_ui_oauth2_redirect_url,
+    )
     app.add_middleware(RequestGuard, settings=settings, open_paths=[p for p in open_paths if p])
     install_metrics(app, settings)
-    for router in (*(m.router for m in (health, datasets, jobs, adapters, evaluations, generation, openai_compat, usage)),
-                   adapters.operations_router):
+    for router in (
+        *(m.router for m in (health, datasets, jobs, adapters, evaluations, generation, openai_compat, usage)),
+        adapters.operations_router,
+    ):
         app.include_router(router, responses=ERROR_RESPONSES)
     return app
 

@@ -46,12 +46,17 @@ class ApiMetrics:
     def __init__(self, settings: Settings) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "tuneserve_http_requests", "HTTP requests answered, by method, route template and status",
-            ["method", "route", "status"], registry=self.registry,
+            "tuneserve_http_requests",
+            "HTTP requests answered, by method, route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "tuneserve_http_request_duration_seconds", "Time to answer an HTTP request (whole body, streams included)",
-            ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "tuneserve_http_request_duration_seconds",
+            "Time to answer an HTTP request (whole body, streams included)",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.registry.register(StateCollector(settings))
 
@@ -103,7 +108,9 @@ class StateCollector(Collector):
             yield jobs
         up.add_metric(["database"], 0 if snapshot.job_counts is None else 1)
         if snapshot.queue_depth is not None:
-            queue = GaugeMetricFamily("tuneserve_queue_depth", "Task messages waiting in the broker queue", labels=["queue"])
+            queue = GaugeMetricFamily(
+                "tuneserve_queue_depth", "Task messages waiting in the broker queue", labels=["queue"]
+            )
             queue.add_metric([self.settings.queue_name], snapshot.queue_depth)
             yield queue
         up.add_metric(["broker"], 0 if snapshot.queue_depth is None else 1)
@@ -161,11 +168,17 @@ def check_metrics_token(authorization: str | None, token: str) -> None:
     """With metrics_token set, a scrape must send `Authorization: Bearer <metrics_token>` (401 otherwise)."""
     scheme, credentials = get_authorization_scheme_param(authorization)
     if scheme.lower() != "bearer" or not credentials:
-        raise Unauthenticated("GET /metrics needs Authorization: Bearer <TUNESERVE_METRICS_TOKEN>",
-                              param="Authorization", code="missing_metrics_token")
+        raise Unauthenticated(
+            "GET /metrics needs Authorization: Bearer <TUNESERVE_METRICS_TOKEN>",
+            param="Authorization",
+            code="missing_metrics_token",
+        )
     if not hmac.compare_digest(credentials.encode(), token.encode()):
-        raise Unauthenticated("the metrics token is not valid (TUNESERVE_METRICS_TOKEN)", param="Authorization",
-                              code="invalid_metrics_token")
+        raise Unauthenticated(
+            "the metrics token is not valid (TUNESERVE_METRICS_TOKEN)",
+            param="Authorization",
+            code="invalid_metrics_token",
+        )
 
 
 def install_metrics(app: FastAPI, settings: Settings) -> ApiMetrics:

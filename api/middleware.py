@@ -48,7 +48,7 @@ def _route_path(scope: Scope) -> str:
     path: str = scope.get("path", "")
     root = scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):]
+        path = path[len(root) :]
     return path.rstrip("/") or "/"
 
 
@@ -104,8 +104,9 @@ class RequestGuard:
                 return
         nul = _nul_in_url(scope)
         if nul is not None:
-            await _send_error(send, InvalidInput(f"{nul}: NUL (%00) is not accepted in a URL", param=nul,
-                                                 code="invalid_value"))
+            await _send_error(
+                send, InvalidInput(f"{nul}: NUL (%00) is not accepted in a URL", param=nul, code="invalid_value")
+            )
             return
         limit, setting, param = self.body_limit(method, path)
         too_large = PayloadTooLarge(
@@ -118,7 +119,9 @@ class RequestGuard:
             return
         await self._call_counting(scope, receive, send, limit, too_large)
 
-    async def _call_counting(self, scope: Scope, receive: Receive, send: Send, limit: int, too_large: PayloadTooLarge) -> None:
+    async def _call_counting(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, too_large: PayloadTooLarge
+    ) -> None:
         received = 0
         exceeded = started = False
 
@@ -154,8 +157,9 @@ class RequestGuard:
         """None if the request may go on; else the 401 the route dependency (api/deps.py) would give."""
         scheme, credentials = get_authorization_scheme_param(_header(scope, b"authorization"))
         if not (scheme and credentials) or scheme.lower() != "bearer":
-            return Unauthenticated("send an API key: Authorization: Bearer <key>", param="Authorization",
-                                   code="missing_api_key")
+            return Unauthenticated(
+                "send an API key: Authorization: Bearer <key>", param="Authorization", code="missing_api_key"
+            )
         digest = key_sha256(credentials)
         now = time.monotonic()
         if self._valid_keys.get(digest, 0.0) > now:

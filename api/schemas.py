@@ -105,7 +105,9 @@ class JobOut(BaseModel):
                 eta = round(elapsed / job.step * (job.total_steps - job.step), 1)
         error = None
         if job.status.value == "failed" and job.error_code:
-            error = ErrorBody(type="job_error", code=job.error_code, message=job.error_message or "", param=job.error_param)
+            error = ErrorBody(
+                type="job_error", code=job.error_code, message=job.error_message or "", param=job.error_param
+            )
         return cls(
             id=job.id,
             status=job.status.value,
@@ -298,7 +300,11 @@ class EvaluationSampleOut(BaseModel):
         """shared: the example's (prompt, reference), stored once with the evaluation's first scale."""
         prompt, reference = shared if shared is not None else (s.prompt, s.reference)
         return cls(
-            index=s.example_index, scale=s.scale, prompt=prompt, reference=reference, prediction=s.prediction,
+            index=s.example_index,
+            scale=s.scale,
+            prompt=prompt,
+            reference=reference,
+            prediction=s.prediction,
             scores=s.scores,
         )
 

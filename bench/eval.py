@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 
-def run(preset: str, model_dir: Path | None, n_prompts: int, max_new_tokens: int, batch_sizes: list[int]) -> dict[str, Any]:
+def run(
+    preset: str, model_dir: Path | None, n_prompts: int, max_new_tokens: int, batch_sizes: list[int]
+) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 

@@ -59,8 +59,9 @@ class Proc:
 
     def start(self) -> None:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process is None:
@@ -94,32 +95,84 @@ class Bench:
         self.database_url = f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{self.db_name}"
         self.redis_port, self.api_port = free_port(), free_port()
         self.env = {
-            **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-            "TUNESERVE_DATA_DIR": str(work / "data"), "TUNESERVE_DATABASE_URL": self.database_url,
-            "TUNESERVE_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0", "TUNESERVE_BASE_MODEL": str(model),
-            "TUNESERVE_QUEUE_NAME": "faults", "TUNESERVE_AUTH_ENABLED": "false",
-            "TUNESERVE_LEASE_SECONDS": "6", "TUNESERVE_HEARTBEAT_SECONDS": "1", "TUNESERVE_CANCEL_GRACE_SECONDS": "5",
-            "TUNESERVE_RECONCILE_INTERVAL_SECONDS": "1", "TUNESERVE_REQUEUE_AFTER_SECONDS": "3",
-            "TUNESERVE_MAX_ATTEMPTS": "5", "TUNESERVE_SWEEP_MIN_AGE_SECONDS": "5", "TUNESERVE_SWEEP_INTERVAL_SECONDS": "2", "TUNESERVE_EVENT_EVERY_STEPS": "2",
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            "TUNESERVE_DATA_DIR": str(work / "data"),
+            "TUNESERVE_DATABASE_URL": self.database_url,
+            "TUNESERVE_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "TUNESERVE_BASE_MODEL": str(model),
+            "TUNESERVE_QUEUE_NAME": "faults",
+            "TUNESERVE_AUTH_ENABLED": "false",
+            "TUNESERVE_LEASE_SECONDS": "6",
+            "TUNESERVE_HEARTBEAT_SECONDS": "1",
+            "TUNESERVE_CANCEL_GRACE_SECONDS": "5",
+            "TUNESERVE_RECONCILE_INTERVAL_SECONDS": "1",
+            "TUNESERVE_REQUEUE_AFTER_SECONDS": "3",
+            "TUNESERVE_MAX_ATTEMPTS": "5",
+            "TUNESERVE_SWEEP_MIN_AGE_SECONDS": "5",
+            "TUNESERVE_SWEEP_INTERVAL_SECONDS": "2",
+            "TUNESERVE_EVENT_EVERY_STEPS": "2",
         }
         upgrade(self.database_url)
         logs = work / "logs"
         logs.mkdir()
-        self.redis = Proc("redis", ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                                    "--save", "", "--appendonly", "no"], self.env, logs / "redis.log")
-        self.api = Proc("api", [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
-                                "--port", str(self.api_port), "--log-level", "warning"], self.env, logs / "api.log")
-        self.worker = Proc("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo",
-                                      "--concurrency=1", "-Q", "faults", "--loglevel=INFO", "--without-gossip",
-                                      "--without-mingle"], self.env, logs / "worker.log")
+        self.redis = Proc(
+            "redis",
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            self.env,
+            logs / "redis.log",
+        )
+        self.api = Proc(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:create_app",
+                "--factory",
+                "--port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+            ],
+            self.env,
+            logs / "api.log",
+        )
+        self.worker = Proc(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "-Q",
+                "faults",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            self.env,
+            logs / "worker.log",
+        )
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
         self.injected: list[dict[str, Any]] = []
 
     # --- the stack ---
     def start(self) -> None:
         self.redis.start()
-        self.wait(lambda: subprocess.run(["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True)
-                  .stdout.strip() == b"PONG", 15, "redis")
+        self.wait(
+            lambda: (
+                subprocess.run(["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True).stdout.strip()
+                == b"PONG"
+            ),
+            15,
+            "redis",
+        )
         self.start_api()
         self.worker.start()
 
@@ -164,15 +217,26 @@ class Bench:
 
     def upload(self) -> str:
         key = str(uuid.uuid4())
-        response = self.request("POST", "/datasets", files={"file": ("train.jsonl", self.train_file.read_bytes())},
-                                headers={"Idempotency-Key": key})
+        response = self.request(
+            "POST",
+            "/datasets",
+            files={"file": ("train.jsonl", self.train_file.read_bytes())},
+            headers={"Idempotency-Key": key},
+        )
         response.raise_for_status()
         return str(response.json()["id"])
 
     def submit(self, dataset_id: str) -> str:
-        body = {"dataset_id": dataset_id, "evaluation": {"enabled": False},
-                "hyperparameters": {"max_steps": self.rng.choice([8, 12, 16]), "checkpoint_every_steps": 4,
-                                    "batch_size": 8, "learning_rate": 1e-3}}
+        body = {
+            "dataset_id": dataset_id,
+            "evaluation": {"enabled": False},
+            "hyperparameters": {
+                "max_steps": self.rng.choice([8, 12, 16]),
+                "checkpoint_every_steps": 4,
+                "batch_size": 8,
+                "learning_rate": 1e-3,
+            },
+        }
         response = self.request("POST", "/jobs", json=body, headers={"Idempotency-Key": str(uuid.uuid4())})
         response.raise_for_status()
         return str(response.json()["id"])
@@ -185,7 +249,9 @@ class Bench:
             time.sleep(0.5)
             self.worker.start()
         elif fault == "kill_child":
-            pids = subprocess.run(["pgrep", "-f", "worker.training ftjob-"], capture_output=True, text=True).stdout.split()
+            pids = subprocess.run(
+                ["pgrep", "-f", "worker.training ftjob-"], capture_output=True, text=True
+            ).stdout.split()
             if not pids:
                 fault += " (no child running)"
             for pid in pids[:1]:
@@ -201,8 +267,11 @@ class Bench:
             self.redis.start()
         elif fault == "drop_db_connections":
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
-                             "AND pid <> pg_backend_pid()", (self.db_name,))
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                    "AND pid <> pg_backend_pid()",
+                    (self.db_name,),
+                )
         self.injected.append({"fault": fault, "at_s": round(started - self.t0, 1)})
 
     def run(self, n_jobs: int, n_faults: int, deadline_s: float) -> dict[str, Any]:
@@ -241,8 +310,11 @@ class Bench:
         with psycopg.connect(self._pg_url()) as conn:
             jobs = dict(conn.execute("SELECT id, status FROM jobs WHERE id = ANY(%s)", (job_ids,)).fetchall())
             adapters = conn.execute("SELECT job_id, path, files FROM adapters").fetchall()
-            successes = dict(conn.execute(
-                "SELECT job_id, count(*) FROM job_events WHERE message LIKE 'job succeeded%%' GROUP BY job_id").fetchall())
+            successes = dict(
+                conn.execute(
+                    "SELECT job_id, count(*) FROM job_events WHERE message LIKE 'job succeeded%%' GROUP BY job_id"
+                ).fetchall()
+            )
             dataset_paths = {row[0] for row in conn.execute("SELECT path FROM datasets").fetchall()}
             errors = conn.execute("SELECT id, error_code, error_message FROM jobs WHERE status = 'failed'").fetchall()
         per_job: dict[str, int] = {}
@@ -250,12 +322,17 @@ class Bench:
             per_job[job_id] = per_job.get(job_id, 0) + 1
         adapter_paths = {path for _, path, _ in adapters}
         orphan_files = [p.name for p in (store / "tmp").iterdir()] if (store / "tmp").is_dir() else []
-        orphan_files += [f"adapters/{p.name}" for p in (store / "adapters").iterdir() if f"adapters/{p.name}" not in adapter_paths]
-        orphan_files += [f"datasets/{p.name}" for p in (store / "datasets").iterdir() if f"datasets/{p.name}" not in dataset_paths]
+        orphan_files += [
+            f"adapters/{p.name}" for p in (store / "adapters").iterdir() if f"adapters/{p.name}" not in adapter_paths
+        ]
+        orphan_files += [
+            f"datasets/{p.name}" for p in (store / "datasets").iterdir() if f"datasets/{p.name}" not in dataset_paths
+        ]
         if (store / "jobs").is_dir():
             orphan_files += [f"jobs/{p.name}" for p in (store / "jobs").iterdir() if jobs.get(p.name) in TERMINAL]
-        orphan_rows = [path for _, path, files in adapters
-                       if not (store / path).is_dir() or hash_dir(store / path)[0] != files]
+        orphan_rows = [
+            path for _, path, files in adapters if not (store / path).is_dir() or hash_dir(store / path)[0] != files
+        ]
         orphan_rows += [job_id for job_id, status in jobs.items() if status == "succeeded" and job_id not in per_job]
         counts = {
             "jobs_lost": sum(job_id not in jobs for job_id in job_ids),
@@ -267,9 +344,16 @@ class Bench:
         by_status: dict[str, int] = {}
         for status in jobs.values():
             by_status[status] = by_status.get(status, 0) + 1
-        return {"counts": counts, "jobs": len(job_ids), "faults": len(self.injected), "by_status": by_status,
-                "injected": self.injected, "failed": [list(e) for e in errors],
-                "orphans": {"files": orphan_files, "rows": orphan_rows}, "seconds": round(time.monotonic() - self.t0, 1)}
+        return {
+            "counts": counts,
+            "jobs": len(job_ids),
+            "faults": len(self.injected),
+            "by_status": by_status,
+            "injected": self.injected,
+            "failed": [list(e) for e in errors],
+            "orphans": {"files": orphan_files, "rows": orphan_rows},
+            "seconds": round(time.monotonic() - self.t0, 1),
+        }
 
 
 def main() -> None:
@@ -289,7 +373,9 @@ def main() -> None:
         finally:
             bench.stop()
     result["seed"] = args.seed
-    print(f"{args.jobs} jobs, {result['faults']} faults in {result['seconds']} s; jobs by status: {result['by_status']}")
+    print(
+        f"{args.jobs} jobs, {result['faults']} faults in {result['seconds']} s; jobs by status: {result['by_status']}"
+    )
     print("faults injected: " + ", ".join(f"{f['fault']}@{f['at_s']}s" for f in result["injected"]))
     print(f"{'count':<20}{'value':>6}")
     for name, value in result["counts"].items():

@@ -64,14 +64,20 @@ SERVING_TOKEN_HEADER = "X-Tuneserve-Serving-Token"
 APP_NAMES = {"api": "tuneserve-load-api", "worker": "tuneserve-load-worker", "serving": "tuneserve-load-serving"}
 TENANTS = ("load-a", "load-b")
 MIB = 1024 * 1024
-MAX_UPLOAD_BYTES = 2 * MIB        # TUNESERVE_MAX_UPLOAD_BYTES for this bench (the tests use the same)
-MAX_JSON_BODY_BYTES = 4 * MIB     # the default of TUNESERVE_MAX_JSON_BODY_BYTES, set explicitly
+MAX_UPLOAD_BYTES = 2 * MIB  # TUNESERVE_MAX_UPLOAD_BYTES for this bench (the tests use the same)
+MAX_JSON_BODY_BYTES = 4 * MIB  # the default of TUNESERVE_MAX_JSON_BODY_BYTES, set explicitly
 SERVING_MAX_TOKENS = 64
 # Small enough for 2 CPU cores (as tests/conftest.py SERVING_TEST_SETTINGS), with room for the stream phase.
 SERVING_SETTINGS = {
-    "max_lora_rank": 8, "serving_max_loras": 2, "serving_max_cpu_loras": 4, "serving_max_model_len": 512,
-    "serving_max_prompt_tokens": 384, "serving_max_tokens": SERVING_MAX_TOKENS, "serving_max_num_seqs": 64,
-    "serving_kv_cache_gib": 1, "serving_dtype": "float32",
+    "max_lora_rank": 8,
+    "serving_max_loras": 2,
+    "serving_max_cpu_loras": 4,
+    "serving_max_model_len": 512,
+    "serving_max_prompt_tokens": 384,
+    "serving_max_tokens": SERVING_MAX_TOKENS,
+    "serving_max_num_seqs": 64,
+    "serving_kv_cache_gib": 1,
+    "serving_dtype": "float32",
 }
 KEEPALIVE_EXPIRY_S = 3.0  # below uvicorn's --timeout-keep-alive (5 s)
 
@@ -90,8 +96,13 @@ def percentiles(ms: list[float]) -> dict[str, float]:
     def at(q: float) -> float:
         return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 1)
 
-    return {"n": len(ordered), "p50_ms": round(statistics.median(ordered), 1), "p90_ms": at(0.9),
-            "p99_ms": at(0.99), "max_ms": round(ordered[-1], 1)}
+    return {
+        "n": len(ordered),
+        "p50_ms": round(statistics.median(ordered), 1),
+        "p90_ms": at(0.9),
+        "p99_ms": at(0.99),
+        "max_ms": round(ordered[-1], 1),
+    }
 
 
 def status_class(status: int | None) -> str:
@@ -111,8 +122,9 @@ class Proc:
 
     def start(self) -> None:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     @property
     def pid(self) -> int:
@@ -139,6 +151,7 @@ class Proc:
 
 # ---------------------------------------------------------------- recording
 
+
 @dataclass
 class Recorder:
     """Every response: its route label, status (None: a transport error) and latency."""
@@ -150,12 +163,21 @@ class Recorder:
     # The server closed the connection while the client was still sending an oversized body (it answered 413
     # with Connection: close and stopped reading): what any client sending such a body sees; not an error.
     closed_while_sending: int = 0
-    unexpected: list[dict[str, Any]] = field(default_factory=list)   # hostile requests answered otherwise than expected
-    leaks: list[dict[str, Any]] = field(default_factory=list)        # another tenant's id answered other than 404
+    unexpected: list[dict[str, Any]] = field(default_factory=list)  # hostile requests answered otherwise than expected
+    leaks: list[dict[str, Any]] = field(default_factory=list)  # another tenant's id answered other than 404
     stream_errors: list[dict[str, Any]] = field(default_factory=list)  # an error event inside a 200 stream
 
-    def add(self, route: str, status: int | None, ms: float, *, request: dict[str, Any], body: str = "",
-            error: str = "", closed_while_sending: bool = False) -> None:
+    def add(
+        self,
+        route: str,
+        status: int | None,
+        ms: float,
+        *,
+        request: dict[str, Any],
+        body: str = "",
+        error: str = "",
+        closed_while_sending: bool = False,
+    ) -> None:
         self.by_route.setdefault(route, []).append((status, ms))
         at = round(time.monotonic() - self.started, 2)
         if status is not None and status >= 500:
@@ -175,8 +197,12 @@ class Recorder:
             codes: dict[str, int] = {}
             for status, _ in rows:
                 codes[str(status)] = codes.get(str(status), 0) + 1
-            out[route] = {"n": len(rows), "classes": classes, "codes": codes,
-                          "latency": percentiles([ms for _, ms in rows])}
+            out[route] = {
+                "n": len(rows),
+                "classes": classes,
+                "codes": codes,
+                "latency": percentiles([ms for _, ms in rows]),
+            }
         return out
 
 
@@ -196,21 +222,28 @@ def describe(method: str, path: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if "files" in kwargs:
         out["files"] = {k: (v[0], len(v[1])) for k, v in kwargs["files"].items()}
     headers = kwargs.get("headers") or {}
-    out["headers"] = {k: (v if len(v) <= 40 else v[:40] + f"...({len(v)})") for k, v in headers.items()
-                      if k.lower() != "authorization"} | ({"Authorization": headers["Authorization"][:20] + "..."}
-                                                          if "Authorization" in headers else {})
+    out["headers"] = {
+        k: (v if len(v) <= 40 else v[:40] + f"...({len(v)})")
+        for k, v in headers.items()
+        if k.lower() != "authorization"
+    } | ({"Authorization": headers["Authorization"][:20] + "..."} if "Authorization" in headers else {})
     return out
 
 
 # ---------------------------------------------------------------- the probe (a separate process)
+
 
 def probe(url: str, key: str, job_id: str, seconds: float, interval: float, queue: Any) -> None:
     """GET /jobs/{id} every `interval` for `seconds` on one keep-alive connection; puts [(at_s, status, ms), ...]."""
     out: list[tuple[float, int | None, float]] = []
     start = time.monotonic()
     end = start + seconds
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                      limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)) as client:
+    with httpx.Client(
+        base_url=url,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
+    ) as client:
         while time.monotonic() < end:
             t0 = time.perf_counter()
             try:
@@ -240,6 +273,7 @@ class Prober:
 
 # ---------------------------------------------------------------- the sampler
 
+
 class Sampler(threading.Thread):
     """Every 0.2 s: pg_stat_activity rows of the bench database (the API's, and all) and the API's VmRSS."""
 
@@ -253,12 +287,20 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             while not self.stopping.is_set():
-                rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s "
-                                    "GROUP BY 1", (self.db_name,)).fetchall()
+                rows = conn.execute(
+                    "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s GROUP BY 1",
+                    (self.db_name,),
+                ).fetchall()
                 by_app = {name: n for name, n in rows}
-                self.samples.append({"phase": self.phase, "t": time.monotonic(),
-                                     "api_conns": by_app.get(APP_NAMES["api"], 0), "all_conns": sum(by_app.values()),
-                                     "api_rss_mib": self.rss_mib()})
+                self.samples.append(
+                    {
+                        "phase": self.phase,
+                        "t": time.monotonic(),
+                        "api_conns": by_app.get(APP_NAMES["api"], 0),
+                        "all_conns": sum(by_app.values()),
+                        "api_rss_mib": self.rss_mib(),
+                    }
+                )
                 self.stopping.wait(0.2)
 
     def rss_mib(self) -> float | None:
@@ -275,14 +317,18 @@ class Sampler(threading.Thread):
     def summary(self, phase: str | None = None) -> dict[str, Any]:
         rows = [s for s in self.samples if phase is None or s["phase"] == phase]
         rss = [s["api_rss_mib"] for s in rows if s["api_rss_mib"] is not None]
-        return {"samples": len(rows),
-                "api_db_connections_peak": max((s["api_conns"] for s in rows), default=0),
-                "all_db_connections_peak": max((s["all_conns"] for s in rows), default=0),
-                "api_rss_mib_first": rss[0] if rss else None, "api_rss_mib_peak": max(rss, default=None),
-                "api_rss_mib_last": rss[-1] if rss else None}
+        return {
+            "samples": len(rows),
+            "api_db_connections_peak": max((s["api_conns"] for s in rows), default=0),
+            "all_db_connections_peak": max((s["all_conns"] for s in rows), default=0),
+            "api_rss_mib_first": rss[0] if rss else None,
+            "api_rss_mib_peak": max(rss, default=None),
+            "api_rss_mib_last": rss[-1] if rss else None,
+        }
 
 
 # ---------------------------------------------------------------- tenants and the load
+
 
 @dataclass
 class Tenant:
@@ -313,9 +359,18 @@ class Load:
         self.deep_object = b'{"dataset_id": "x", "hyperparameters": ' + b'{"a": ' * 20_000 + b"1" + b"}" * 20_000 + b"}"
 
     # --- one request, recorded ---
-    async def call(self, client: httpx.AsyncClient, route: str, method: str, path: str, *,
-                   expect: set[int] | None = None, cross_tenant: bool = False, oversized: bool = False,
-                   **kwargs: Any) -> httpx.Response | None:
+    async def call(
+        self,
+        client: httpx.AsyncClient,
+        route: str,
+        method: str,
+        path: str,
+        *,
+        expect: set[int] | None = None,
+        cross_tenant: bool = False,
+        oversized: bool = False,
+        **kwargs: Any,
+    ) -> httpx.Response | None:
         t0 = time.perf_counter()
         try:
             response = await client.request(method, path, **kwargs)
@@ -323,22 +378,39 @@ class Load:
             # Sending a body over the cap, the client may see the connection closed under it (a 413 was sent and the
             # rest of the body is not read): expected for these requests only, and then only as a read or write error.
             closed = oversized and isinstance(e, httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError)
-            self.rec.add(route, None, (time.perf_counter() - t0) * 1000, request=describe(method, path, kwargs),
-                         error=f"{type(e).__name__}: {e}", closed_while_sending=closed)
+            self.rec.add(
+                route,
+                None,
+                (time.perf_counter() - t0) * 1000,
+                request=describe(method, path, kwargs),
+                error=f"{type(e).__name__}: {e}",
+                closed_while_sending=closed,
+            )
             return None
         ms = (time.perf_counter() - t0) * 1000
         self.note(route, response.status_code, ms, method, path, kwargs, response.text, expect, cross_tenant)
         return response
 
-    def note(self, route: str, status: int, ms: float, method: str, path: str, kwargs: dict[str, Any], body: str,
-             expect: set[int] | None, cross_tenant: bool) -> None:
+    def note(
+        self,
+        route: str,
+        status: int,
+        ms: float,
+        method: str,
+        path: str,
+        kwargs: dict[str, Any],
+        body: str,
+        expect: set[int] | None,
+        cross_tenant: bool,
+    ) -> None:
         request = describe(method, path, kwargs)
         self.rec.add(route, status, ms, request=request, body=body)
         if cross_tenant and status != 404 and status < 500:
             self.rec.leaks.append({"route": route, "status": status, "request": request, "body": body[:500]})
         elif expect is not None and status not in expect and status < 500 and len(self.rec.unexpected) < 200:
-            self.rec.unexpected.append({"route": route, "status": status, "expected": sorted(expect),
-                                        "request": request, "body": body[:500]})
+            self.rec.unexpected.append(
+                {"route": route, "status": status, "expected": sorted(expect), "request": request, "body": body[:500]}
+            )
 
     async def raw(self, route: str, head: str, expect: set[int], *, body: bytes = b"") -> None:
         """A request written on a plain socket: its head (and `body`, often none of the declared length), then the
@@ -352,8 +424,13 @@ class Load:
             await writer.drain()
             data = await asyncio.wait_for(reader.read(65536), timeout=15)
         except (OSError, TimeoutError) as e:
-            self.rec.add(route, None, (time.perf_counter() - t0) * 1000, request=request,
-                         error=f"{type(e).__name__}: {e or 'no answer in 15 s'}")
+            self.rec.add(
+                route,
+                None,
+                (time.perf_counter() - t0) * 1000,
+                request=request,
+                error=f"{type(e).__name__}: {e or 'no answer in 15 s'}",
+            )
             return
         finally:
             if writer is not None:
@@ -367,37 +444,62 @@ class Load:
             return
         self.rec.add(route, status, ms, request=request, body=text.split("\r\n\r\n", 1)[-1])
         if status not in expect and status < 500 and len(self.rec.unexpected) < 200:
-            self.rec.unexpected.append({"route": route, "status": status, "expected": sorted(expect),
-                                        "request": request, "body": text[:500]})
+            self.rec.unexpected.append(
+                {"route": route, "status": status, "expected": sorted(expect), "request": request, "body": text[:500]}
+            )
 
     def raw_cases(self, t: Tenant) -> list[tuple[str, str, set[int]]]:
         host = f"Host: 127.0.0.1:{self.bench.api_port}\r\n"
         auth = f"Authorization: Bearer {t.key}\r\n"
         big = MAX_JSON_BODY_BYTES + MIB
         return [
-            ("Content-Length over the cap, body never sent",
-             f"POST /v1/completions HTTP/1.1\r\n{host}{auth}Content-Type: application/json\r\n"
-             f"Content-Length: {big}\r\n\r\n", {413}),
-            ("upload Content-Length over the cap, body never sent",
-             f"POST /datasets HTTP/1.1\r\n{host}{auth}Content-Type: multipart/form-data; boundary=x\r\n"
-             f"Content-Length: {MAX_UPLOAD_BYTES + MIB}\r\n\r\n", {413}),
-            ("no key, Content-Length over the cap, body never sent",
-             f"POST /jobs HTTP/1.1\r\n{host}Content-Type: application/json\r\nContent-Length: {big}\r\n\r\n",
-             {401}),
-            ("Content-Length of 30 digits",
-             f"POST /jobs HTTP/1.1\r\n{host}{auth}Content-Type: application/json\r\n"
-             f"Content-Length: {10**30}\r\n\r\n", {400, 413}),
-            ("negative Content-Length",
-             f"POST /jobs HTTP/1.1\r\n{host}{auth}Content-Type: application/json\r\nContent-Length: -1\r\n\r\n",
-             {400}),
-            ("method FOO on a raw socket", f"FOO /jobs HTTP/1.1\r\n{host}{auth}Content-Length: 0\r\n\r\n",
-             {400, 405, 501}),
+            (
+                "Content-Length over the cap, body never sent",
+                f"POST /v1/completions HTTP/1.1\r\n{host}{auth}Content-Type: application/json\r\n"
+                f"Content-Length: {big}\r\n\r\n",
+                {413},
+            ),
+            (
+                "upload Content-Length over the cap, body never sent",
+                f"POST /datasets HTTP/1.1\r\n{host}{auth}Content-Type: multipart/form-data; boundary=x\r\n"
+                f"Content-Length: {MAX_UPLOAD_BYTES + MIB}\r\n\r\n",
+                {413},
+            ),
+            (
+                "no key, Content-Length over the cap, body never sent",
+                f"POST /jobs HTTP/1.1\r\n{host}Content-Type: application/json\r\nContent-Length: {big}\r\n\r\n",
+                {401},
+            ),
+            (
+                "Content-Length of 30 digits",
+                f"POST /jobs HTTP/1.1\r\n{host}{auth}Content-Type: application/json\r\n"
+                f"Content-Length: {10**30}\r\n\r\n",
+                {400, 413},
+            ),
+            (
+                "negative Content-Length",
+                f"POST /jobs HTTP/1.1\r\n{host}{auth}Content-Type: application/json\r\nContent-Length: -1\r\n\r\n",
+                {400},
+            ),
+            (
+                "method FOO on a raw socket",
+                f"FOO /jobs HTTP/1.1\r\n{host}{auth}Content-Length: 0\r\n\r\n",
+                {400, 405, 501},
+            ),
             ("garbage request line", "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", {400}),
         ]
 
-    async def stream(self, client: httpx.AsyncClient, route: str, path: str, body: dict[str, Any], *,
-                     slow: tuple[float, float] | None, close_after: int | None = None,
-                     deadline: float | None = None) -> str:
+    async def stream(
+        self,
+        client: httpx.AsyncClient,
+        route: str,
+        path: str,
+        body: dict[str, Any],
+        *,
+        slow: tuple[float, float] | None,
+        close_after: int | None = None,
+        deadline: float | None = None,
+    ) -> str:
         """A streamed generation read event by event (sleeping between events when slow): "done" if it ended with
         [DONE]; "closed" when the client closed it early, after `close_after` events or at `deadline` (a client going
         away); else "failed"."""
@@ -408,8 +510,17 @@ class Load:
             async with client.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")
-                    self.note(route, response.status_code, (time.perf_counter() - t0) * 1000, "POST", path, kwargs,
-                              text, None, False)
+                    self.note(
+                        route,
+                        response.status_code,
+                        (time.perf_counter() - t0) * 1000,
+                        "POST",
+                        path,
+                        kwargs,
+                        text,
+                        None,
+                        False,
+                    )
                     return "failed"
                 done = closed = False
                 async for line in response.aiter_lines():
@@ -422,18 +533,28 @@ class Load:
                         self.rec.stream_errors.append({"route": route, "event": data[:500]})
                     events += 1
                     if (close_after is not None and events >= close_after) or (
-                            deadline is not None and time.monotonic() > deadline):
+                        deadline is not None and time.monotonic() > deadline
+                    ):
                         closed = True
                         break
                     if slow:
                         await asyncio.sleep(random.uniform(*slow))
         except httpx.HTTPError as e:
-            self.rec.add(route, None, (time.perf_counter() - t0) * 1000, request=describe("POST", path, kwargs),
-                         error=f"{type(e).__name__}: {e}")
+            self.rec.add(
+                route,
+                None,
+                (time.perf_counter() - t0) * 1000,
+                request=describe("POST", path, kwargs),
+                error=f"{type(e).__name__}: {e}",
+            )
             return "failed"
         if closed:
-            self.rec.add(f"{route} (closed by the client)", 200, (time.perf_counter() - t0) * 1000,
-                         request=describe("POST", path, kwargs))
+            self.rec.add(
+                f"{route} (closed by the client)",
+                200,
+                (time.perf_counter() - t0) * 1000,
+                request=describe("POST", path, kwargs),
+            )
             return "closed"
         self.rec.add(route, 200, (time.perf_counter() - t0) * 1000, request=describe("POST", path, kwargs))
         if not done and len(self.rec.stream_errors) < 100:
@@ -444,16 +565,27 @@ class Load:
     async def upload(self, c: httpx.AsyncClient, t: Tenant, rng: random.Random) -> None:
         data = {"test_fraction": "0.1", "seed": str(rng.randint(0, 9))} if rng.random() < 0.3 else {}
         headers = {"Idempotency-Key": str(uuid.uuid4())} if rng.random() < 0.5 else {}
-        r = await self.call(c, "POST /datasets", "POST", "/datasets", files={"file": ("train.jsonl", self.train_bytes)},
-                            data=data, headers=headers, expect={201})
+        r = await self.call(
+            c,
+            "POST /datasets",
+            "POST",
+            "/datasets",
+            files={"file": ("train.jsonl", self.train_bytes)},
+            data=data,
+            headers=headers,
+            expect={201},
+        )
         if r is not None and r.status_code in (200, 201):
             t.datasets.append(r.json()["id"])
             self.accepted_datasets.add(r.json()["id"])
 
     def job_body(self, t: Tenant, rng: random.Random) -> dict[str, Any]:
-        return {"dataset_id": rng.choice(t.datasets), "suffix": f"load{rng.randint(0, 99)}",
-                "evaluation": {"enabled": False},
-                "hyperparameters": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "lora_r": 8}}
+        return {
+            "dataset_id": rng.choice(t.datasets),
+            "suffix": f"load{rng.randint(0, 99)}",
+            "evaluation": {"enabled": False},
+            "hyperparameters": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "lora_r": 8},
+        }
 
     async def submit(self, c: httpx.AsyncClient, t: Tenant, rng: random.Random) -> None:
         if not t.datasets:
@@ -508,8 +640,9 @@ class Load:
         elif choice == 3 and t.jobs:
             await self.call(c, "GET /jobs/{id}/events", "GET", f"/jobs/{rng.choice(t.jobs)}/events", expect={200})
         elif choice == 4 and t.jobs and rng.random() < 0.3:
-            await self.call(c, "POST /jobs/{id}/cancel", "POST", f"/jobs/{rng.choice(t.jobs)}/cancel",
-                            expect={200, 409})
+            await self.call(
+                c, "POST /jobs/{id}/cancel", "POST", f"/jobs/{rng.choice(t.jobs)}/cancel", expect={200, 409}
+            )
         else:
             await self.call(c, "GET /healthz", "GET", "/healthz", expect={200})
 
@@ -520,18 +653,32 @@ class Load:
         if rng.random() < 0.5:
             path = "/v1/chat/completions"
             content = f"Classify the sentiment: good day {rng.random()}"
-            body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": rng.choice([0, 0.7]),
-                                    "messages": [{"role": "user", "content": content}]}
+            body: dict[str, Any] = {
+                "model": model,
+                "max_tokens": max_tokens,
+                "temperature": rng.choice([0, 0.7]),
+                "messages": [{"role": "user", "content": content}],
+            }
         else:
             path = "/v1/completions"
-            body = {"model": model, "max_tokens": max_tokens, "temperature": rng.choice([0, 0.7]),
-                    "prompt": f"Hello {rng.randint(0, 10**6)}"}
+            body = {
+                "model": model,
+                "max_tokens": max_tokens,
+                "temperature": rng.choice([0, 0.7]),
+                "prompt": f"Hello {rng.randint(0, 10**6)}",
+            }
         if rng.random() < 0.5:
             slow = (0.05, 0.3) if rng.random() < 0.4 else None
             body["stream"] = True
             close_after = 2 if rng.random() < 0.15 else None  # the client goes away mid-stream
-            await self.stream(c, f"POST {path} stream{' slow' if slow else ''} ({kind})", path, body, slow=slow,
-                              close_after=close_after)
+            await self.stream(
+                c,
+                f"POST {path} stream{' slow' if slow else ''} ({kind})",
+                path,
+                body,
+                slow=slow,
+                close_after=close_after,
+            )
         else:
             await self.call(c, f"POST {path} ({kind})", "POST", path, json=body, expect={200})
 
@@ -540,47 +687,138 @@ class Load:
         model = self.model
         cases: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
             # bodies over the caps
-            ("oversized JSON body (Content-Length)", "POST", "/v1/completions",
-             {"content": self.big_json, "headers": json_ct, "oversized": True}, {413}),
-            ("oversized JSON body (chunked)", "POST", "/jobs",
-             {"content": chunked(self.big_json), "headers": json_ct, "oversized": True}, {413}),
-            ("oversized upload", "POST", "/datasets",
-             {"files": {"file": ("big.jsonl", self.big_upload)}, "oversized": True}, {413}),
-            ("unauthenticated large body", "POST", "/v1/chat/completions",
-             {"content": self.big_json, "headers": {**json_ct, "Authorization": ""}, "oversized": True}, {401}),
-            ("unauthenticated large upload", "POST", "/datasets",
-             {"files": {"file": ("big.jsonl", self.big_upload)}, "headers": {"Authorization": ""}, "oversized": True},
-             {401}),
+            (
+                "oversized JSON body (Content-Length)",
+                "POST",
+                "/v1/completions",
+                {"content": self.big_json, "headers": json_ct, "oversized": True},
+                {413},
+            ),
+            (
+                "oversized JSON body (chunked)",
+                "POST",
+                "/jobs",
+                {"content": chunked(self.big_json), "headers": json_ct, "oversized": True},
+                {413},
+            ),
+            (
+                "oversized upload",
+                "POST",
+                "/datasets",
+                {"files": {"file": ("big.jsonl", self.big_upload)}, "oversized": True},
+                {413},
+            ),
+            (
+                "unauthenticated large body",
+                "POST",
+                "/v1/chat/completions",
+                {"content": self.big_json, "headers": {**json_ct, "Authorization": ""}, "oversized": True},
+                {401},
+            ),
+            (
+                "unauthenticated large upload",
+                "POST",
+                "/datasets",
+                {
+                    "files": {"file": ("big.jsonl", self.big_upload)},
+                    "headers": {"Authorization": ""},
+                    "oversized": True,
+                },
+                {401},
+            ),
             # numbers
-            ("huge int max_tokens", "POST", "/v1/completions",
-             {"content": f'{{"model": "{model}", "prompt": "hi", "max_tokens": {10**40}}}', "headers": json_ct}, {422}),
-            ("huge int seed", "POST", "/v1/chat/completions",
-             {"content": f'{{"model": "{model}", "messages": [{{"role": "user", "content": "hi"}}], "seed": -{10**30}}}',
-              "headers": json_ct}, {422}),
-            ("huge int max_steps", "POST", "/jobs",
-             {"content": f'{{"dataset_id": "ds-x", "hyperparameters": {{"max_steps": {10**40}}}}}', "headers": json_ct},
-             {404, 422}),
-            ("huge int 4300 digits", "POST", "/jobs",
-             {"content": '{"dataset_id": "ds-x", "hyperparameters": {"max_steps": ' + "9" * 5000 + "}}",
-              "headers": json_ct}, {404, 422}),
+            (
+                "huge int max_tokens",
+                "POST",
+                "/v1/completions",
+                {"content": f'{{"model": "{model}", "prompt": "hi", "max_tokens": {10**40}}}', "headers": json_ct},
+                {422},
+            ),
+            (
+                "huge int seed",
+                "POST",
+                "/v1/chat/completions",
+                {
+                    "content": f'{{"model": "{model}", "messages": [{{"role": "user", "content": "hi"}}], "seed": -{10**30}}}',
+                    "headers": json_ct,
+                },
+                {422},
+            ),
+            (
+                "huge int max_steps",
+                "POST",
+                "/jobs",
+                {
+                    "content": f'{{"dataset_id": "ds-x", "hyperparameters": {{"max_steps": {10**40}}}}}',
+                    "headers": json_ct,
+                },
+                {404, 422},
+            ),
+            (
+                "huge int 4300 digits",
+                "POST",
+                "/jobs",
+                {
+                    "content": '{"dataset_id": "ds-x", "hyperparameters": {"max_steps": ' + "9" * 5000 + "}}",
+                    "headers": json_ct,
+                },
+                {404, 422},
+            ),
             ("huge int query limit", "GET", "/jobs", {"params": {"limit": str(10**30)}}, {422}),
-            ("huge int query after", "GET", f"/jobs/{t.jobs[0] if t.jobs else 'ftjob-x'}/events",
-             {"params": {"after": str(10**30)}}, {404, 422}),
-            ("NaN temperature", "POST", "/v1/completions",
-             {"content": f'{{"model": "{model}", "prompt": "hi", "temperature": NaN}}', "headers": json_ct}, {400, 422}),
-            ("Infinity learning_rate", "POST", "/jobs",
-             {"content": '{"dataset_id": "ds-x", "hyperparameters": {"learning_rate": Infinity}}', "headers": json_ct},
-             {400, 422}),
-            ("1e999 top_p", "POST", "/v1/completions",
-             {"content": f'{{"model": "{model}", "prompt": "hi", "top_p": 1e999}}', "headers": json_ct}, {400, 422}),
-            ("deep nesting (list)", "POST", "/v1/chat/completions",
-             {"content": self.deep_list, "headers": json_ct}, {400, 422}),
+            (
+                "huge int query after",
+                "GET",
+                f"/jobs/{t.jobs[0] if t.jobs else 'ftjob-x'}/events",
+                {"params": {"after": str(10**30)}},
+                {404, 422},
+            ),
+            (
+                "NaN temperature",
+                "POST",
+                "/v1/completions",
+                {"content": f'{{"model": "{model}", "prompt": "hi", "temperature": NaN}}', "headers": json_ct},
+                {400, 422},
+            ),
+            (
+                "Infinity learning_rate",
+                "POST",
+                "/jobs",
+                {
+                    "content": '{"dataset_id": "ds-x", "hyperparameters": {"learning_rate": Infinity}}',
+                    "headers": json_ct,
+                },
+                {400, 422},
+            ),
+            (
+                "1e999 top_p",
+                "POST",
+                "/v1/completions",
+                {"content": f'{{"model": "{model}", "prompt": "hi", "top_p": 1e999}}', "headers": json_ct},
+                {400, 422},
+            ),
+            (
+                "deep nesting (list)",
+                "POST",
+                "/v1/chat/completions",
+                {"content": self.deep_list, "headers": json_ct},
+                {400, 422},
+            ),
             ("deep nesting (object)", "POST", "/jobs", {"content": self.deep_object, "headers": json_ct}, {400, 422}),
-            ("invalid UTF-8", "POST", "/jobs", {"content": b'{"dataset_id": "\xff\xfe"}', "headers": json_ct}, {400, 422}),
+            (
+                "invalid UTF-8",
+                "POST",
+                "/jobs",
+                {"content": b'{"dataset_id": "\xff\xfe"}', "headers": json_ct},
+                {400, 422},
+            ),
             ("truncated JSON", "POST", "/jobs", {"content": b'{"dataset_id": ', "headers": json_ct}, {400, 422}),
-            ("JSON body as text/plain", "POST", "/v1/completions",
-             {"content": f'{{"model": "{model}", "prompt": "hi"}}', "headers": {"content-type": "text/plain"}},
-             {200, 400, 415, 422}),
+            (
+                "JSON body as text/plain",
+                "POST",
+                "/v1/completions",
+                {"content": f'{{"model": "{model}", "prompt": "hi"}}', "headers": {"content-type": "text/plain"}},
+                {200, 400, 415, 422},
+            ),
             ("empty body", "POST", "/v1/chat/completions", {"content": b"", "headers": json_ct}, {400, 422}),
             ("NUL in a path id", "GET", "/jobs/%00ftjob", {}, {404, 422}),
             ("NUL in a dataset id", "GET", "/datasets/ds-%00", {}, {404, 422}),
@@ -591,8 +829,13 @@ class Load:
             ("NUL in an adapter operation id", "GET", "/adapter-operations/op-%00", {}, {404, 422}),
             ("NUL in dataset_id of POST /jobs", "POST", "/jobs", {"json": {"dataset_id": "ds-\x00"}}, {404, 422}),
             ("NUL in model", "POST", "/v1/completions", {"json": {"model": "x\x00", "prompt": "hi"}}, {404, 422}),
-            ("NUL in ?adapter of /generate", "POST", "/generate", {"params": {"adapter": "\x00"},
-                                                                   "json": {"prompt": "hi", "max_tokens": 2}}, {404, 422}),
+            (
+                "NUL in ?adapter of /generate",
+                "POST",
+                "/generate",
+                {"params": {"adapter": "\x00"}, "json": {"prompt": "hi", "max_tokens": 2}},
+                {404, 422},
+            ),
             ("long path id", "GET", "/jobs/" + "a" * 4000, {}, {404, 414, 422}),
             ("bad status filter", "GET", "/jobs", {"params": {"status": "exploded"}}, {422}),
             # methods
@@ -601,8 +844,13 @@ class Load:
             ("method PATCH", "PATCH", f"/jobs/{t.jobs[0] if t.jobs else 'ftjob-x'}", {"json": {}}, {405}),
             ("method DELETE on /jobs", "DELETE", "/jobs", {}, {405}),
             # keys
-            ("unknown key", "GET", "/jobs", {"headers": {"Authorization": "Bearer tsk_" + secrets.token_urlsafe(32)}},
-             {401}),
+            (
+                "unknown key",
+                "GET",
+                "/jobs",
+                {"headers": {"Authorization": "Bearer tsk_" + secrets.token_urlsafe(32)}},
+                {401},
+            ),
             ("revoked key", "GET", "/jobs", {"headers": {"Authorization": f"Bearer {self.bench.revoked_key}"}}, {401}),
             ("Basic scheme", "GET", "/jobs", {"headers": {"Authorization": "Basic dXNlcjpwYXNz"}}, {401}),
             ("bearer without a key", "GET", "/jobs", {"headers": {"Authorization": "Bearer"}}, {401}),
@@ -613,20 +861,33 @@ class Load:
         cross: list[tuple[str, str, str, dict[str, Any]]] = []
         if other.jobs:
             job = rng.choice(other.jobs)
-            cross += [("another tenant's job", "GET", f"/jobs/{job}", {}),
-                      ("another tenant's job events", "GET", f"/jobs/{job}/events", {}),
-                      ("another tenant's job cancel", "POST", f"/jobs/{job}/cancel", {})]
+            cross += [
+                ("another tenant's job", "GET", f"/jobs/{job}", {}),
+                ("another tenant's job events", "GET", f"/jobs/{job}/events", {}),
+                ("another tenant's job cancel", "POST", f"/jobs/{job}/cancel", {}),
+            ]
         if other.datasets:
             ds = rng.choice(other.datasets)
-            cross += [("another tenant's dataset", "GET", f"/datasets/{ds}", {}),
-                      ("another tenant's dataset in POST /jobs", "POST", "/jobs",
-                       {"json": {"dataset_id": ds, "evaluation": {"enabled": False},
-                                 "hyperparameters": {"max_steps": 2}}})]
+            cross += [
+                ("another tenant's dataset", "GET", f"/datasets/{ds}", {}),
+                (
+                    "another tenant's dataset in POST /jobs",
+                    "POST",
+                    "/jobs",
+                    {"json": {"dataset_id": ds, "evaluation": {"enabled": False}, "hyperparameters": {"max_steps": 2}}},
+                ),
+            ]
         if other.adapters:
             name = rng.choice(other.adapters)
-            cross += [("another tenant's adapter", "GET", f"/adapters/{name}", {}),
-                      ("another tenant's adapter as model", "POST", "/v1/completions",
-                       {"json": {"model": name, "prompt": "hi", "max_tokens": 4}})]
+            cross += [
+                ("another tenant's adapter", "GET", f"/adapters/{name}", {}),
+                (
+                    "another tenant's adapter as model",
+                    "POST",
+                    "/v1/completions",
+                    {"json": {"model": name, "prompt": "hi", "max_tokens": 4}},
+                ),
+            ]
         raw = self.raw_cases(t)
         n_cases = len(cases) + len(cross) + len(raw)
         i = rng.randrange(n_cases)
@@ -647,17 +908,26 @@ class Load:
     # --- phase 1 ---
     async def client_loop(self, index: int, t: Tenant, other: Tenant, end: float) -> None:
         rng = random.Random(self.seed * 1000 + index)
-        actions = [(self.upload, 4), (self.submit, 10), (self.poll, 25), (self.list_jobs, 7), (self.misc, 8),
-                   (self.generate, 26), ("hostile", 20)]
+        actions = [
+            (self.upload, 4),
+            (self.submit, 10),
+            (self.poll, 25),
+            (self.list_jobs, 7),
+            (self.misc, 8),
+            (self.generate, 26),
+            ("hostile", 20),
+        ]
         funcs, weights = zip(*actions, strict=True)
         # Idle connections are dropped before uvicorn's keep-alive timeout (5 s) can close them under a new request;
         # hostile requests get their own client, so a connection they leave closed is never reused by the others.
         limits = httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=KEEPALIVE_EXPIRY_S)
         timeout = httpx.Timeout(120, connect=10)
-        async with httpx.AsyncClient(base_url=self.bench.api_url, timeout=timeout, auth=Bearer(t.key),
-                                     limits=limits) as c, \
-                httpx.AsyncClient(base_url=self.bench.api_url, timeout=timeout, auth=Bearer(t.key),
-                                  limits=limits) as hostile_client:
+        async with (
+            httpx.AsyncClient(base_url=self.bench.api_url, timeout=timeout, auth=Bearer(t.key), limits=limits) as c,
+            httpx.AsyncClient(
+                base_url=self.bench.api_url, timeout=timeout, auth=Bearer(t.key), limits=limits
+            ) as hostile_client,
+        ):
             while time.monotonic() < end:
                 action = rng.choices(funcs, weights)[0]
                 if action == "hostile":
@@ -668,8 +938,12 @@ class Load:
 
     async def phase1(self, tenants: list[Tenant], clients: int, seconds: float) -> None:
         end = time.monotonic() + seconds
-        await asyncio.gather(*(self.client_loop(i, tenants[i % len(tenants)], tenants[(i + 1) % len(tenants)], end)
-                               for i in range(clients)))
+        await asyncio.gather(
+            *(
+                self.client_loop(i, tenants[i % len(tenants)], tenants[(i + 1) % len(tenants)], end)
+                for i in range(clients)
+            )
+        )
 
     # --- phase 2 ---
     async def phase2(self, tenants: list[Tenant], streams: int, seconds: float) -> dict[str, int]:
@@ -680,19 +954,29 @@ class Load:
             t = tenants[i % len(tenants)]
             rng = random.Random(self.seed * 7919 + i)
             limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
-            async with httpx.AsyncClient(base_url=self.bench.api_url, timeout=httpx.Timeout(120, connect=10),
-                                         auth=Bearer(t.key), limits=limits) as c:
+            async with httpx.AsyncClient(
+                base_url=self.bench.api_url, timeout=httpx.Timeout(120, connect=10), auth=Bearer(t.key), limits=limits
+            ) as c:
                 while time.monotonic() < end:
                     model = rng.choice(t.adapters) if t.adapters and i % 2 else self.model
                     if i % 3 == 0:
-                        path, body = "/v1/chat/completions", {
-                            "model": model, "stream": True, "max_tokens": SERVING_MAX_TOKENS,
-                            "messages": [{"role": "user", "content": f"Tell me a story {i}"}]}
+                        path, body = (
+                            "/v1/chat/completions",
+                            {
+                                "model": model,
+                                "stream": True,
+                                "max_tokens": SERVING_MAX_TOKENS,
+                                "messages": [{"role": "user", "content": f"Tell me a story {i}"}],
+                            },
+                        )
                     else:
-                        path, body = "/v1/completions", {"model": model, "stream": True,
-                                                         "max_tokens": SERVING_MAX_TOKENS, "prompt": f"Once {i}"}
-                    outcome = await self.stream(c, f"streams phase: POST {path} stream slow", path, body,
-                                                slow=(0.1, 0.4), deadline=end)
+                        path, body = (
+                            "/v1/completions",
+                            {"model": model, "stream": True, "max_tokens": SERVING_MAX_TOKENS, "prompt": f"Once {i}"},
+                        )
+                    outcome = await self.stream(
+                        c, f"streams phase: POST {path} stream slow", path, body, slow=(0.1, 0.4), deadline=end
+                    )
                     counts[outcome] += 1
 
         await asyncio.gather(*(one(i) for i in range(streams)))
@@ -713,10 +997,11 @@ class Bearer(httpx.Auth):
 async def chunked(data: bytes, size: int = 256 * 1024) -> AsyncIterator[bytes]:
     """The body as a stream of chunks, without a Content-Length (Transfer-Encoding: chunked)."""
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 # ---------------------------------------------------------------- the stack
+
 
 class Bench:
     def __init__(self, work: Path, max_active_jobs: int) -> None:
@@ -740,16 +1025,26 @@ class Bench:
         self.serving_url = f"http://127.0.0.1:{self.serving_port}"
         self.max_active_jobs = max_active_jobs
         env = {
-            **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-            "TUNESERVE_DATA_DIR": str(work / "data"), "TUNESERVE_DATABASE_URL": self.database_url,
-            "TUNESERVE_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0", "TUNESERVE_BASE_MODEL": str(model),
-            "TUNESERVE_QUEUE_NAME": "load", "TUNESERVE_AUTH_ENABLED": "true",
-            "TUNESERVE_LEASE_SECONDS": "20", "TUNESERVE_HEARTBEAT_SECONDS": "1", "TUNESERVE_CANCEL_GRACE_SECONDS": "5",
-            "TUNESERVE_RECONCILE_INTERVAL_SECONDS": "2", "TUNESERVE_REQUEUE_AFTER_SECONDS": "60",
-            "TUNESERVE_EVENT_EVERY_STEPS": "1", "TUNESERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            "TUNESERVE_DATA_DIR": str(work / "data"),
+            "TUNESERVE_DATABASE_URL": self.database_url,
+            "TUNESERVE_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "TUNESERVE_BASE_MODEL": str(model),
+            "TUNESERVE_QUEUE_NAME": "load",
+            "TUNESERVE_AUTH_ENABLED": "true",
+            "TUNESERVE_LEASE_SECONDS": "20",
+            "TUNESERVE_HEARTBEAT_SECONDS": "1",
+            "TUNESERVE_CANCEL_GRACE_SECONDS": "5",
+            "TUNESERVE_RECONCILE_INTERVAL_SECONDS": "2",
+            "TUNESERVE_REQUEUE_AFTER_SECONDS": "60",
+            "TUNESERVE_EVENT_EVERY_STEPS": "1",
+            "TUNESERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
             "TUNESERVE_MAX_JSON_BODY_BYTES": str(MAX_JSON_BODY_BYTES),
             "TUNESERVE_MAX_ACTIVE_JOBS": str(max_active_jobs),
-            "TUNESERVE_SERVING_PORT": str(self.serving_port), "TUNESERVE_SERVING_URL": self.serving_url,
+            "TUNESERVE_SERVING_PORT": str(self.serving_port),
+            "TUNESERVE_SERVING_URL": self.serving_url,
             "TUNESERVE_SERVING_TOKEN": self.serving_token,
             **{f"TUNESERVE_{k.upper()}": str(v) for k, v in SERVING_SETTINGS.items()},
         }
@@ -763,15 +1058,51 @@ class Bench:
         def with_app(name: str) -> dict[str, str]:
             return {**env, "PGAPPNAME": APP_NAMES[name]}
 
-        self.redis = Proc("redis", ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                                    "--save", "", "--appendonly", "no"], env, logs / "redis.log")
+        self.redis = Proc(
+            "redis",
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            env,
+            logs / "redis.log",
+        )
         self.serving = Proc("serving", [sys.executable, "-m", "serving"], with_app("serving"), logs / "serving.log")
-        self.api = Proc("api", [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host",
-                                "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning"],
-                        with_app("api"), logs / "api.log")
-        self.worker = Proc("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo",
-                                      "--concurrency=1", "-Q", "load", "--loglevel=INFO", "--without-gossip",
-                                      "--without-mingle"], with_app("worker"), logs / "worker.log")
+        self.api = Proc(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+            ],
+            with_app("api"),
+            logs / "api.log",
+        )
+        self.worker = Proc(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "-Q",
+                "load",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            with_app("worker"),
+            logs / "worker.log",
+        )
 
     def make_tenants(self) -> list[Tenant]:
         from core.auth import create_tenant, mint_key
@@ -791,15 +1122,26 @@ class Bench:
     def start(self) -> None:
         self.redis.start()
         self.serving.start()  # the slowest to come up: started first, waited for last
-        self.wait(lambda: subprocess.run(["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True)
-                  .stdout.strip() == b"PONG", 15, "redis", None)
+        self.wait(
+            lambda: (
+                subprocess.run(["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True).stdout.strip()
+                == b"PONG"
+            ),
+            15,
+            "redis",
+            None,
+        )
         self.api.start()
         self.worker.start()
         self.wait(lambda: self.answers(f"{self.api_url}/healthz", {}), 90, "the API", self.api)
 
     def wait_serving(self) -> None:
-        self.wait(lambda: self.answers(f"{self.serving_url}/health", {SERVING_TOKEN_HEADER: self.serving_token}),
-                  600, "serving", self.serving)
+        self.wait(
+            lambda: self.answers(f"{self.serving_url}/health", {SERVING_TOKEN_HEADER: self.serving_token}),
+            600,
+            "serving",
+            self.serving,
+        )
 
     @staticmethod
     def answers(url: str, headers: dict[str, str]) -> bool:
@@ -828,8 +1170,12 @@ class Bench:
         """One dataset and one job per tenant before the load, so adapters exist by the time it starts."""
         for t in self.tenants:
             headers = {"Authorization": f"Bearer {t.key}"}
-            r = httpx.post(f"{self.api_url}/datasets", headers=headers, timeout=60,
-                           files={"file": ("train.jsonl", load.train_bytes)})
+            r = httpx.post(
+                f"{self.api_url}/datasets",
+                headers=headers,
+                timeout=60,
+                files={"file": ("train.jsonl", load.train_bytes)},
+            )
             r.raise_for_status()
             t.datasets.append(r.json()["id"])
             load.accepted_datasets.add(r.json()["id"])
@@ -845,8 +1191,9 @@ class Bench:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not all(t.adapters for t in self.tenants):
             for t in self.tenants:
-                job = httpx.get(f"{self.api_url}/jobs/{t.jobs[0]}", headers={"Authorization": f"Bearer {t.key}"},
-                                timeout=30).json()
+                job = httpx.get(
+                    f"{self.api_url}/jobs/{t.jobs[0]}", headers={"Authorization": f"Bearer {t.key}"}, timeout=30
+                ).json()
                 load.learn(t, job)
             time.sleep(1)
 
@@ -858,9 +1205,14 @@ class Bench:
         by_status: dict[str, int] = {}
         for status in found.values():
             by_status[status] = by_status.get(status, 0) + 1
-        return {"jobs_accepted": len(accepted), "jobs_lost": sorted(accepted - set(found)), "jobs_by_status": by_status,
-                "datasets_accepted": len(datasets), "datasets_lost": sorted(datasets - found_ds),
-                "failed_jobs": [list(e) for e in errors][:20]}
+        return {
+            "jobs_accepted": len(accepted),
+            "jobs_lost": sorted(accepted - set(found)),
+            "jobs_by_status": by_status,
+            "datasets_accepted": len(datasets),
+            "datasets_lost": sorted(datasets - found_ds),
+            "failed_jobs": [list(e) for e in errors][:20],
+        }
 
     def job_states(self) -> dict[str, int]:
         with psycopg.connect(self.pg_url) as conn:
@@ -882,13 +1234,17 @@ def windows(samples: list[tuple[float, int | None, float]], width: float) -> lis
 
 
 def route_rows(table: dict[str, dict[str, Any]]) -> list[str]:
-    lines = [f"{'route':<70}{'n':>6}{'2xx':>6}{'3xx':>5}{'4xx':>6}{'429':>5}{'5xx':>5}{'err':>5}{'p50 ms':>9}{'p99 ms':>9}"]
+    lines = [
+        f"{'route':<70}{'n':>6}{'2xx':>6}{'3xx':>5}{'4xx':>6}{'429':>5}{'5xx':>5}{'err':>5}{'p50 ms':>9}{'p99 ms':>9}"
+    ]
     for route, row in table.items():
         c = row["classes"]
         lat = row["latency"]
-        lines.append(f"{route[:69]:<70}{row['n']:>6}{c.get('2xx', 0):>6}{c.get('3xx', 0):>5}{c.get('4xx', 0):>6}"
-                     f"{c.get('429', 0):>5}{c.get('5xx', 0):>5}{c.get('err', 0):>5}"
-                     f"{lat.get('p50_ms', 0):>9.1f}{lat.get('p99_ms', 0):>9.1f}")
+        lines.append(
+            f"{route[:69]:<70}{row['n']:>6}{c.get('2xx', 0):>6}{c.get('3xx', 0):>5}{c.get('4xx', 0):>6}"
+            f"{c.get('429', 0):>5}{c.get('5xx', 0):>5}{c.get('err', 0):>5}"
+            f"{lat.get('p50_ms', 0):>9.1f}{lat.get('p99_ms', 0):>9.1f}"
+        )
     return lines
 
 
@@ -898,15 +1254,22 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--streams", type=int, default=32, help="phase 2: concurrent slow-reading streams")
     parser.add_argument("--stream-seconds", type=float, default=30, help="phase 2's length")
-    parser.add_argument("--max-active-jobs", type=int, default=2,
-                        help="TUNESERVE_MAX_ACTIVE_JOBS of the stack, low so that POST /jobs meets its 429")
+    parser.add_argument(
+        "--max-active-jobs",
+        type=int,
+        default=2,
+        help="TUNESERVE_MAX_ACTIVE_JOBS of the stack, low so that POST /jobs meets its 429",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
 
-    result: dict[str, Any] = {"benchmark": "load", "args": {k: str(v) for k, v in vars(args).items()},
-                              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    result: dict[str, Any] = {
+        "benchmark": "load",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
     tmp = Path(tempfile.mkdtemp(prefix="tuneserve-load-"))
     bench = Bench(tmp, args.max_active_jobs)
     load = Load(bench, args.seed)
@@ -932,8 +1295,12 @@ def main() -> None:
         asyncio.run(load.phase1(bench.tenants, args.clients, args.seconds))
         probe1 = prober.result(timeout=60)
         for _, status, ms in probe1:
-            load.rec.add("GET /jobs/{id} (probe process)", status, ms,
-                         request={"method": "GET", "path": f"/jobs/{probe_tenant.jobs[0]}"})
+            load.rec.add(
+                "GET /jobs/{id} (probe process)",
+                status,
+                ms,
+                request={"method": "GET", "path": f"/jobs/{probe_tenant.jobs[0]}"},
+            )
 
         print(f"phase 2: {args.streams} slow-reading streams for {args.stream_seconds:.0f} s while polling", flush=True)
         sampler.phase = "streams"
@@ -942,8 +1309,12 @@ def main() -> None:
         stream_counts = asyncio.run(load.phase2(bench.tenants, args.streams, args.stream_seconds))
         probe2 = prober.result(timeout=120)
         for _, status, ms in probe2:
-            load.rec.add("streams phase: GET /jobs/{id} (probe process)", status, ms,
-                         request={"method": "GET", "path": f"/jobs/{probe_tenant.jobs[0]}"})
+            load.rec.add(
+                "streams phase: GET /jobs/{id} (probe process)",
+                status,
+                ms,
+                request={"method": "GET", "path": f"/jobs/{probe_tenant.jobs[0]}"},
+            )
         result["jobs_after_streams"] = bench.job_states()
         sampler.phase = "end"
         time.sleep(1)
@@ -971,28 +1342,52 @@ def main() -> None:
     poll_probe = percentiles([ms for _, s, ms in probe1 if s is not None])
     stream_polls = percentiles([ms for _, s, ms in probe2 if s is not None])
     n429 = sum(row["classes"].get("429", 0) for row in table.values())
-    result.update({
-        "routes": table,
-        "light_route_latency": {"GET /jobs/{id} in the load loop": poll_loop,
-                                "GET /jobs/{id} probe process": poll_probe},
-        "streams_phase": {"streams": args.streams, "seconds": args.stream_seconds, "streams_done": stream_counts,
-                          "poll_latency": stream_polls, "poll_latency_by_5s": windows(probe2, 5.0),
-                          "jobs_before": result.get("jobs_before_streams"),
-                          "jobs_after": result.get("jobs_after_streams"),
-                          "poll_p99_under_200ms": bool(stream_polls.get("p99_ms", 1e9) < 200)},
-        "resources": {"load": sampler.summary("load") if sampler else {},
-                      "streams": sampler.summary("streams") if sampler else {},
-                      "all": sampler.summary() if sampler else {}},
-        "resource_samples": [[round(x["t"] - sampler.samples[0]["t"], 1), x["phase"], x["api_conns"], x["all_conns"],
-                              x["api_rss_mib"]] for x in sampler.samples] if sampler and sampler.samples else [],
-        "resource_samples_columns": ["t_s", "phase", "api_db_connections", "all_db_connections", "api_rss_mib"],
-        "responses_429": n429,
-        "five_xx": rec.five_xx, "transport_errors": rec.transport_errors[:200],
-        "transport_errors_total": len(rec.transport_errors),
-        "oversized_bodies_cut_off_while_sending": rec.closed_while_sending,
-        "unexpected_statuses": rec.unexpected, "cross_tenant_leaks": rec.leaks, "stream_errors": rec.stream_errors,
-        "requests_total": sum(row["n"] for row in table.values()),
-    })
+    result.update(
+        {
+            "routes": table,
+            "light_route_latency": {
+                "GET /jobs/{id} in the load loop": poll_loop,
+                "GET /jobs/{id} probe process": poll_probe,
+            },
+            "streams_phase": {
+                "streams": args.streams,
+                "seconds": args.stream_seconds,
+                "streams_done": stream_counts,
+                "poll_latency": stream_polls,
+                "poll_latency_by_5s": windows(probe2, 5.0),
+                "jobs_before": result.get("jobs_before_streams"),
+                "jobs_after": result.get("jobs_after_streams"),
+                "poll_p99_under_200ms": bool(stream_polls.get("p99_ms", 1e9) < 200),
+            },
+            "resources": {
+                "load": sampler.summary("load") if sampler else {},
+                "streams": sampler.summary("streams") if sampler else {},
+                "all": sampler.summary() if sampler else {},
+            },
+            "resource_samples": [
+                [
+                    round(x["t"] - sampler.samples[0]["t"], 1),
+                    x["phase"],
+                    x["api_conns"],
+                    x["all_conns"],
+                    x["api_rss_mib"],
+                ]
+                for x in sampler.samples
+            ]
+            if sampler and sampler.samples
+            else [],
+            "resource_samples_columns": ["t_s", "phase", "api_db_connections", "all_db_connections", "api_rss_mib"],
+            "responses_429": n429,
+            "five_xx": rec.five_xx,
+            "transport_errors": rec.transport_errors[:200],
+            "transport_errors_total": len(rec.transport_errors),
+            "oversized_bodies_cut_off_while_sending": rec.closed_while_sending,
+            "unexpected_statuses": rec.unexpected,
+            "cross_tenant_leaks": rec.leaks,
+            "stream_errors": rec.stream_errors,
+            "requests_total": sum(row["n"] for row in table.values()),
+        }
+    )
     audit = result["audit"]
     failures = {"5xx": len(rec.five_xx), "jobs_lost": len(audit["jobs_lost"]), "cross_tenant_leaks": len(rec.leaks)}
     result["failures"] = failures
@@ -1000,32 +1395,49 @@ def main() -> None:
     print()
     print("\n".join(route_rows(table)))
     print()
-    print(f"requests: {result['requests_total']} in {args.seconds:.0f} + {args.stream_seconds:.0f} s; 429s (limits, "
-          f"not errors): {n429}; transport errors: {len(rec.transport_errors)} (and {rec.closed_while_sending} oversized "
-          f"bodies cut off by the server's 413 + close while still being sent: expected)")
-    print(f"GET /jobs/{{id}} latency in phase 1: load loop p50 {poll_loop.get('p50_ms')} / p99 {poll_loop.get('p99_ms')} "
-          f"ms (n {poll_loop['n']}); probe process p50 {poll_probe.get('p50_ms')} / p99 {poll_probe.get('p99_ms')} ms "
-          f"(n {poll_probe['n']})")
-    print(f"phase 2, {args.streams} slow streams ({stream_counts}): GET /jobs/{{id}} p50 {stream_polls.get('p50_ms')} / "
-          f"p99 {stream_polls.get('p99_ms')} ms (n {stream_polls['n']}; goal p99 < 200 ms: "
-          f"{'met' if result['streams_phase']['poll_p99_under_200ms'] else 'NOT met'})")
-    print("  p99 per 5 s: " + ", ".join(f"{w['from_s']:.0f}s {w.get('p99_ms')}" for w in result["streams_phase"]
-                                        ["poll_latency_by_5s"]) + f"; jobs before {result.get('jobs_before_streams')}"
-          f", after {result.get('jobs_after_streams')}")
+    print(
+        f"requests: {result['requests_total']} in {args.seconds:.0f} + {args.stream_seconds:.0f} s; 429s (limits, "
+        f"not errors): {n429}; transport errors: {len(rec.transport_errors)} (and {rec.closed_while_sending} oversized "
+        f"bodies cut off by the server's 413 + close while still being sent: expected)"
+    )
+    print(
+        f"GET /jobs/{{id}} latency in phase 1: load loop p50 {poll_loop.get('p50_ms')} / p99 {poll_loop.get('p99_ms')} "
+        f"ms (n {poll_loop['n']}); probe process p50 {poll_probe.get('p50_ms')} / p99 {poll_probe.get('p99_ms')} ms "
+        f"(n {poll_probe['n']})"
+    )
+    print(
+        f"phase 2, {args.streams} slow streams ({stream_counts}): GET /jobs/{{id}} p50 {stream_polls.get('p50_ms')} / "
+        f"p99 {stream_polls.get('p99_ms')} ms (n {stream_polls['n']}; goal p99 < 200 ms: "
+        f"{'met' if result['streams_phase']['poll_p99_under_200ms'] else 'NOT met'})"
+    )
+    print(
+        "  p99 per 5 s: "
+        + ", ".join(f"{w['from_s']:.0f}s {w.get('p99_ms')}" for w in result["streams_phase"]["poll_latency_by_5s"])
+        + f"; jobs before {result.get('jobs_before_streams')}"
+        f", after {result.get('jobs_after_streams')}"
+    )
     for phase in ("load", "streams"):
         r = result["resources"][phase]
-        print(f"{phase:<8} API db connections peak {r.get('api_db_connections_peak')} (all processes "
-              f"{r.get('all_db_connections_peak')}); API VmRSS {r.get('api_rss_mib_first')} -> peak "
-              f"{r.get('api_rss_mib_peak')} -> {r.get('api_rss_mib_last')} MiB")
-    print(f"jobs: accepted {audit['jobs_accepted']}, lost {len(audit['jobs_lost'])}, by status at the end "
-          f"{audit['jobs_by_status']}; datasets accepted {audit['datasets_accepted']}, lost {len(audit['datasets_lost'])}")
+        print(
+            f"{phase:<8} API db connections peak {r.get('api_db_connections_peak')} (all processes "
+            f"{r.get('all_db_connections_peak')}); API VmRSS {r.get('api_rss_mib_first')} -> peak "
+            f"{r.get('api_rss_mib_peak')} -> {r.get('api_rss_mib_last')} MiB"
+        )
+    print(
+        f"jobs: accepted {audit['jobs_accepted']}, lost {len(audit['jobs_lost'])}, by status at the end "
+        f"{audit['jobs_by_status']}; datasets accepted {audit['datasets_accepted']}, lost {len(audit['datasets_lost'])}"
+    )
     if result.get("processes_alive_at_end") and not all(result["processes_alive_at_end"].values()):
         print(f"PROCESSES DIED: {result['processes_alive_at_end']}")
-    print(f"5xx: {len(rec.five_xx)}; cross-tenant leaks: {len(rec.leaks)}; hostile answers not as expected: "
-          f"{len(rec.unexpected)}; errors inside streams: {len(rec.stream_errors)}")
+    print(
+        f"5xx: {len(rec.five_xx)}; cross-tenant leaks: {len(rec.leaks)}; hostile answers not as expected: "
+        f"{len(rec.unexpected)}; errors inside streams: {len(rec.stream_errors)}"
+    )
     for item in rec.five_xx[:20]:
-        print(f"  5xx {item['status']} {item['route']} at {item['at_s']} s: {json.dumps(item['request'])[:300]} -> "
-              f"{item['body'][:300]}")
+        print(
+            f"  5xx {item['status']} {item['route']} at {item['at_s']} s: {json.dumps(item['request'])[:300]} -> "
+            f"{item['body'][:300]}"
+        )
     for item in rec.leaks[:20]:
         print(f"  LEAK {item['status']} {item['route']}: {item['body'][:200]}")
     seen: set[tuple[str, int]] = set()

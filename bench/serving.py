@@ -61,9 +61,14 @@ def make_adapters(model_dir: Path, out_dir: Path, n: int, b_scale: float) -> lis
     for i in range(n):
         torch.manual_seed(1000 + i)
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-        cfg = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
-                         target_modules="all-linear", init_lora_weights=False,
-                         task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=RANK,
+            lora_alpha=2 * RANK,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(base, cfg)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -107,8 +112,15 @@ def run_vllm_worker(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     llm = LLM(
-        model=spec["model"], enable_lora=True, max_loras=n, max_lora_rank=RANK,
-        max_cpu_loras=n, dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+        model=spec["model"],
+        enable_lora=True,
+        max_loras=n,
+        max_lora_rank=RANK,
+        max_cpu_loras=n,
+        dtype="float32",
+        max_model_len=256,
+        enforce_eager=True,
+        seed=0,
     )
     startup_s = time.perf_counter() - t0
     try:
@@ -178,11 +190,11 @@ def spawn_worker(spec_path: Path, result_path: Path, fast: bool, log_path: Path)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc probe function
-    cmd = [sys.executable, "-m", "bench.serving", "--worker", str(spec_path),
-           "--worker-out", str(result_path)]
+    cmd = [sys.executable, "-m", "bench.serving", "--worker", str(spec_path), "--worker-out", str(result_path)]
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              cwd=str(Path(__file__).resolve().parent.parent))
+        proc = subprocess.run(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parent.parent)
+        )
     text = Path(log_path).read_text(errors="replace")
     if proc.returncode != 0:
         sys.stderr.write(text[-6000:])
@@ -195,8 +207,7 @@ def spawn_worker(spec_path: Path, result_path: Path, fast: bool, log_path: Path)
 # --------------------------------------------------------------------------- HF + PEFT baseline
 
 
-def run_hf_peft(model_dir: Path, adapters: list[str], prompts: list[str], new_tokens: int,
-                num_requests: int) -> dict:
+def run_hf_peft(model_dir: Path, adapters: list[str], prompts: list[str], new_tokens: int, num_requests: int) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -216,9 +227,10 @@ def run_hf_peft(model_dir: Path, adapters: list[str], prompts: list[str], new_to
         model.set_adapter(f"adapter_{i % n}")
         enc = tok(prompts[i], return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=tok.pad_token_id or 0)
-        return out[0, enc["input_ids"].shape[1]:].tolist()
+            out = model.generate(
+                **enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id or 0
+            )
+        return out[0, enc["input_ids"].shape[1] :].tolist()
 
     # One thread by default: on the 2-core machine this was written on, vLLM's CPU worker
     # reserves one core and computes on the other ("core ids" in its log), so both paths get one
@@ -233,8 +245,13 @@ def run_hf_peft(model_dir: Path, adapters: list[str], prompts: list[str], new_to
         dt = time.perf_counter() - t0
     finally:
         torch.set_num_threads(default_threads)
-    return {"requests": num_requests, "seconds": dt, "threads": threads,
-            "tok_s": num_requests * new_tokens / dt, "ids": ids}
+    return {
+        "requests": num_requests,
+        "seconds": dt,
+        "threads": threads,
+        "tok_s": num_requests * new_tokens / dt,
+        "ids": ids,
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -247,8 +264,7 @@ def _median(xs):
 def summarize(on: dict, off: dict, hf: dict, args, n_prompts: int) -> tuple[dict, list[str]]:
     mismatched = [i for i, (a, b) in enumerate(zip(on["mixed_ids"], off["mixed_ids"])) if a != b]
     base_clean_mismatch = {
-        name: sum(a != b for a, b in zip(r["base_ids"], r["base_clean_ids"]))
-        for name, r in (("on", on), ("off", off))
+        name: sum(a != b for a, b in zip(r["base_ids"], r["base_clean_ids"])) for name, r in (("on", on), ("off", off))
     }
     lora_changes = sum(a != b for a, b in zip(on["mixed_ids"], on["base_clean_ids"]))
     # Requests without an adapter batched together with adapter requests: do they still get
@@ -259,11 +275,13 @@ def summarize(on: dict, off: dict, hf: dict, args, n_prompts: int) -> tuple[dict
             "base_requests_differing_from_clean_base": sum(
                 ids != r["base_clean_ids"][i]
                 for i, (a, ids) in enumerate(zip(r["with_base_adapter"], r["with_base_ids"]))
-                if a is None),
+                if a is None
+            ),
             "adapter_requests_differing_from_adapter_only_run": sum(
                 ids != r["mixed_ids"][i]
                 for i, (a, ids) in enumerate(zip(r["with_base_adapter"], r["with_base_ids"]))
-                if a is not None and a == i % NUM_ADAPTERS),
+                if a is not None and a == i % NUM_ADAPTERS
+            ),
         }
         for name, r in (("on", on), ("off", off))
     }
@@ -280,14 +298,31 @@ def summarize(on: dict, off: dict, hf: dict, args, n_prompts: int) -> tuple[dict
         "rank": RANK,
         "dtype": "float32",
         "repeats": args.repeats,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_at_end": os.getloadavg()},
-        "plugin_on": {k: on[k] for k in ("base_tok_s", "mixed_tok_s", "base_times_s",
-                                         "mixed_times_s", "startup_s", "worker_probe",
-                                         "plugin_log_lines")},
-        "plugin_off": {k: off[k] for k in ("base_tok_s", "mixed_tok_s", "base_times_s",
-                                           "mixed_times_s", "startup_s", "worker_probe",
-                                           "plugin_log_lines")},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_at_end": os.getloadavg()},
+        "plugin_on": {
+            k: on[k]
+            for k in (
+                "base_tok_s",
+                "mixed_tok_s",
+                "base_times_s",
+                "mixed_times_s",
+                "startup_s",
+                "worker_probe",
+                "plugin_log_lines",
+            )
+        },
+        "plugin_off": {
+            k: off[k]
+            for k in (
+                "base_tok_s",
+                "mixed_tok_s",
+                "base_times_s",
+                "mixed_times_s",
+                "startup_s",
+                "worker_probe",
+                "plugin_log_lines",
+            )
+        },
         "a_mixed_vs_base_plugin_on": on["mixed_tok_s"] / on["base_tok_s"],
         "b_mixed_vs_base_plugin_off": off["mixed_tok_s"] / off["base_tok_s"],
         "mixed_speedup_on_vs_off": on["mixed_tok_s"] / off["mixed_tok_s"],
@@ -303,8 +338,10 @@ def summarize(on: dict, off: dict, hf: dict, args, n_prompts: int) -> tuple[dict
         "base_runs_after_adapters_loaded_differing_from_clean_base": base_clean_mismatch,
         "base_and_adapter_requests_in_one_batch": with_base,
         "hf_peft_requests_matching_vllm_on": f"{hf_match}/{hf['requests']}",
-        "goals": {"a_ge_0.8": on["mixed_tok_s"] / on["base_tok_s"] >= 0.8,
-                  "c_ge_5x": on["mixed_tok_s"] / hf["tok_s"] >= 5.0},
+        "goals": {
+            "a_ge_0.8": on["mixed_tok_s"] / on["base_tok_s"] >= 0.8,
+            "c_ge_5x": on["mixed_tok_s"] / hf["tok_s"] >= 5.0,
+        },
     }
     lines = [
         f"serving benchmark: preset={args.preset}, {n_prompts} prompts x {args.new_tokens} new "
@@ -320,10 +357,8 @@ def summarize(on: dict, off: dict, hf: dict, args, n_prompts: int) -> tuple[dict
         f"{'mixed: plugin ON vs OFF':58s} {'':8s} {res['mixed_speedup_on_vs_off']:8.2f}",
         f"{'transformers+PEFT one by one, set_adapter (%d requests)' % hf['requests']:58s} "
         f"{hf['tok_s']:8.0f} {1.0:8.2f}",
-        f"{'  (c) vLLM mixed ON vs transformers+PEFT':58s} {'':8s} "
-        f"{res['c_vllm_mixed_on_vs_hf_peft']:8.2f}",
-        f"{'  (c) vLLM mixed OFF vs transformers+PEFT':58s} {'':8s} "
-        f"{res['c_vllm_mixed_off_vs_hf_peft']:8.2f}",
+        f"{'  (c) vLLM mixed ON vs transformers+PEFT':58s} {'':8s} {res['c_vllm_mixed_on_vs_hf_peft']:8.2f}",
+        f"{'  (c) vLLM mixed OFF vs transformers+PEFT':58s} {'':8s} {res['c_vllm_mixed_off_vs_hf_peft']:8.2f}",
         f"(d) cold adapter first request, extra ms vs warm: ON {cold_extra['on']:.0f} ms, "
         f"OFF {cold_extra['off']:.0f} ms",
         "",
@@ -351,8 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="bench")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="reuse a model built by core.modelzoo (default: build into a temp dir)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="reuse a model built by core.modelzoo (default: build into a temp dir)",
+    )
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -377,8 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {model_dir}", flush=True)
         prompts = build_prompts(Path(model_dir), args.prompts, args.seed)
         adapters = make_adapters(Path(model_dir), tmp_path, NUM_ADAPTERS, args.lora_b_scale)
-        spec = {"model": str(model_dir), "prompts": prompts, "adapters": adapters,
-                "new_tokens": args.new_tokens, "repeats": args.repeats}
+        spec = {
+            "model": str(model_dir),
+            "prompts": prompts,
+            "adapters": adapters,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+        }
         spec_path = tmp_path / "spec.json"
         spec_path.write_text(json.dumps(spec))
         results = {}
@@ -386,12 +430,12 @@ def main(argv: list[str] | None = None) -> int:
             label = "on" if fast else "off"
             print(f"vLLM worker, plugin {label} ...", flush=True)
             t0 = time.perf_counter()
-            results[label] = spawn_worker(spec_path, tmp_path / f"vllm_{label}.json", fast,
-                                          tmp_path / f"vllm_{label}.log")
+            results[label] = spawn_worker(
+                spec_path, tmp_path / f"vllm_{label}.json", fast, tmp_path / f"vllm_{label}.log"
+            )
             print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
         print("transformers + PEFT baseline ...", flush=True)
-        hf = run_hf_peft(Path(model_dir), adapters, prompts, args.new_tokens,
-                         min(args.hf_requests, len(prompts)))
+        hf = run_hf_peft(Path(model_dir), adapters, prompts, args.new_tokens, min(args.hf_requests, len(prompts)))
 
     res, lines = summarize(results["on"], results["off"], hf, args, len(prompts))
     print("\n".join(lines))

@@ -52,8 +52,12 @@ def free_port() -> int:
 def percentiles(ms: list[float]) -> dict[str, float]:
     ordered = sorted(ms)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return {"p50_ms": round(statistics.median(ordered), 2), "p99_ms": round(p99, 2),
-            "mean_ms": round(statistics.fmean(ordered), 2), "n": len(ordered)}
+    return {
+        "p50_ms": round(statistics.median(ordered), 2),
+        "p99_ms": round(p99, 2),
+        "mean_ms": round(statistics.fmean(ordered), 2),
+        "n": len(ordered),
+    }
 
 
 def make_adapter(settings: Any, name: str) -> None:
@@ -70,17 +74,30 @@ def make_adapter(settings: Any, name: str) -> None:
     torch.manual_seed(0)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     base = AutoModelForCausalLM.from_pretrained(settings.base_model, dtype=torch.float32)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets,
-                                                             init_lora_weights=False))
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    )
     store = Store(settings)
     relative = store.adapter_dir(name)
     model.save_pretrained(store.resolve(relative))
     files, size = hash_dir(store.resolve(relative))
     with session_scope(settings.database_url) as session:
-        adapters_repo.add_adapter(session, Adapter(
-            name=name, tenant_id=DEFAULT_TENANT_ID, base_model=settings.served_model_name, method="lora", rank=8, alpha=16.0,
-            target_modules=targets, path=relative, files=files, size_bytes=size, status=AdapterStatus.ready,
-        ))
+        adapters_repo.add_adapter(
+            session,
+            Adapter(
+                name=name,
+                tenant_id=DEFAULT_TENANT_ID,
+                base_model=settings.served_model_name,
+                method="lora",
+                rank=8,
+                alpha=16.0,
+                target_modules=targets,
+                path=relative,
+                files=files,
+                size_bytes=size,
+                status=AdapterStatus.ready,
+            ),
+        )
 
 
 def mint_default_key(settings: Any) -> str:
@@ -109,13 +126,33 @@ def start_processes(settings: Any, env: dict[str, str], api_port: int, logs: Pat
     """`python -m serving` and the API under uvicorn, as deployed."""
     procs = []
     with (logs / "serving.log").open("ab") as log:
-        procs.append(subprocess.Popen([sys.executable, "-m", "serving"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "serving"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
     with (logs / "api.log").open("ab") as log:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(api_port), "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.main:create_app",
+                    "--factory",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(api_port),
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     wait_ready(f"{settings.serving_url}/health", procs[0], {TOKEN_HEADER: settings.serving_token})
     wait_ready(f"http://127.0.0.1:{api_port}/healthz", procs[1], {})
     return procs
@@ -160,8 +197,9 @@ def run_engine(settings: Any, requests: int, max_tokens: int) -> dict[str, dict[
 
     async def run() -> dict[str, dict[str, float]]:
         async def call(label: str) -> None:
-            req = ServingRequest(adapter=ADAPTER if label == "adapter" else None, temperature=0,
-                                 max_tokens=max_tokens, **PROMPT)
+            req = ServingRequest(
+                adapter=ADAPTER if label == "adapter" else None, temperature=0, max_tokens=max_tokens, **PROMPT
+            )
             await gen.complete(await gen.prepare(req))
 
         timings = await timed({label: (lambda lb=label: call(lb)) for label in ("base", "adapter")}, requests)
@@ -181,16 +219,22 @@ def run_http(
 
     async def run() -> dict[str, dict[str, dict[str, float]]]:
         async with httpx.AsyncClient(timeout=120) as client:
+
             async def serving_call(adapter: str | None) -> None:
                 body = {**PROMPT, "temperature": 0, "max_tokens": max_tokens, "adapter": adapter}
-                response = await client.post(f"{settings.serving_url}/generate", json=body,
-                                             headers={TOKEN_HEADER: settings.serving_token})
+                response = await client.post(
+                    f"{settings.serving_url}/generate", json=body, headers={TOKEN_HEADER: settings.serving_token}
+                )
                 response.raise_for_status()
 
             async def api_call(adapter: str | None) -> None:
                 body = {**PROMPT, "temperature": 0, "max_tokens": max_tokens}
-                response = await client.post(f"{api_url}/generate", params={"adapter": adapter} if adapter else {},
-                                             json=body, headers={"Authorization": f"Bearer {api_key}"})
+                response = await client.post(
+                    f"{api_url}/generate",
+                    params={"adapter": adapter} if adapter else {},
+                    json=body,
+                    headers={"Authorization": f"Bearer {api_key}"},
+                )
                 response.raise_for_status()
 
             calls = {}
@@ -224,9 +268,16 @@ def main() -> None:
     model = build_model(work / "models" / args.preset, preset=args.preset, seed=0)
     api_port = free_port()
     values: dict[str, Any] = {
-        "data_dir": str(work), "base_model": str(model), "max_lora_rank": 8, "reconcile_interval_seconds": 0,
-        "serving_port": free_port(), "serving_token": secrets.token_hex(8), "serving_dtype": "float32",
-        "serving_max_model_len": 512, "serving_max_loras": 2, "serving_max_cpu_loras": 2,
+        "data_dir": str(work),
+        "base_model": str(model),
+        "max_lora_rank": 8,
+        "reconcile_interval_seconds": 0,
+        "serving_port": free_port(),
+        "serving_token": secrets.token_hex(8),
+        "serving_dtype": "float32",
+        "serving_max_model_len": 512,
+        "serving_max_loras": 2,
+        "serving_max_cpu_loras": 2,
     }
     settings = Settings(**values)
     settings.ensure_dirs()
@@ -243,24 +294,36 @@ def main() -> None:
     finally:
         stop_processes(procs)
 
-    print(f"\n/generate latency, {args.requests} sequential requests, max_tokens={args.max_tokens}, "
-          f"preset={args.preset}\n")
+    print(
+        f"\n/generate latency, {args.requests} sequential requests, max_tokens={args.max_tokens}, "
+        f"preset={args.preset}\n"
+    )
     print(f"{'path':<10}{'model':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'p50 vs engine':>15}")
     for path in ("engine", "serving", "api"):
         for label in ("base", "adapter"):
             r = results[path][label]
             extra = r["p50_ms"] - results["engine"][label]["p50_ms"]
             print(f"{path:<10}{label:<10}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['mean_ms']:>10.2f}{extra:>+14.2f}")
-    overhead = {label: round(results["api"][label]["p50_ms"] - results["serving"][label]["p50_ms"], 2)
-                for label in ("base", "adapter")}
+    overhead = {
+        label: round(results["api"][label]["p50_ms"] - results["serving"][label]["p50_ms"], 2)
+        for label in ("base", "adapter")
+    }
     print(f"\nAPI hop over serving direct (p50): {overhead}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "serving_api", "preset": args.preset, "requests": args.requests,
-        "max_tokens": args.max_tokens,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg": os.getloadavg()},
-        "results": results, "api_over_serving_p50_ms": overhead,
-    }, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "serving_api",
+                "preset": args.preset,
+                "requests": args.requests,
+                "max_tokens": args.max_tokens,
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg": os.getloadavg()},
+                "results": results,
+                "api_over_serving_p50_ms": overhead,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

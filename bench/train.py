@@ -37,10 +37,12 @@ def variable_length_rows(n: int, seed: int) -> list[list[dict[str, str]]]:
     rows = []
     for _ in range(n):
         length = int(rng.paretovariate(1.2) * 4) % 60 + 4
-        rows.append([
-            {"role": "user", "content": " ".join(rng.choice(words) for _ in range(length))},
-            {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))},
-        ])
+        rows.append(
+            [
+                {"role": "user", "content": " ".join(rng.choice(words) for _ in range(length))},
+                {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))},
+            ]
+        )
     return rows
 
 
@@ -53,8 +55,10 @@ def long_rows(n: int, seed: int) -> list[list[dict[str, str]]]:
     rng = random.Random(seed)
     words = "alpha beta gamma delta river stone cloud paper green light music table window".split()
     return [
-        [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(150))},
-         {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(20))}]
+        [
+            {"role": "user", "content": " ".join(rng.choice(words) for _ in range(150))},
+            {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(20))},
+        ]
         for _ in range(n)
     ]
 
@@ -74,16 +78,30 @@ def run_one(
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    hp = Hyperparameters(max_steps=steps, batch_size=batch_size, learning_rate=1e-4, max_seq_length=512,
-                         checkpoint_every_steps=10**6, seed=0, **knobs)  # type: ignore[arg-type]
+    hp = Hyperparameters(
+        max_steps=steps,
+        batch_size=batch_size,
+        learning_rate=1e-4,
+        max_seq_length=512,
+        checkpoint_every_steps=10**6,
+        seed=0,
+        **knobs,
+    )  # type: ignore[arg-type]
     examples, _ = encode_rows(tokenizer, ROWS[rows](steps * batch_size, seed=0), hp)
     with tempfile.TemporaryDirectory() as out:
         if method == "reference":
             trainer, tokens = reference_trainer(model_dir, tokenizer, examples, hp, out)
         else:
-            trainer, collator = build_trainer(base_model=model_dir, method=method, hp=hp, examples=examples,
-                                              pad_token_id=tokenizer.pad_token_id, output_dir=out,
-                                              logging_steps=10**6, use_cpu=True)
+            trainer, collator = build_trainer(
+                base_model=model_dir,
+                method=method,
+                hp=hp,
+                examples=examples,
+                pad_token_id=tokenizer.pad_token_id,
+                output_dir=out,
+                logging_steps=10**6,
+                use_cpu=True,
+            )
         rss_before = _current_rss_mib()
         started = time.perf_counter()
         result = trainer.train()
@@ -115,12 +133,30 @@ def reference_trainer(model_dir, tokenizer, examples, hp, out):  # type: ignore[
 
     torch.manual_seed(hp.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=hp.batch_size, max_steps=hp.max_steps,
-                             learning_rate=hp.learning_rate, report_to=[], use_cpu=True, save_strategy="no",
-                             remove_unused_columns=False, disable_tqdm=True, seed=hp.seed, data_seed=hp.seed,
-                             logging_steps=10**6)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    args = TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=hp.batch_size,
+        max_steps=hp.max_steps,
+        learning_rate=hp.learning_rate,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        logging_steps=10**6,
+    )
     collator = CountingCollator(tokenizer, padding=True, label_pad_token_id=-100)
     return Trainer(model=model, args=args, train_dataset=examples, data_collator=collator), CountingCollator
 
@@ -148,9 +184,22 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for name in CONFIGS:
         out = subprocess.run(
-            [sys.executable, "-m", "bench.train", "--only", name, "--model-dir", str(model_dir),
-             "--steps", str(args.steps), "--batch-size", str(args.batch_size)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "bench.train",
+                "--only",
+                name,
+                "--model-dir",
+                str(model_dir),
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  measured {name}: {results[name]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
@@ -164,16 +213,30 @@ def main() -> None:
             results["lora + gradient checkpointing"]["training_peak_mib"] / results["lora"]["training_peak_mib"]
         ),
     }
-    print(f"\ntraining on preset {args.preset}: {args.steps} steps x batch {args.batch_size}, variable-length rows, CPU")
+    print(
+        f"\ntraining on preset {args.preset}: {args.steps} steps x batch {args.batch_size}, variable-length rows, CPU"
+    )
     print(f"{'configuration':<42} {'tokens/s':>10} {'peak RSS MiB':>13} {'training MiB':>13} {'loss':>8}")
     for name, r in results.items():
-        print(f"{name:<42} {r['tokens_per_s']:>10.0f} {r['peak_rss_mib']:>13.0f} {r['training_peak_mib']:>13.0f} {r['train_loss']:>8.3f}")
+        print(
+            f"{name:<42} {r['tokens_per_s']:>10.0f} {r['peak_rss_mib']:>13.0f} {r['training_peak_mib']:>13.0f} {r['train_loss']:>8.3f}"
+        )
     print()
     for name, value in ratios.items():
         print(f"{name:<42} {value:>10.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
-                                    "results": results, "ratios": ratios}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "results": results,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {args.out}")
 
 

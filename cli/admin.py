@@ -75,6 +75,12 @@ def list_keys_command() -> None:
     with session_scope(_database_url()) as session:
         for key, tenant in tenants_repo.list_keys(session):
             revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "-"
-            fields = (key.id, tenant.name, key.label or "-", key.prefix + "...",
-                      key.created_at.isoformat(timespec="seconds"), revoked)
+            fields = (
+                key.id,
+                tenant.name,
+                key.label or "-",
+                key.prefix + "...",
+                key.created_at.isoformat(timespec="seconds"),
+                revoked,
+            )
             typer.echo("\t".join(fields))

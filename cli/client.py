@@ -13,8 +13,15 @@ DEFAULT_API_URL = "http://127.0.0.1:8000"
 class ApiError(Exception):
     """The API answered with an error: `{"error": {"type", "code", "message", "param"}}`, or could not be reached."""
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 param: str | None = None, retry_after: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -29,8 +36,13 @@ class ApiError(Exception):
             message, code, param = str(error["message"]), error.get("code"), error.get("param")
         except (ValueError, KeyError, TypeError):  # not our error shape: a proxy, or an older API
             message, code, param = response.text.strip()[:500] or response.reason_phrase, None, None
-        return cls(message, status=response.status_code, code=code, param=param,
-                   retry_after=response.headers.get("retry-after"))
+        return cls(
+            message,
+            status=response.status_code,
+            code=code,
+            param=param,
+            retry_after=response.headers.get("retry-after"),
+        )
 
 
 class Api:

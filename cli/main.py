@@ -27,7 +27,9 @@ STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "r
 WATCH_UNREACHABLE_SECONDS = 60.0
 
 app = typer.Typer(
-    name="tuneserve", no_args_is_help=True, add_completion=False,
+    name="tuneserve",
+    no_args_is_help=True,
+    add_completion=False,
     help="Fine-tune LoRA adapters and use them, through the tuneserve API.",
 )
 datasets_app = typer.Typer(no_args_is_help=True, help="Upload and list datasets.")
@@ -76,9 +78,12 @@ def fail(e: ApiError) -> NoReturn:
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    api: Annotated[str, typer.Option("--api", envvar="TUNESERVE_API_URL", help="Base URL of the tuneserve API")] = DEFAULT_API_URL,
+    api: Annotated[
+        str, typer.Option("--api", envvar="TUNESERVE_API_URL", help="Base URL of the tuneserve API")
+    ] = DEFAULT_API_URL,
     api_key: Annotated[
-        str | None, typer.Option("--api-key", envvar="TUNESERVE_API_KEY", help="Your API key (tuneserve admin create-key)")
+        str | None,
+        typer.Option("--api-key", envvar="TUNESERVE_API_KEY", help="Your API key (tuneserve admin create-key)"),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of tables")] = False,
 ) -> None:
@@ -144,9 +149,18 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 @api_errors
 def datasets_upload(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="JSONL: chat, prompt/completion or instruction rows")],
-    test_file: Annotated[Path | None, typer.Option("--test-file", exists=True, dir_okay=False, help="The test split, same format")] = None,
-    test_fraction: Annotated[float | None, typer.Option("--test-fraction", help="Hold out this share of FILE as the test split")] = None,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, readable=True, help="JSONL: chat, prompt/completion or instruction rows"
+        ),
+    ],
+    test_file: Annotated[
+        Path | None, typer.Option("--test-file", exists=True, dir_okay=False, help="The test split, same format")
+    ] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option("--test-fraction", help="Hold out this share of FILE as the test split")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the --test-fraction split")] = None,
 ) -> None:
     """Upload a dataset; the API validates every line and splits train/test."""
@@ -172,7 +186,9 @@ def datasets_upload(
 
 @datasets_app.command("list")
 @api_errors
-def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 20) -> None:
+def datasets_list(
+    ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 20
+) -> None:
     """List datasets, newest first."""
     state = state_of(ctx)
     page = state.api.get("/datasets", limit=limit)
@@ -180,7 +196,14 @@ def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="A
         return print_json(state, page)
     table = Table("id", "file", "format", "train", "test", "created")
     for d in page["data"]:
-        table.add_row(d["id"], d["filename"], d["format"], str(d["splits"]["train"]), str(d["splits"]["test"]), when(d["created_at"]))
+        table.add_row(
+            d["id"],
+            d["filename"],
+            d["format"],
+            str(d["splits"]["train"]),
+            str(d["splits"]["test"]),
+            when(d["created_at"]),
+        )
     state.out.print(table)
 
 
@@ -197,10 +220,16 @@ def jobs_create(
     method: Annotated[str, typer.Option(help="Fine-tuning method")] = "lora",
     settings: Annotated[
         list[str] | None,
-        typer.Option("--set", "-s", help="A hyperparameter, key=value (repeatable); evaluation.KEY=value sets the "
-                                         "before/after evaluation, e.g. evaluation.max_examples=50"),
+        typer.Option(
+            "--set",
+            "-s",
+            help="A hyperparameter, key=value (repeatable); evaluation.KEY=value sets the "
+            "before/after evaluation, e.g. evaluation.max_examples=50",
+        ),
     ] = None,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation on the test split")] = False,
+    no_eval: Annotated[
+        bool, typer.Option("--no-eval", help="Skip the before/after evaluation on the test split")
+    ] = False,
 ) -> None:
     """Submit a fine-tuning job (queued until a worker takes it)."""
     state = state_of(ctx)
@@ -221,7 +250,9 @@ def jobs_create(
     job = state.api.post("/jobs", json=body)
     if state.json:
         return print_json(state, job)
-    state.out.print(f"job [bold]{job['id']}[/bold] {styled(job['status'])}; follow it with: tuneserve jobs watch {job['id']}")
+    state.out.print(
+        f"job [bold]{job['id']}[/bold] {styled(job['status'])}; follow it with: tuneserve jobs watch {job['id']}"
+    )
 
 
 @jobs_app.command("list")
@@ -239,8 +270,14 @@ def jobs_list(
     table = Table("id", "status", "progress", "loss", "adapter", "created")
     for j in page["data"]:
         p = j["progress"]
-        table.add_row(j["id"], styled(j["status"]), f"{p['step']}/{p['total_steps'] or '?'}", fmt_number(j["last_loss"]),
-                      j["fine_tuned_model"] or "-", when(j["created_at"]))
+        table.add_row(
+            j["id"],
+            styled(j["status"]),
+            f"{p['step']}/{p['total_steps'] or '?'}",
+            fmt_number(j["last_loss"]),
+            j["fine_tuned_model"] or "-",
+            when(j["created_at"]),
+        )
     state.out.print(table)
 
 
@@ -255,7 +292,11 @@ def jobs_show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Jo
     p = job["progress"]
     progress = f"{p['step']}/{p['total_steps'] or '?'}" + (f" ({p['percent']}%)" if p["percent"] is not None else "")
     rows: list[tuple[str, Any]] = [
-        ("status", styled(job["status"]) + (" (cancel requested)" if job["cancel_requested"] and job["status"] not in TERMINAL else "")),
+        (
+            "status",
+            styled(job["status"])
+            + (" (cancel requested)" if job["cancel_requested"] and job["status"] not in TERMINAL else ""),
+        ),
         ("dataset", job["dataset_id"]),
         ("base model", job["base_model"]),
         ("method", job["method"]),
@@ -272,13 +313,20 @@ def jobs_show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Jo
     ]
     if job.get("error"):
         e = job["error"]
-        rows.append(("error", escape(f"{e['code']}: {e['message']}" + (f" (param: {e['param']})" if e.get("param") else ""))))
+        rows.append(
+            ("error", escape(f"{e['code']}: {e['message']}" + (f" (param: {e['param']})" if e.get("param") else "")))
+        )
     evaluation = job.get("evaluation")
     if evaluation:
         rows.append(("evaluation", evaluation["status"]))
         for name, delta in sorted(evaluation.get("delta", {}).items()):
-            rows.append((f"  {name}", f"{fmt_number(evaluation['base'].get(name))} -> "
-                                      f"{fmt_number(evaluation['adapter'].get(name))} ({delta:+.4g})"))
+            rows.append(
+                (
+                    f"  {name}",
+                    f"{fmt_number(evaluation['base'].get(name))} -> "
+                    f"{fmt_number(evaluation['adapter'].get(name))} ({delta:+.4g})",
+                )
+            )
     state.out.print(key_values(f"job {job['id']}", rows))
 
 
@@ -292,8 +340,12 @@ def jobs_watch(
     """Follow a job live until it ends; exit code 0 if it succeeded, 1 otherwise."""
     state = state_of(ctx)
     columns = (
-        SpinnerColumn(), TextColumn("{task.fields[status]}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("eta {task.fields[eta]}"),
+        SpinnerColumn(),
+        TextColumn("{task.fields[status]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("eta {task.fields[eta]}"),
     )
     unreachable_since: float | None = None
     with Progress(*columns, console=state.err, transient=False) as progress:
@@ -311,16 +363,24 @@ def jobs_watch(
                 time.sleep(interval)
                 continue
             p = job["progress"]
-            progress.update(task, total=p["total_steps"], completed=p["step"], status=styled(job["status"]),
-                            loss=fmt_number(job["last_loss"]), eta=fmt_seconds(p["eta_seconds"]))
+            progress.update(
+                task,
+                total=p["total_steps"],
+                completed=p["step"],
+                status=styled(job["status"]),
+                loss=fmt_number(job["last_loss"]),
+                eta=fmt_seconds(p["eta_seconds"]),
+            )
             if job["status"] in TERMINAL:
                 break
             time.sleep(interval)
     if state.json:
         print_json(state, job)
     elif job["status"] == "succeeded":
-        state.out.print(f"job {job['id']} [green]succeeded[/green]: adapter [bold]{job['fine_tuned_model']}[/bold] "
-                        f"(final loss {fmt_number(job['last_loss'])})")
+        state.out.print(
+            f"job {job['id']} [green]succeeded[/green]: adapter [bold]{job['fine_tuned_model']}[/bold] "
+            f"(final loss {fmt_number(job['last_loss'])})"
+        )
     else:
         e = job.get("error") or {}
         reason = escape(f": {e.get('code')}: {e.get('message')}") if e else ""
@@ -336,7 +396,9 @@ def jobs_cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="
     job = state.api.post(f"/jobs/{job_id}/cancel")
     if state.json:
         return print_json(state, job)
-    state.out.print(f"job {job['id']}: {styled(job['status'])}" + (" (cancel requested)" if job["cancel_requested"] else ""))
+    state.out.print(
+        f"job {job['id']}: {styled(job['status'])}" + (" (cancel requested)" if job["cancel_requested"] else "")
+    )
 
 
 def optional_report(state: State, job_id: str) -> dict[str, Any] | None:
@@ -364,7 +426,11 @@ def jobs_plot(
     if not curve.train:
         fail(ApiError(f"job {job_id} has no loss events yet (status {job['status']})"))
     save_loss_plot(curve, output)
-    extra = f"; test loss {fmt_number(curve.test_base)} -> {fmt_number(curve.test_adapter)}" if curve.test_adapter is not None else ""
+    extra = (
+        f"; test loss {fmt_number(curve.test_base)} -> {fmt_number(curve.test_adapter)}"
+        if curve.test_adapter is not None
+        else ""
+    )
     state.out.print(f"wrote {output} ({len(curve.train)} training points{extra})")
 
 
@@ -373,7 +439,9 @@ def jobs_plot(
 
 @adapters_app.command("list")
 @api_errors
-def adapters_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 20) -> None:
+def adapters_list(
+    ctx: typer.Context, limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 20
+) -> None:
     """List adapters, newest first."""
     state = state_of(ctx)
     page = state.api.get("/adapters", limit=limit)
@@ -381,8 +449,16 @@ def adapters_list(ctx: typer.Context, limit: Annotated[int, typer.Option(help="A
         return print_json(state, page)
     table = Table("name", "job", "method", "rank", "alpha", "status", "servable", "created")
     for a in page["data"]:
-        table.add_row(a["name"], a["job_id"] or "-", a["method"], str(a["rank"]), fmt_number(a["alpha"]), a["status"],
-                      "yes" if a["servable"] else f"no: {a['servable_reason']}", when(a["created_at"]))
+        table.add_row(
+            a["name"],
+            a["job_id"] or "-",
+            a["method"],
+            str(a["rank"]),
+            fmt_number(a["alpha"]),
+            a["status"],
+            "yes" if a["servable"] else f"no: {a['servable_reason']}",
+            when(a["created_at"]),
+        )
     state.out.print(table)
 
 
@@ -394,12 +470,25 @@ def adapters_show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="
     a = state.api.get(f"/adapters/{name}")
     if state.json:
         return print_json(state, a)
-    state.out.print(key_values(f"adapter {a['name']}", [
-        ("job", a["job_id"]), ("base model", a["base_model"]), ("method", a["method"]), ("rank", a["rank"]),
-        ("alpha", a["alpha"]), ("target modules", ", ".join(a["target_modules"])), ("status", a["status"]),
-        ("servable", "yes" if a["servable"] else f"no: {a['servable_reason']}"), ("size", f"{a['size_bytes']} bytes"),
-        ("parent", a.get("parent")), ("scale", a.get("scale")), ("created", when(a["created_at"])),
-    ]))
+    state.out.print(
+        key_values(
+            f"adapter {a['name']}",
+            [
+                ("job", a["job_id"]),
+                ("base model", a["base_model"]),
+                ("method", a["method"]),
+                ("rank", a["rank"]),
+                ("alpha", a["alpha"]),
+                ("target modules", ", ".join(a["target_modules"])),
+                ("status", a["status"]),
+                ("servable", "yes" if a["servable"] else f"no: {a['servable_reason']}"),
+                ("size", f"{a['size_bytes']} bytes"),
+                ("parent", a.get("parent")),
+                ("scale", a.get("scale")),
+                ("created", when(a["created_at"])),
+            ],
+        )
+    )
     files = Table("file", "sha256")
     for file_name, digest in sorted(a["files"].items()):
         files.add_row(file_name, digest)
@@ -436,8 +525,10 @@ def generate(
         return print_json(state, result)
     state.out.print(result["text"], highlight=False, markup=False)
     usage = result.get("usage") or {}
-    state.err.print(f"[dim]{result['model']}{' + ' + result['adapter'] if result.get('adapter') else ''}: "
-                    f"{usage.get('completion_tokens', '?')} tokens, finish {result.get('finish_reason')}[/dim]")
+    state.err.print(
+        f"[dim]{result['model']}{' + ' + result['adapter'] if result.get('adapter') else ''}: "
+        f"{usage.get('completion_tokens', '?')} tokens, finish {result.get('finish_reason')}[/dim]"
+    )
 
 
 @eval_app.command("report")
@@ -454,20 +545,30 @@ def eval_report(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="
     if state.json:
         return print_json(state, report)
     summary = report["evaluation"]
-    state.out.print(f"job {report['job_id']} ({styled(report['job_status'])}), adapter {report['adapter'] or '-'}: "
-                    f"evaluation {styled(summary['status'])} on the {report['split']} split "
-                    f"({report['n_examples'] if report['n_examples'] is not None else '?'} examples)")
+    state.out.print(
+        f"job {report['job_id']} ({styled(report['job_status'])}), adapter {report['adapter'] or '-'}: "
+        f"evaluation {styled(summary['status'])} on the {report['split']} split "
+        f"({report['n_examples'] if report['n_examples'] is not None else '?'} examples)"
+    )
     if not report["metrics"]:
-        state.out.print("no metrics yet" if summary["status"] in ("pending", "queued", "running")
-                        else "no metrics (the evaluation was disabled, failed, or the dataset has no test split)")
+        state.out.print(
+            "no metrics yet"
+            if summary["status"] in ("pending", "queued", "running")
+            else "no metrics (the evaluation was disabled, failed, or the dataset has no test split)"
+        )
         return
     title = f"adapter scale {report['adapter_scale']}" if report["adapter_scale"] not in (None, 1.0) else None
     table = Table("metric", "base", "adapter", "delta", "", title=title)
     for m in report["metrics"]:
         mark = {True: "[green]better[/]", False: "[red]worse[/]", None: ""}[m["improved"]]
         delta = "-" if m["delta"] is None else f"{m['delta']:+.4g}"
-        table.add_row(m["name"] + (" (lower is better)" if m["lower_is_better"] else ""), fmt_number(m["base"]),
-                      fmt_number(m["adapter"]), delta, mark)
+        table.add_row(
+            m["name"] + (" (lower is better)" if m["lower_is_better"] else ""),
+            fmt_number(m["base"]),
+            fmt_number(m["adapter"]),
+            delta,
+            mark,
+        )
     state.out.print(table)
     if len(report["scale_sweep"]) > 1:
         names = sorted({k for r in report["scale_sweep"] for k in r["metrics"]})

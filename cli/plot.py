@@ -27,8 +27,13 @@ def loss_curve(job: dict[str, Any], events: list[dict[str, Any]], report: dict[s
         if e.get("loss") is None or e.get("step") is None:
             continue
         (evaluation if "eval" in str(e.get("type", "")) else train).append((int(e["step"]), float(e["loss"])))
-    curve = LossCurve(job_id=job["id"], adapter=job.get("fine_tuned_model"), train=train, eval=evaluation,
-                      last_step=job["progress"].get("total_steps") or (train[-1][0] if train else None))
+    curve = LossCurve(
+        job_id=job["id"],
+        adapter=job.get("fine_tuned_model"),
+        train=train,
+        eval=evaluation,
+        last_step=job["progress"].get("total_steps") or (train[-1][0] if train else None),
+    )
     for metric in (report or {}).get("metrics", []):
         if metric.get("name") == "loss":
             curve.test_base, curve.test_adapter = metric.get("base"), metric.get("adapter")
@@ -51,8 +56,15 @@ def save_loss_plot(curve: LossCurve, out: Path) -> None:
         if curve.test_base is not None:
             ax.scatter([0], [curve.test_base], marker="s", color="tab:red", zorder=3, label="test loss, base model")
         if curve.test_adapter is not None:
-            ax.scatter([curve.last_step or steps[-1]], [curve.test_adapter], marker="*", s=120, color="tab:green",
-                       zorder=3, label="test loss, with adapter")
+            ax.scatter(
+                [curve.last_step or steps[-1]],
+                [curve.test_adapter],
+                marker="*",
+                s=120,
+                color="tab:green",
+                zorder=3,
+                label="test loss, with adapter",
+            )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.set_title(f"{curve.job_id}" + (f" -> {curve.adapter}" if curve.adapter else ""))

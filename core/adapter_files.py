@@ -73,8 +73,12 @@ def _tensor_layout(file: str, name: str, meta: object) -> tuple[list[int], list[
     shape, offsets = meta.get("shape"), meta.get("data_offsets")
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
         raise ValueError(f"{file}: tensor {name!r} has an invalid shape {shape!r:.100}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)
-            and offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_count(n) for n in offsets)
+        and offsets[0] <= offsets[1]
+    ):
         raise ValueError(f"{file}: tensor {name!r} has invalid data_offsets {offsets!r:.100} (want [begin, end])")
     return list(shape), list(offsets)
 
@@ -140,8 +144,10 @@ def check_adapter_config(config: dict[str, Any], *, max_rank: int) -> None:
     for module, alpha in _pattern("alpha_pattern", config.get("alpha_pattern")).items():
         _number(f"alpha_pattern.{module}", alpha)
     targets = config.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and not (
-        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    if (
+        targets is not None
+        and not isinstance(targets, str)
+        and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
     ):
         raise ValueError("target_modules must be a string or a list of strings")
     if config.get("use_dora"):

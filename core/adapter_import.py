@@ -79,8 +79,12 @@ class UnpackLimits:
 
     @classmethod
     def of(cls, settings: Settings) -> UnpackLimits:
-        return cls(max_bytes=settings.max_adapter_upload_bytes, max_members=settings.max_archive_members,
-                   max_header_bytes=settings.max_archive_header_bytes, max_config_bytes=settings.max_adapter_config_bytes)
+        return cls(
+            max_bytes=settings.max_adapter_upload_bytes,
+            max_members=settings.max_archive_members,
+            max_header_bytes=settings.max_archive_header_bytes,
+            max_config_bytes=settings.max_adapter_config_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -112,12 +116,16 @@ class _Tally:
             raise ArchiveTooLarge(f"the archive has more than {self.limits.max_members} members", "max_archive_members")
         self.header_bytes += header_bytes
         if self.header_bytes > self.limits.max_header_bytes:
-            raise ArchiveTooLarge(f"the archive's member headers pass {self.limits.max_header_bytes} bytes",
-                                  "max_archive_header_bytes")
+            raise ArchiveTooLarge(
+                f"the archive's member headers pass {self.limits.max_header_bytes} bytes", "max_archive_header_bytes"
+            )
         self.declared += max(size, 0)
         if self.declared > self.limits.max_bytes:
-            raise ArchiveTooLarge(f"the archive's members declare more than {self.limits.max_bytes} bytes unpacked",
-                                  "max_adapter_upload_bytes", name)
+            raise ArchiveTooLarge(
+                f"the archive's members declare more than {self.limits.max_bytes} bytes unpacked",
+                "max_adapter_upload_bytes",
+                name,
+            )
 
 
 def _tar_members(archive: tarfile.TarFile, tally: _Tally) -> Iterator[tuple[str, str, Callable[[], IO[bytes]]]]:
@@ -156,11 +164,14 @@ def _zip_directory_bounds(path: Path, limits: UnpackLimits) -> None:
         raise ArchiveRefused("file is not a .tar, .tar.gz or .zip archive")
     entries, directory_bytes = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
     if entries > limits.max_members:
-        raise ArchiveTooLarge(f"the archive has {entries} members; the limit is {limits.max_members}",
-                              "max_archive_members")
+        raise ArchiveTooLarge(
+            f"the archive has {entries} members; the limit is {limits.max_members}", "max_archive_members"
+        )
     if directory_bytes > limits.max_header_bytes:
-        raise ArchiveTooLarge(f"the archive's central directory is {directory_bytes} bytes; the limit is "
-                              f"{limits.max_header_bytes}", "max_archive_header_bytes")
+        raise ArchiveTooLarge(
+            f"the archive's central directory is {directory_bytes} bytes; the limit is {limits.max_header_bytes}",
+            "max_archive_header_bytes",
+        )
 
 
 def _zip_members(archive: zipfile.ZipFile, tally: _Tally) -> Iterator[tuple[str, str, Callable[[], IO[bytes]]]]:
@@ -253,9 +264,19 @@ def unpack_adapter(archive: Path, target: Path, settings: Settings) -> None:
     timeout = settings.adapter_unpack_timeout_seconds
     package_root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "core.adapter_import", str(archive), str(target), json.dumps(asdict(limits)),
-               str(timeout), str(settings.adapter_unpack_memory_bytes)]
-    too_slow = ArchiveTooLarge(f"unpacking the archive took longer than {timeout:g} s", "adapter_unpack_timeout_seconds")
+    command = [
+        sys.executable,
+        "-m",
+        "core.adapter_import",
+        str(archive),
+        str(target),
+        json.dumps(asdict(limits)),
+        str(timeout),
+        str(settings.adapter_unpack_memory_bytes),
+    ]
+    too_slow = ArchiveTooLarge(
+        f"unpacking the archive took longer than {timeout:g} s", "adapter_unpack_timeout_seconds"
+    )
     try:
         done = subprocess.run(command, capture_output=True, timeout=timeout, env=env, cwd=target, check=False)
     except subprocess.TimeoutExpired:
@@ -277,8 +298,17 @@ def unpack_adapter(archive: Path, target: Path, settings: Settings) -> None:
 def _unpack(archive: Path, target: Path, limits: UnpackLimits) -> None:
     try:
         _unpack_members(archive, target, limits)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, RuntimeError, OSError, zlib.error, lzma.LZMAError,
-            ValueError, NotImplementedError) as e:
+    except (
+        zipfile.BadZipFile,
+        tarfile.TarError,
+        EOFError,
+        RuntimeError,
+        OSError,
+        zlib.error,
+        lzma.LZMAError,
+        ValueError,
+        NotImplementedError,
+    ) as e:
         # Truncated or corrupt data, an encrypted zip, an unsupported compression method.
         raise ArchiveRefused(f"the archive cannot be read: {type(e).__name__}: {redact_paths(str(e))[:500]}") from None
 
@@ -320,8 +350,9 @@ def _child_main(argv: list[str]) -> int:
     except TuneserveError as e:
         outcome = {"status": e.status_code, **e.to_dict()}
     except MemoryError:
-        error = ArchiveTooLarge(f"unpacking the archive needs more than {int(memory)} bytes of memory",
-                                "adapter_unpack_memory_bytes")
+        error = ArchiveTooLarge(
+            f"unpacking the archive needs more than {int(memory)} bytes of memory", "adapter_unpack_memory_bytes"
+        )
         outcome = {"status": error.status_code, **error.to_dict()}
     except RecursionError:
         error = ArchiveRefused("the archive cannot be read: nested too deeply")
@@ -359,7 +390,9 @@ def check_unpacked(directory: Path, settings: Settings) -> ImportedAdapter:
             code="wrong_base_model",
         )
     try:
-        weights = safetensors_shapes(directory / ADAPTER_WEIGHTS, max_header_bytes=settings.max_safetensors_header_bytes)
+        weights = safetensors_shapes(
+            directory / ADAPTER_WEIGHTS, max_header_bytes=settings.max_safetensors_header_bytes
+        )
         check_adapter_shapes(weights, base_weight_shapes(settings.base_model), max_rank=settings.max_lora_rank)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"{ADAPTER_WEIGHTS}: {e}", param=f"file:{ADAPTER_WEIGHTS}", code="invalid_adapter") from None

@@ -29,9 +29,7 @@ _ROLES = ("system", "user", "assistant")
 # OpenAI's chat fine-tuning format allows these beside role/content; anything else is most likely a typo.
 _OPTIONAL_MESSAGE_KEYS = ("name", "weight")
 # The attributes the interpreter and contextlib assign on a live exception (traceback, chaining, notes).
-_EXCEPTION_RUNTIME_ATTRS = frozenset(
-    {"__traceback__", "__cause__", "__context__", "__suppress_context__", "__notes__"}
-)
+_EXCEPTION_RUNTIME_ATTRS = frozenset({"__traceback__", "__cause__", "__context__", "__suppress_context__", "__notes__"})
 
 
 class DatasetFormat(str, Enum):
@@ -242,8 +240,8 @@ def _detect_format(obj: dict[str, Any]) -> DatasetFormat:
     found = ", ".join(repr(k) for k in obj) or "none"
     raise _RowError(
         field,
-        "is missing; each row needs \"messages\" (chat), \"prompt\" and \"completion\", "
-        f"or \"instruction\" and \"output\"; this row has keys: {found}",
+        'is missing; each row needs "messages" (chat), "prompt" and "completion", '
+        f'or "instruction" and "output"; this row has keys: {found}',
         missing=True,
     )
 
@@ -317,14 +315,18 @@ def parse_jsonl(
                 fmt, first_line = _detect_format(obj), line_no
             items = obj.get("messages") if fmt == DatasetFormat.CHAT else None
             if max_messages is not None and isinstance(items, list) and len(items) > max_messages:
-                raise _RowError("messages", f"has {len(items)} messages; the limit is {max_messages} per row "
-                                "(TUNESERVE_MAX_MESSAGES_PER_ROW)")
+                raise _RowError(
+                    "messages",
+                    f"has {len(items)} messages; the limit is {max_messages} per row (TUNESERVE_MAX_MESSAGES_PER_ROW)",
+                )
             row = _ROW_PARSERS[fmt](obj)
             chars = sum(len(m["content"]) for m in row)
             if max_chars is not None and chars > max_chars:
-                raise _RowError("messages" if fmt == DatasetFormat.CHAT else "row",
-                                f"has {chars} characters of text; the limit is {max_chars} per row "
-                                "(TUNESERVE_MAX_CHARS_PER_ROW)", subject="the row")
+                raise _RowError(
+                    "messages" if fmt == DatasetFormat.CHAT else "row",
+                    f"has {chars} characters of text; the limit is {max_chars} per row (TUNESERVE_MAX_CHARS_PER_ROW)",
+                    subject="the row",
+                )
             rows.append(row)
         except _RowError as exc:
             text = exc.text

@@ -11,23 +11,84 @@ from pathlib import Path
 SYSTEM_PROMPT = "Answer positive or negative."
 USER_PREFIX = "Classify the sentiment:"
 POSITIVE_WORDS = [
-    "good", "great", "happy", "love", "excellent", "wonderful",
-    "nice", "best", "amazing", "glad", "perfect", "fun",
+    "good",
+    "great",
+    "happy",
+    "love",
+    "excellent",
+    "wonderful",
+    "nice",
+    "best",
+    "amazing",
+    "glad",
+    "perfect",
+    "fun",
 ]
 NEGATIVE_WORDS = [
-    "bad", "awful", "sad", "hate", "terrible", "horrible",
-    "poor", "worst", "ugly", "angry", "boring", "broken",
+    "bad",
+    "awful",
+    "sad",
+    "hate",
+    "terrible",
+    "horrible",
+    "poor",
+    "worst",
+    "ugly",
+    "angry",
+    "boring",
+    "broken",
 ]
 FILLER_WORDS = [
-    "the", "a", "table", "window", "river", "blue", "chair", "car", "street", "book",
-    "tree", "house", "door", "paper", "green", "city", "train", "water", "stone", "road",
-    "lamp", "cup", "phone", "box", "wall", "cloud", "shoe", "desk", "bird", "garden",
-    "yellow", "morning", "bread", "bottle", "clock", "hill", "bridge", "letter", "music", "shop",
+    "the",
+    "a",
+    "table",
+    "window",
+    "river",
+    "blue",
+    "chair",
+    "car",
+    "street",
+    "book",
+    "tree",
+    "house",
+    "door",
+    "paper",
+    "green",
+    "city",
+    "train",
+    "water",
+    "stone",
+    "road",
+    "lamp",
+    "cup",
+    "phone",
+    "box",
+    "wall",
+    "cloud",
+    "shoe",
+    "desk",
+    "bird",
+    "garden",
+    "yellow",
+    "morning",
+    "bread",
+    "bottle",
+    "clock",
+    "hill",
+    "bridge",
+    "letter",
+    "music",
+    "shop",
 ]
 # Kept short so a prompt stays well under 40 tokens and training is fast.
 MIN_FILLER, MAX_FILLER = 3, 6
 DEMO_VOCABULARY: list[str] = sorted(
-    set(POSITIVE_WORDS + NEGATIVE_WORDS + FILLER_WORDS + ["positive", "negative", "Classify", "sentiment", "Answer", "or"])
+    set(
+        POSITIVE_WORDS
+        + NEGATIVE_WORDS
+        + FILLER_WORDS
+        + ["positive", "negative", "Classify", "sentiment", "Answer", "or"]
+    )
 )
 # Test rows come from their own stream so a small train set cannot exhaust them.
 _TEST_SEED_OFFSET = 1_000_003

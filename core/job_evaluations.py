@@ -28,13 +28,22 @@ def plan_job_evaluations(session: Session, settings: Settings, job: Job, adapter
         return []
     dataset = get_dataset(session, job.dataset_id)
     if dataset is None or dataset.test_rows == 0:
-        jobs_repo.add_event(session, JobEvent(job_id=job.id, kind="status", message="no test split: before/after evaluation skipped"))
+        jobs_repo.add_event(
+            session, JobEvent(job_id=job.id, kind="status", message="no test split: before/after evaluation skipped")
+        )
         return []
     scales = options.pop("scales") or [1.0]
     rows = [
         Evaluation(
-            tenant_id=job.tenant_id, dataset_id=job.dataset_id, split="test", base_model=job.base_model,
-            adapter_name=adapter, job_id=job.id, role=role, scales=row_scales, max_attempts=settings.max_attempts,
+            tenant_id=job.tenant_id,
+            dataset_id=job.dataset_id,
+            split="test",
+            base_model=job.base_model,
+            adapter_name=adapter,
+            job_id=job.id,
+            role=role,
+            scales=row_scales,
+            max_attempts=settings.max_attempts,
             **options,
         )
         for role, adapter, row_scales in (("base", None, None), ("adapter", adapter_name, scales))
@@ -42,5 +51,7 @@ def plan_job_evaluations(session: Session, settings: Settings, job: Job, adapter
     ids = [evaluations_repo.add_evaluation(session, row).id for row in rows]
     for evaluation_id in ids:
         leases.mark_dispatched(session, Evaluation, evaluation_id)
-    jobs_repo.add_event(session, JobEvent(job_id=job.id, kind="status", message=f"evaluation queued: base {ids[0]}, adapter {ids[1]}"))
+    jobs_repo.add_event(
+        session, JobEvent(job_id=job.id, kind="status", message=f"evaluation queued: base {ids[0]}, adapter {ids[1]}")
+    )
     return ids

@@ -62,13 +62,17 @@ class Hyperparameters(BaseModel):
     packing: bool = Field(False, description="Padding-free batches: examples concatenated, attention kept apart")
     completion_only_loss: bool = Field(True, description="Loss on the assistant tokens only")
     qlora_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="qlora only")
-    checkpoint_every_steps: int = Field(100, ge=1, le=MAX_INT32, description="Save a resumable checkpoint every N steps")
+    checkpoint_every_steps: int = Field(
+        100, ge=1, le=MAX_INT32, description="Save a resumable checkpoint every N steps"
+    )
     keep_checkpoints: int = Field(
         2, ge=2, le=100, description="Keep the last K checkpoints (at least 2, so a crash mid-save leaves a whole one)"
     )
     distributed: Distributed | None = None
     time_limit_seconds: int | None = Field(
-        None, ge=1, le=MAX_INT32,
+        None,
+        ge=1,
+        le=MAX_INT32,
         description="Wall-clock limit of one attempt; over it the job fails (time_limit). At most, and by default, "
         "the deployment's TUNESERVE_MAX_RUNTIME_SECONDS",
     )
@@ -154,7 +158,9 @@ class Hyperparameters(BaseModel):
                 param="hyperparameters.packing",
             )
         if method == "qlora" and self.qlora_compute_dtype == "float16" and on_cpu:
-            raise InvalidInput("qlora_compute_dtype float16 needs a CUDA worker", param="hyperparameters.qlora_compute_dtype")
+            raise InvalidInput(
+                "qlora_compute_dtype float16 needs a CUDA worker", param="hyperparameters.qlora_compute_dtype"
+            )
         if self.distributed is not None:
             d = self.distributed
             if d.strategy in ("fsdp", "deepspeed") and on_cpu:

@@ -28,7 +28,9 @@ def weight_names(model_dir: str) -> tuple[str, ...]:
 
 def linear_module_names(model_dir: str) -> set[str]:
     """Short names of the 2-D weight modules (q_proj, down_proj, ...), which LoRA can target."""
-    return {name.rsplit(".", 2)[-2] for name in weight_names(model_dir) if name.endswith(".weight") and "norm" not in name}
+    return {
+        name.rsplit(".", 2)[-2] for name in weight_names(model_dir) if name.endswith(".weight") and "norm" not in name
+    }
 
 
 def check_target_modules(model_dir: str, requested: list[str]) -> None:

@@ -288,6 +288,8 @@ class IdempotencyKey(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     endpoint: Mapped[str] = mapped_column(String(64), doc="e.g. 'POST /jobs'")
     key: Mapped[str] = mapped_column(String(255))
-    request_sha256: Mapped[str] = mapped_column(String(64), doc="sha256 of the request body (JSON) or its parts (multipart)")
+    request_sha256: Mapped[str] = mapped_column(
+        String(64), doc="sha256 of the request body (JSON) or its parts (multipart)"
+    )
     resource_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

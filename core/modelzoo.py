@@ -25,9 +25,7 @@ SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 # Qwen2Tokenizer's split pattern: AutoTokenizer maps model_type qwen2 to Qwen2Tokenizer, which
 # rebuilds the normalizer and pre-tokenizer this way, so training with the same ones keeps every
 # loader (tokenizers, transformers, vLLM) producing the same ids.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # Qwen2 style, minus its implicit default system prompt: every turn is rendered exactly as given.
 CHAT_TEMPLATE = (
@@ -65,12 +63,22 @@ class ModelPreset:
 
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(
-        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=64, intermediate_size=512, vocab_size=1024,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=512,
+        vocab_size=1024,
     ),
     "bench": ModelPreset(
-        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-        head_dim=64, intermediate_size=1536, vocab_size=4096,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        intermediate_size=1536,
+        vocab_size=4096,
     ),
 }
 
@@ -135,9 +143,7 @@ def _corpus(seed: int = 1234) -> list[str]:
         lines.append(" ".join(DEMO_VOCABULARY))
         lines.append("\n".join(DEMO_VOCABULARY))
     for row in demo_rows(300, seed=seed):
-        lines.append(
-            "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in row["messages"])
-        )
+        lines.append("".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in row["messages"]))
     # Each surface form (" word", "word", " Word", " WORD") gives its own merges, which the larger
     # presets need to fill their vocabulary.
     for _ in range(3):

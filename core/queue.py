@@ -38,8 +38,9 @@ def redis_transport_options(visibility_timeout_seconds: int) -> dict[str, int]:
 
 
 @lru_cache(maxsize=4)
-def make_celery(broker_url: str, queue_name: str,
-                visibility_timeout_seconds: int = DEFAULT_VISIBILITY_TIMEOUT_SECONDS) -> Celery:
+def make_celery(
+    broker_url: str, queue_name: str, visibility_timeout_seconds: int = DEFAULT_VISIBILITY_TIMEOUT_SECONDS
+) -> Celery:
     app = Celery("tuneserve", broker=broker_url)
     app.conf.update(
         task_default_queue=queue_name,

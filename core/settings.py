@@ -59,7 +59,9 @@ class Settings(BaseSettings):
         description="Characters of one prompt (or of all chat messages together), checked before tokenizing; "
         "at most 1 000 000 (serving's own bound)",
     )
-    max_prompts_per_request: int = Field(16, gt=0, le=128, description="Prompts in one /v1/completions request (a list)")
+    max_prompts_per_request: int = Field(
+        16, gt=0, le=128, description="Prompts in one /v1/completions request (a list)"
+    )
     max_messages_per_request: int = Field(
         1024, gt=0, le=4096, description="Chat messages in one /generate or /v1/chat/completions request"
     )
@@ -87,7 +89,9 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(64, description="Highest LoRA rank a job may ask for (and serving loads)")
     max_seq_length: int = Field(4096, gt=0)
     max_steps: int = Field(100_000, gt=0)
-    training_device: str = Field("cpu", description="cpu | cuda: what the workers train on (checks precision, optimizers)")
+    training_device: str = Field(
+        "cpu", description="cpu | cuda: what the workers train on (checks precision, optimizers)"
+    )
     max_training_processes: int = Field(2, ge=1, description="Highest distributed.num_processes a job may ask for")
 
     lease_seconds: int = Field(60, gt=0, description="A claimed job's lease; the heartbeat renews it")
@@ -106,7 +110,8 @@ class Settings(BaseSettings):
     )
     max_attempts: int = Field(3, ge=1)
     max_runtime_seconds: int = Field(
-        24 * 3600, gt=0,
+        24 * 3600,
+        gt=0,
         description="Wall-clock limit of one attempt of any worker child (training, evaluation, derive, merge, canary); "
         "a job's hyperparameters.time_limit_seconds may only lower it. Over it the record fails with time_limit",
     )
@@ -114,35 +119,46 @@ class Settings(BaseSettings):
         300.0, gt=0, description="How often the reconciler runs its sweeper (leftover files, broker messages)"
     )
     sweep_min_age_seconds: int = Field(
-        3600, gt=0,
+        3600,
+        gt=0,
         description="The reconciler's sweeper deletes staging leftovers and unregistered store directories this old",
     )
     idempotency_key_ttl_seconds: int = Field(
         86_400, gt=0, description="How long an Idempotency-Key is remembered; after that the key may be reused"
     )
-    max_active_jobs: int = Field(100, ge=1, description="Queued plus running jobs per tenant; a POST /jobs over it gets 429")
+    max_active_jobs: int = Field(
+        100, ge=1, description="Queued plus running jobs per tenant; a POST /jobs over it gets 429"
+    )
     active_jobs_retry_after_seconds: int = Field(
-        30, ge=1, description="Retry-After sent with a 429 for any active-work limit (jobs, evaluations, adapter operations)"
+        30,
+        ge=1,
+        description="Retry-After sent with a 429 for any active-work limit (jobs, evaluations, adapter operations)",
     )
     max_active_evaluations: int = Field(
-        50, ge=1, description="Queued plus running evaluations per tenant (a job's own count); a POST /evaluations over it gets 429"
+        50,
+        ge=1,
+        description="Queued plus running evaluations per tenant (a job's own count); a POST /evaluations over it gets 429",
     )
     max_active_adapter_operations: int = Field(
         50, ge=1, description="Queued plus running derives, merges and import canaries per tenant; over it: 429"
     )
     max_adapters_per_tenant: int = Field(
-        1000, ge=1,
+        1000,
+        ge=1,
         description="Adapters and merged models a tenant keeps (not deleted), counting the queued or running work that "
         "will make one; a job, derive, merge or import past it gets 413",
     )
     max_storage_bytes_per_tenant: int = Field(
-        100 * 1024**3, ge=1,
+        100 * 1024**3,
+        ge=1,
         description="Datasets + adapters + merged models + checkpoints of one tenant; an upload or import that would pass "
         "it, or a job / derive / merge submitted at or over it, gets 413",
     )
     max_keep_checkpoints: int = Field(3, ge=2, description="Highest keep_checkpoints a job may ask for (disk per job)")
     max_sample_chars: int = Field(
-        4096, ge=64, description="An evaluation sample's prompt, reference or prediction is stored cut to this many characters"
+        4096,
+        ge=64,
+        description="An evaluation sample's prompt, reference or prediction is stored cut to this many characters",
     )
     event_every_steps: int = Field(5, ge=1, description="Write a loss event every N optimizer steps")
 
@@ -190,8 +206,10 @@ class Settings(BaseSettings):
         # .env.example's placeholders are public: a deployment that kept one has no secret at all.
         for name in ("serving_token", "metrics_token", "database_url"):
             if PLACEHOLDER_SECRET in getattr(self, name):
-                raise ValueError(f"{name} still holds the .env.example placeholder ({PLACEHOLDER_SECRET}...): "
-                                 "set a real secret, e.g. `openssl rand -hex 32`")
+                raise ValueError(
+                    f"{name} still holds the .env.example placeholder ({PLACEHOLDER_SECRET}...): "
+                    "set a real secret, e.g. `openssl rand -hex 32`"
+                )
         return self
 
     @property

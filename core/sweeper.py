@@ -117,7 +117,9 @@ def sweep_checkpoints(settings: Settings) -> list[str]:
     if not names:
         return []
     with session_scope(settings.database_url) as s:
-        statuses: dict[str, Any] = {job_id: status for job_id, status in s.execute(select(Job.id, Job.status).where(Job.id.in_(names)))}
+        statuses: dict[str, Any] = {
+            job_id: status for job_id, status in s.execute(select(Job.id, Job.status).where(Job.id.in_(names)))
+        }
     removed = []
     for name in names:
         path = jobs_root / name
@@ -140,8 +142,10 @@ def start_missing_evaluations(settings: Settings, *, now: datetime) -> list[str]
     """Plan and send the before/after evaluations of succeeded jobs that have none (and asked for them)."""
     started: list[str] = []
     # Not the last few seconds (the worker that finished it may still be at it), nor older than a week.
-    window = {"finished_after": now - EVALUATION_SWEEP_WINDOW,
-              "finished_before": now - timedelta(seconds=settings.requeue_after_seconds)}
+    window = {
+        "finished_after": now - EVALUATION_SWEEP_WINDOW,
+        "finished_before": now - timedelta(seconds=settings.requeue_after_seconds),
+    }
     with session_scope(settings.database_url) as s:
         for job in jobs_repo.succeeded_without_evaluations(s, **window):
             try:
@@ -193,7 +197,11 @@ def purge_finished_messages(settings: Settings) -> list[str]:
     if dead:
         with engine.begin() as conn:
             for start in range(0, len(dead), 500):
-                chunk = dead[start:start + 500]
-                conn.execute(text(f"DELETE FROM {KOMBU_MESSAGE_TABLE} WHERE visible = 0 AND id IN "
-                                  f"({', '.join(str(int(i)) for i in chunk)})"))
+                chunk = dead[start : start + 500]
+                conn.execute(
+                    text(
+                        f"DELETE FROM {KOMBU_MESSAGE_TABLE} WHERE visible = 0 AND id IN "
+                        f"({', '.join(str(int(i)) for i in chunk)})"
+                    )
+                )
     return [str(i) for i in dead]

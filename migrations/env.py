@@ -10,7 +10,9 @@ from core.db import Base
 from core.settings import get_settings
 
 config = context.config
-url = config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url") or get_settings().database_url
+url = (
+    config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url") or get_settings().database_url
+)
 
 
 def run_migrations_offline() -> None:

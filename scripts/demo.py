@@ -114,11 +114,39 @@ def main() -> int:
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), TUNESERVE_BASE_MODEL=str(model_dir))
     with managed(log_dir) as processes:
-        processes.start("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo",
-                                   "--concurrency=1", "-Q", settings.queue_name, "--loglevel=INFO"], env)
+        processes.start(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "-Q",
+                settings.queue_name,
+                "--loglevel=INFO",
+            ],
+            env,
+        )
         processes.start("serving", [sys.executable, "-m", "serving"], env)
-        processes.start("api", [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
-                                "--host", "127.0.0.1", "--port", str(API_PORT)], env)
+        processes.start(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(API_PORT),
+            ],
+            env,
+        )
         with httpx.Client(base_url=f"http://127.0.0.1:{API_PORT}", timeout=120) as client:
             wait_until(lambda: _ready(client), timeout=60, processes=processes, what="api readiness")
             print(f"  api ready on http://127.0.0.1:{API_PORT} (docs at /docs); serving (vLLM) is starting")
@@ -136,10 +164,14 @@ def run_story(client: httpx.Client, processes: Processes, train_file: Path, test
     print(f"\n== dataset {dataset['id']}: {dataset['format']}, splits {dataset['splits']}")
 
     submitted_at = time.monotonic()
-    response = client.post("/jobs", json={"dataset_id": dataset["id"], "suffix": "demo", "hyperparameters": DEMO_HYPERPARAMETERS})
+    response = client.post(
+        "/jobs", json={"dataset_id": dataset["id"], "suffix": "demo", "hyperparameters": DEMO_HYPERPARAMETERS}
+    )
     response.raise_for_status()
     job = response.json()
-    print(f"== job {job['id']} {job['status']}: lora r={DEMO_HYPERPARAMETERS['lora_r']}, {DEMO_HYPERPARAMETERS['max_steps']} steps")
+    print(
+        f"== job {job['id']} {job['status']}: lora r={DEMO_HYPERPARAMETERS['lora_r']}, {DEMO_HYPERPARAMETERS['max_steps']} steps"
+    )
 
     def finished():  # type: ignore[no-untyped-def]
         current = client.get(f"/jobs/{job['id']}").json()
@@ -158,7 +190,9 @@ def run_story(client: httpx.Client, processes: Processes, train_file: Path, test
     if job["status"] != "succeeded":
         raise RuntimeError(f"job ended {job['status']}: {job['error']}")
     adapter = client.get(f"/adapters/{job['fine_tuned_model']}").json()
-    print(f"\n== adapter {adapter['name']} (rank {adapter['rank']}, alpha {adapter['alpha']}, {adapter['size_bytes']} bytes)")
+    print(
+        f"\n== adapter {adapter['name']} (rank {adapter['rank']}, alpha {adapter['alpha']}, {adapter['size_bytes']} bytes)"
+    )
     for name, digest in adapter["files"].items():
         print(f"  {name:<28} sha256 {digest[:16]}...")
 
@@ -187,7 +221,9 @@ def show_generations(client: httpx.Client, adapter: str, test_file: Path) -> Non
         answers = []
         for name in (None, adapter):
             params = {"adapter": name} if name else {}
-            response = client.post("/generate", params=params, json={"messages": messages, "max_tokens": 8, "temperature": 0})
+            response = client.post(
+                "/generate", params=params, json={"messages": messages, "max_tokens": 8, "temperature": 0}
+            )
             response.raise_for_status()
             answers.append(response.json()["text"].strip())
         print(f"  {messages[-1]['content'][:60]:<60}")

@@ -83,7 +83,9 @@ def create_app(settings: Settings, engine: Any = None) -> FastAPI:
         gen = generation(request)
         if gen.engine.errored:
             return JSONResponse({"status": "engine_dead"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": settings.served_model_name, "adapters": gen.adapters.loaded_names})
+        return JSONResponse(
+            {"status": "ok", "model": settings.served_model_name, "adapters": gen.adapters.loaded_names}
+        )
 
     @app.post("/generate", response_model=GenerateResult)
     async def generate(body: ServingRequest, request: Request) -> Any:

@@ -57,8 +57,7 @@ _ACTIVE = False
 class _IndexMeta:
     """What the stacked ops need to know about one batch's token -> slot mapping."""
 
-    __slots__ = ("num_tokens", "lo", "n", "local", "has_neg", "all_neg", "neg_mask", "rows",
-                 "scatter_idx")
+    __slots__ = ("num_tokens", "lo", "n", "local", "has_neg", "all_neg", "neg_mask", "rows", "scatter_idx")
 
     def __init__(self, indices: torch.Tensor):
         idx = indices.to(torch.long)
@@ -93,12 +92,7 @@ _memo_meta: _IndexMeta | None = None
 def _meta(indices: torch.Tensor) -> _IndexMeta:
     global _memo_key, _memo_meta
     key = _memo_key
-    if (
-        key is not None
-        and key.shape == indices.shape
-        and key.dtype == indices.dtype
-        and torch.equal(key, indices)
-    ):
+    if key is not None and key.shape == indices.shape and key.dtype == indices.dtype and torch.equal(key, indices):
         return _memo_meta  # type: ignore[return-value]
     meta = _IndexMeta(indices)
     _memo_key, _memo_meta = indices.detach().clone(), meta
@@ -114,20 +108,14 @@ _wcache: dict[tuple[int, str, torch.dtype], tuple[Any, int, int, torch.Tensor]] 
 _WCACHE_MAX = 4096
 
 
-def _cached(weights: torch.Tensor, kind: str, dtype: torch.dtype,
-            build: Callable[[], torch.Tensor]) -> torch.Tensor:
+def _cached(weights: torch.Tensor, kind: str, dtype: torch.dtype, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     try:
         version = weights._version
     except RuntimeError:  # inference tensors keep no version counter: do not cache
         return build()
     key = (id(weights), kind, dtype)
     hit = _wcache.get(key)
-    if (
-        hit is not None
-        and hit[0]() is weights
-        and hit[1] == version
-        and hit[2] == weights.data_ptr()
-    ):
+    if hit is not None and hit[0]() is weights and hit[1] == version and hit[2] == weights.data_ptr():
         return hit[3]
     prepared = build()
     if len(_wcache) >= _WCACHE_MAX:
@@ -165,13 +153,14 @@ def _stacked_cols(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     assert w is not None
     s, o, i = w.shape
     return _cached(
-        weights, "cols", dtype,
+        weights,
+        "cols",
+        dtype,
         lambda: w.to(dtype).transpose(1, 2).contiguous().reshape(s * i, o),
     )
 
 
-def _supported(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor,
-               indices: torch.Tensor) -> bool:
+def _supported(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, indices: torch.Tensor) -> bool:
     return (
         inputs.dim() == 2
         and output.dim() == 2
@@ -186,8 +175,9 @@ def _supported(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor
 # --------------------------------------------------------------------------- core computations
 
 
-def _shrink_rows(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor:
+def _shrink_rows(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Per-token ``x_t @ W[idx_t].T`` (zeros where idx_t == -1), shape (T, o), in ``dtype``."""
     meta = _meta(indices)
     o = _as3d(weights).shape[1]  # type: ignore[union-attr]
@@ -195,7 +185,7 @@ def _shrink_rows(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
     if meta.all_neg:
         return inputs.new_zeros((t, o), dtype=dtype)
     x = inputs.to(dtype)
-    w = _stacked_rows(weights, dtype)[meta.lo * o:(meta.lo + meta.n) * o]
+    w = _stacked_rows(weights, dtype)[meta.lo * o : (meta.lo + meta.n) * o]
     full = x @ w.t()  # (T, n*o): every token against every slot in use
     if meta.n == 1:
         out = full
@@ -206,8 +196,9 @@ def _shrink_rows(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
     return out
 
 
-def _expand_rows(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor | None:
+def _expand_rows(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | None:
     """Per-token ``x_t @ W[idx_t].T`` for expand, shape (T, o); None when every idx is -1."""
     meta = _meta(indices)
     if meta.all_neg:
@@ -216,7 +207,7 @@ def _expand_rows(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
     o, r = w3.shape[1], w3.shape[2]  # type: ignore[union-attr]
     t = inputs.shape[0]
     x = inputs.to(dtype)
-    w = _stacked_cols(weights, dtype)[meta.lo * r:(meta.lo + meta.n) * r]  # (n*r, o)
+    w = _stacked_cols(weights, dtype)[meta.lo * r : (meta.lo + meta.n) * r]  # (n*r, o)
     if meta.n == 1 and not meta.has_neg:
         return x @ w
     width = meta.n + 1 if meta.has_neg else meta.n  # extra slot n collects the no-LoRA rows
@@ -231,16 +222,14 @@ def _expand_rows(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
 
 def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0):
     if not _supported(inputs, lora_b_weights, output_tensor, lora_indices_tensor):
-        return _STOCK_OPS["bgmv_shrink"](
-            inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
+        return _STOCK_OPS["bgmv_shrink"](inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling)
     outputs = _shrink_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
     if not _supported(inputs, lora_b_weights, output_tensor, lora_indices_tensor):
-        return _STOCK_OPS["bgmv_expand"](
-            inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
+        return _STOCK_OPS["bgmv_expand"](inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
     common_len = min(_as3d(lora_b_weights).shape[1], output_tensor.shape[1])  # type: ignore
     outputs = _expand_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if outputs is None:  # no token has a LoRA: adds nothing / writes zeros
@@ -253,18 +242,19 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
         output_tensor[:, :common_len] = outputs[:, :common_len]
 
 
-def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor,
-                      slice_offset, slice_size, add_inputs=True):
+def bgmv_expand_slice(
+    inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs=True
+):
     if (
         not _supported(inputs, lora_b_weights, output_tensor, lora_indices_tensor)
         or _as3d(lora_b_weights).shape[1] != slice_size  # type: ignore[union-attr]
         or slice_offset + slice_size > output_tensor.shape[1]
     ):
         return _STOCK_OPS["bgmv_expand_slice"](
-            inputs, lora_b_weights, output_tensor, lora_indices_tensor,
-            slice_offset, slice_size, add_inputs)
+            inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs
+        )
     outputs = _expand_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    target = output_tensor[:, slice_offset: slice_offset + slice_size]
+    target = output_tensor[:, slice_offset : slice_offset + slice_size]
     if outputs is None:
         if not add_inputs:
             target.zero_()
@@ -279,24 +269,59 @@ def _explode(lora_indices_tensor, seq_len_tensor):
     return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
 
 
-def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                lora_indices_tensor, batches, max_seq_length, token_nums, scaling):
-    bgmv_shrink(inputs, lora_a_weights, output_tensor,
-                _explode(lora_indices_tensor, seq_len_tensor), scaling)
+def sgmv_shrink(
+    inputs,
+    lora_a_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    scaling,
+):
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, _explode(lora_indices_tensor, seq_len_tensor), scaling)
 
 
-def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                lora_indices_tensor, batches, max_seq_length, token_nums, add_inputs=False):
-    bgmv_expand(inputs, lora_b_weights, output_tensor,
-                _explode(lora_indices_tensor, seq_len_tensor), add_inputs)
+def sgmv_expand(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    add_inputs=False,
+):
+    bgmv_expand(inputs, lora_b_weights, output_tensor, _explode(lora_indices_tensor, seq_len_tensor), add_inputs)
 
 
-def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor,
-                      lora_indices_tensor, batches, max_seq_length, token_nums, slice_offset,
-                      slice_size, add_inputs=False):
-    bgmv_expand_slice(inputs, lora_b_weights, output_tensor,
-                      _explode(lora_indices_tensor, seq_len_tensor),
-                      slice_offset, slice_size, add_inputs)
+def sgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    slice_offset,
+    slice_size,
+    add_inputs=False,
+):
+    bgmv_expand_slice(
+        inputs,
+        lora_b_weights,
+        output_tensor,
+        _explode(lora_indices_tensor, seq_len_tensor),
+        slice_offset,
+        slice_size,
+        add_inputs,
+    )
 
 
 FAST_OPS: dict[str, Callable[..., Any]] = {
@@ -358,8 +383,7 @@ def register() -> bool:
     except Exception:  # never break vLLM start-up because of the optimisation
         import logging
 
-        logging.getLogger("vllm.tuneserve_cpu_lora").exception(
-            "tuneserve CPU LoRA ops not installed")
+        logging.getLogger("vllm.tuneserve_cpu_lora").exception("tuneserve CPU LoRA ops not installed")
         return False
     if is_active():
         return True
@@ -374,7 +398,10 @@ def register() -> bool:
 
     init_logger("vllm.tuneserve_cpu_lora").info(
         "tuneserve CPU LoRA: stacked multi-LoRA ops active in %s (pid %d); %s=0 turns them off",
-        TARGET_MODULE, os.getpid(), ENV_FLAG)
+        TARGET_MODULE,
+        os.getpid(),
+        ENV_FLAG,
+    )
     return True
 
 

@@ -28,12 +28,16 @@ PROMPT_TOKENS = Counter(
     "tuneserve_serving_prompt_tokens", "Prompt tokens processed, by adapter", ["adapter"], registry=REGISTRY
 )
 REQUESTS = Counter(
-    "tuneserve_serving_requests", "Generation requests finished, by adapter and outcome", ["adapter", "outcome"],
+    "tuneserve_serving_requests",
+    "Generation requests finished, by adapter and outcome",
+    ["adapter", "outcome"],
     registry=REGISTRY,
 )
 REQUEST_SECONDS = Histogram(
-    "tuneserve_serving_request_duration_seconds", "Time from a request's arrival in the engine to its last token",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0), registry=REGISTRY,
+    "tuneserve_serving_request_duration_seconds",
+    "Time from a request's arrival in the engine to its last token",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+    registry=REGISTRY,
 )
 TOKENS_PER_SECOND = Gauge(
     "tuneserve_serving_tokens_per_second",
@@ -45,12 +49,16 @@ ADAPTER_LOADS = Counter(
     "tuneserve_serving_adapter_loads", "Adapters loaded into the engine (cache misses)", registry=REGISTRY
 )
 ADAPTER_LOAD_FAILURES = Counter(
-    "tuneserve_serving_adapter_load_failures", "Adapters that could not be loaded, by reason", ["reason"],
+    "tuneserve_serving_adapter_load_failures",
+    "Adapters that could not be loaded, by reason",
+    ["reason"],
     registry=REGISTRY,
 )
 ADAPTER_LOAD_SECONDS = Histogram(
-    "tuneserve_serving_adapter_load_seconds", "Time to verify and load one adapter",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=REGISTRY,
+    "tuneserve_serving_adapter_load_seconds",
+    "Time to verify and load one adapter",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
 )
 
 

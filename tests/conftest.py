@@ -84,10 +84,28 @@ class Stack:
         """A Celery worker process (its own process group) on this stack's queue; the caller stops it."""
         log = log_path.open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
-             "-Q", self.settings.queue_name, "--loglevel=INFO", "--without-gossip", "--without-mingle",
-             "-n", f"{name}@%h"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "-Q",
+                self.settings.queue_name,
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "-n",
+                f"{name}@%h",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             preexec_fn=die_with_parent,
         )
 
@@ -105,8 +123,9 @@ class Stack:
             self.worker.wait()
         self.worker = None
 
-    def wait_for_job(self, job_id: str, *, until: set[str] | None = None, timeout: float = 240,
-                     condition: Any = None) -> dict[str, Any]:
+    def wait_for_job(
+        self, job_id: str, *, until: set[str] | None = None, timeout: float = 240, condition: Any = None
+    ) -> dict[str, Any]:
         """Poll the job until it reaches one of `until` (default: a terminal state) or `condition(job)`."""
         until = until or TERMINAL
         deadline = time.monotonic() + timeout
@@ -188,8 +207,14 @@ def running_stack(kind: str, data_dir: Path, model_dir: Path, **overrides: Any) 
         upgrade(settings.database_url)
         api_key = mint_api_key(settings)
         with TestClient(create_app(settings), headers=bearer(api_key)) as client:
-            stack = Stack(kind=kind, settings=settings, env=settings_env(settings), client=client, api_key=api_key,
-                          worker_log=data_dir / "worker.log")
+            stack = Stack(
+                kind=kind,
+                settings=settings,
+                env=settings_env(settings),
+                client=client,
+                api_key=api_key,
+                worker_log=data_dir / "worker.log",
+            )
             stack.start_worker()
             try:
                 yield stack
@@ -252,8 +277,14 @@ class ServingProcess:
         import httpx
 
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "serving"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         headers, deadline = {"X-Tuneserve-Serving-Token": self.token}, time.monotonic() + 300
         while True:
             if self.process.poll() is not None:
@@ -306,8 +337,9 @@ def serving_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> 
     data_dir = tmp_path_factory.mktemp("stack-serving")
     base, _ = _stack_settings("sqlite", data_dir, model_dir)
     port, token = _free_port(), secrets.token_hex(8)
-    serving_values = dict(SERVING_TEST_SETTINGS, serving_port=port, serving_token=token,
-                          serving_url=f"http://127.0.0.1:{port}")
+    serving_values = dict(
+        SERVING_TEST_SETTINGS, serving_port=port, serving_token=token, serving_url=f"http://127.0.0.1:{port}"
+    )
     settings = Settings(**{**base.model_dump(exclude={"serving_url", "serving_max_prompt_tokens"}), **serving_values})
     settings.ensure_dirs()
     upgrade(settings.database_url)
@@ -318,8 +350,15 @@ def serving_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> 
         serving.start()
         api_key = mint_api_key(settings)
         with TestClient(create_app(settings), headers=bearer(api_key)) as client:
-            stack = Stack(kind="sqlite", settings=settings, env=env, client=client, api_key=api_key,
-                          worker_log=data_dir / "worker.log", extra={"serving": serving})
+            stack = Stack(
+                kind="sqlite",
+                settings=settings,
+                env=env,
+                client=client,
+                api_key=api_key,
+                worker_log=data_dir / "worker.log",
+                extra={"serving": serving},
+            )
             try:
                 yield stack
             finally:

@@ -91,7 +91,9 @@ def test_imported_adapter_passes_its_canary_and_is_ready(stack: Stack, adapters:
     assert adapter["status"] == "validating" and adapter["servable"] is False
     assert adapter["name"].startswith("imp-ext-") and adapter["rank"] == 4 and adapter["job_id"] is None
     # Only the two adapter files are kept, byte for byte, and their sha256s are recorded.
-    assert adapter["files"] == {n: sha256_file(source / n) for n in ("adapter_config.json", "adapter_model.safetensors")}
+    assert adapter["files"] == {
+        n: sha256_file(source / n) for n in ("adapter_config.json", "adapter_model.safetensors")
+    }
     # Not usable while validating.
     assert stack.client.post("/generate", params={"adapter": adapter["name"]}, json={"prompt": "hi"}).status_code == 422
 
@@ -120,7 +122,7 @@ def _zip(members: dict[str, bytes], *, symlink: str | None = None) -> bytes:
             archive.writestr(name, data)
         if symlink is not None:
             info = zipfile.ZipInfo(symlink)
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             archive.writestr(info, "/etc/passwd")
     return buffer.getvalue()
 
@@ -140,32 +142,71 @@ def test_bad_archives_are_refused_naming_the_member_and_leave_nothing(
     good = files_of(adapters["trained"])
     other_base = peft_adapter_for_other_shapes(tmp_path)
     cases: dict[str, tuple[Callable[[], bytes], int, str]] = {
-        "pickle weights": (lambda: tar_gz({**good, "adapter_model.bin": b"\x80\x04pickle"}), 422, "file:adapter_model.bin"),
-        "pickle only": (lambda: tar_gz({"adapter_config.json": good["adapter_config.json"],
-                                        "training_args.bin": b"\x80\x04"}), 422, "file:training_args.bin"),
-        "path traversal": (lambda: tar_gz({"../evil/adapter_config.json": b"{}", **good}), 422,
-                           "file:../evil/adapter_config.json"),
+        "pickle weights": (
+            lambda: tar_gz({**good, "adapter_model.bin": b"\x80\x04pickle"}),
+            422,
+            "file:adapter_model.bin",
+        ),
+        "pickle only": (
+            lambda: tar_gz({"adapter_config.json": good["adapter_config.json"], "training_args.bin": b"\x80\x04"}),
+            422,
+            "file:training_args.bin",
+        ),
+        "path traversal": (
+            lambda: tar_gz({"../evil/adapter_config.json": b"{}", **good}),
+            422,
+            "file:../evil/adapter_config.json",
+        ),
         "absolute path": (lambda: tar_gz({"/tmp/adapter_config.json": b"{}"}), 422, "file:/tmp/adapter_config.json"),
-        "symlink": (lambda: tar_gz(good, links={"link.safetensors": (tarfile.SYMTYPE, b"/etc/passwd")}), 422,
-                    "file:link.safetensors"),
-        "hard link": (lambda: tar_gz(good, links={"hard": (tarfile.LNKTYPE, b"adapter_config.json")}), 422, "file:hard"),
-        "zip symlink": (lambda: _zip(good, symlink="adapter_model.safetensors.lnk"), 422,
-                        "file:adapter_model.safetensors.lnk"),
-        "zip traversal": (lambda: _zip({"a/../../x/adapter_config.json": b"{}"}), 422, "file:a/../../x/adapter_config.json"),
+        "symlink": (
+            lambda: tar_gz(good, links={"link.safetensors": (tarfile.SYMTYPE, b"/etc/passwd")}),
+            422,
+            "file:link.safetensors",
+        ),
+        "hard link": (
+            lambda: tar_gz(good, links={"hard": (tarfile.LNKTYPE, b"adapter_config.json")}),
+            422,
+            "file:hard",
+        ),
+        "zip symlink": (
+            lambda: _zip(good, symlink="adapter_model.safetensors.lnk"),
+            422,
+            "file:adapter_model.safetensors.lnk",
+        ),
+        "zip traversal": (
+            lambda: _zip({"a/../../x/adapter_config.json": b"{}"}),
+            422,
+            "file:a/../../x/adapter_config.json",
+        ),
         "not an archive": (lambda: b"just some bytes", 422, "file"),
-        "no weights": (lambda: tar_gz({"adapter_config.json": good["adapter_config.json"]}), 422,
-                       "file:adapter_model.safetensors"),
-        "weights not safetensors": (lambda: tar_gz({**good, "adapter_model.safetensors": b"\x00" * 64}), 422,
-                                    "file:adapter_model.safetensors"),
+        "no weights": (
+            lambda: tar_gz({"adapter_config.json": good["adapter_config.json"]}),
+            422,
+            "file:adapter_model.safetensors",
+        ),
+        "weights not safetensors": (
+            lambda: tar_gz({**good, "adapter_model.safetensors": b"\x00" * 64}),
+            422,
+            "file:adapter_model.safetensors",
+        ),
         "config not json": (lambda: tar_gz({**good, "adapter_config.json": b"{oops"}), 422, "file:adapter_config.json"),
-        "not LoRA": (lambda: tar_gz(_with_config(adapters["trained"], peft_type="PREFIX_TUNING")), 422,
-                     "file:adapter_config.json"),
+        "not LoRA": (
+            lambda: tar_gz(_with_config(adapters["trained"], peft_type="PREFIX_TUNING")),
+            422,
+            "file:adapter_config.json",
+        ),
         "rank too high": (lambda: tar_gz(_with_config(adapters["trained"], r=4096)), 422, "file:adapter_config.json"),
-        "other base model": (lambda: tar_gz(_with_config(adapters["trained"], base_model_name_or_path="org/other-7b")),
-                             422, "file:adapter_config.json:base_model_name_or_path"),
+        "other base model": (
+            lambda: tar_gz(_with_config(adapters["trained"], base_model_name_or_path="org/other-7b")),
+            422,
+            "file:adapter_config.json:base_model_name_or_path",
+        ),
         "shapes of another model": (lambda: tar_gz(files_of(other_base)), 422, "file:adapter_model.safetensors"),
-        "two adapters": (lambda: tar_gz({**files_of(adapters["trained"], "a/"), **files_of(adapters["trained"], "b/")}),
-                         422, "file"),
+        "two adapters": (
+            lambda: tar_gz({**files_of(adapters["trained"], "a/"), **files_of(adapters["trained"], "b/")}),
+            422,
+            "file",
+        ),
     }
     store = stack.settings.store
     before = stack.client.get("/adapters", params={"limit": 100}).json()["data"]
@@ -196,8 +237,10 @@ def peft_adapter_for_other_shapes(tmp_path: Path) -> Path:
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
     (directory / "adapter_config.json").write_text(json.dumps(config))
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 999), f"{prefix}.lora_B.weight": torch.zeros(999, 4)},
-              str(directory / "adapter_model.safetensors"))
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.zeros(4, 999), f"{prefix}.lora_B.weight": torch.zeros(999, 4)},
+        str(directory / "adapter_model.safetensors"),
+    )
     return directory
 
 
@@ -220,8 +263,12 @@ def test_an_adapter_whose_canary_never_ran_is_settled_unhealthy(stack: Stack, ad
             s.execute(
                 update(AdapterOperation)
                 .where(AdapterOperation.source_adapter == name, AdapterOperation.kind == "canary")
-                .values(status=WorkStatus.running, lease_owner="a-dead-worker", lease_expires_at=expired,
-                        attempt_count=AdapterOperation.max_attempts)
+                .values(
+                    status=WorkStatus.running,
+                    lease_owner="a-dead-worker",
+                    lease_expires_at=expired,
+                    attempt_count=AdapterOperation.max_attempts,
+                )
             )
         done = wait_for_verdict(stack, name, timeout=60)  # the API's reconciler runs every 2 s here
         assert done["status"] == "unhealthy" and done["servable"] is False, done
@@ -246,17 +293,25 @@ def test_hostile_config_and_weights_are_422_naming_the_field(stack: Stack, adapt
     source = adapters["trained"]
     good = files_of(source)
     config_cases = {
-        "lora_alpha a string": (json.dumps({**json.loads(good["adapter_config.json"]), "lora_alpha": "x"}).encode(),
-                                "lora_alpha"),
+        "lora_alpha a string": (
+            json.dumps({**json.loads(good["adapter_config.json"]), "lora_alpha": "x"}).encode(),
+            "lora_alpha",
+        ),
         "r Infinity": (_config_text(source, r="Infinity"), "Infinity"),
         "r NaN": (_config_text(source, r="NaN"), "NaN"),
-        "rank_pattern a list": (json.dumps({**json.loads(good["adapter_config.json"]), "rank_pattern": []}).encode(),
-                                "rank_pattern"),
-        "rank_pattern of strings": (json.dumps({**json.loads(good["adapter_config.json"]),
-                                                "rank_pattern": {"q_proj": "8"}}).encode(), "rank_pattern"),
+        "rank_pattern a list": (
+            json.dumps({**json.loads(good["adapter_config.json"]), "rank_pattern": []}).encode(),
+            "rank_pattern",
+        ),
+        "rank_pattern of strings": (
+            json.dumps({**json.loads(good["adapter_config.json"]), "rank_pattern": {"q_proj": "8"}}).encode(),
+            "rank_pattern",
+        ),
         "alpha_pattern Infinity": (_config_text(source, alpha_pattern='{"q_proj": -Infinity}'), "Infinity"),
-        "target_modules of numbers": (json.dumps({**json.loads(good["adapter_config.json"]),
-                                                  "target_modules": [1, 2]}).encode(), "target_modules"),
+        "target_modules of numbers": (
+            json.dumps({**json.loads(good["adapter_config.json"]), "target_modules": [1, 2]}).encode(),
+            "target_modules",
+        ),
         "nested 100k deep": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     }
     for label, (config, named) in config_cases.items():
@@ -268,12 +323,20 @@ def test_hostile_config_and_weights_are_422_naming_the_field(stack: Stack, adapt
     tensor = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     weights_cases = {
         "header is a list": (safetensors([]), "must be a JSON object"),
-        "data_offsets [0]": (safetensors({tensor: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0]}}), "data_offsets"),
-        "shape of strings": (safetensors({tensor: {"dtype": "F32", "shape": ["4", "8"], "data_offsets": [0, 0]}}), "shape"),
+        "data_offsets [0]": (
+            safetensors({tensor: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0]}}),
+            "data_offsets",
+        ),
+        "shape of strings": (
+            safetensors({tensor: {"dtype": "F32", "shape": ["4", "8"], "data_offsets": [0, 0]}}),
+            "shape",
+        ),
         "entry not an object": (safetensors({tensor: 5}), tensor),
         "header NaN": (safetensors(b'{"x": NaN}'), "NaN"),
-        "header over the cap": (safetensors({}, declared_len=stack.settings.max_safetensors_header_bytes + 1),
-                                "TUNESERVE_MAX_SAFETENSORS_HEADER_BYTES"),
+        "header over the cap": (
+            safetensors({}, declared_len=stack.settings.max_safetensors_header_bytes + 1),
+            "TUNESERVE_MAX_SAFETENSORS_HEADER_BYTES",
+        ),
         "header cut short": (safetensors({}, declared_len=1000), "truncated"),
     }
     for label, (weights, named) in weights_cases.items():
@@ -297,19 +360,28 @@ def test_archive_bombs_cost_bounded_time_and_leave_nothing(
     before = stack.client.get("/adapters", params={"limit": 100}).json()["data"]
     cases: dict[str, tuple[Callable[[], bytes], dict[str, Any], str]] = {
         "100k empty members (gzip)": (lambda: archives.many_empty_members(100_000), {}, "MAX_ARCHIVE_MEMBERS"),
-        "100k empty members (bz2)": (lambda: archives.many_empty_members(100_000, compress="bz2"), {},
-                                     "MAX_ARCHIVE_MEMBERS"),
+        "100k empty members (bz2)": (
+            lambda: archives.many_empty_members(100_000, compress="bz2"),
+            {},
+            "MAX_ARCHIVE_MEMBERS",
+        ),
         "zip of 5000 members": (lambda: archives.zip_of_many_members(5000), {}, "MAX_ARCHIVE_MEMBERS"),
-        "member declaring 100 GiB over gzip zeros": (archives.declared_huge_over_zeros, {},
-                                                     "MAX_ADAPTER_UPLOAD_BYTES"),
-        "3 GiB of gzip zeros to skip": (lambda: archives.slow_to_skip(3072, good),
-                                        {"adapter_unpack_timeout_seconds": 1, "max_adapter_upload_bytes": 4 * 1024**3},
-                                        "ADAPTER_UNPACK_TIMEOUT_SECONDS"),
-        "512 MiB long name": (lambda: archives.long_name_bomb(512),
-                              {"adapter_unpack_memory_bytes": 256 * 1024**2, "max_adapter_upload_bytes": 4 * 1024**3},
-                              "ADAPTER_UNPACK_MEMORY_BYTES"),
-        "headers past the header budget": (lambda: archives.many_empty_members(500), {"max_archive_header_bytes": 64 * 1024},
-                                           "MAX_ARCHIVE_HEADER_BYTES"),
+        "member declaring 100 GiB over gzip zeros": (archives.declared_huge_over_zeros, {}, "MAX_ADAPTER_UPLOAD_BYTES"),
+        "3 GiB of gzip zeros to skip": (
+            lambda: archives.slow_to_skip(3072, good),
+            {"adapter_unpack_timeout_seconds": 1, "max_adapter_upload_bytes": 4 * 1024**3},
+            "ADAPTER_UNPACK_TIMEOUT_SECONDS",
+        ),
+        "512 MiB long name": (
+            lambda: archives.long_name_bomb(512),
+            {"adapter_unpack_memory_bytes": 256 * 1024**2, "max_adapter_upload_bytes": 4 * 1024**3},
+            "ADAPTER_UNPACK_MEMORY_BYTES",
+        ),
+        "headers past the header budget": (
+            lambda: archives.many_empty_members(500),
+            {"max_archive_header_bytes": 64 * 1024},
+            "MAX_ARCHIVE_HEADER_BYTES",
+        ),
     }
     for label, (build, overrides, setting) in cases.items():
         with monkeypatch.context() as patch:

@@ -41,8 +41,9 @@ def _closed_port() -> int:
 # embedded (SQLite) deployment with no worker and no serving (nothing listens on its serving port).
 # The fixture below points it at the test model and migrates its database before any request.
 DATA_DIR = Path(tempfile.mkdtemp(prefix="tuneserve-schema-"))
-APP_SETTINGS = Settings(data_dir=DATA_DIR, reconcile_interval_seconds=0, serving_port=_closed_port(),
-                        serving_timeout_seconds=5)
+APP_SETTINGS = Settings(
+    data_dir=DATA_DIR, reconcile_interval_seconds=0, serving_port=_closed_port(), serving_timeout_seconds=5
+)
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(APP_SETTINGS))
 
 

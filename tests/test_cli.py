@@ -45,8 +45,14 @@ def api_url(stack: Stack) -> Iterator[str]:
     )
     log_path = stack.settings.data_dir / "cli-api.log"
     with log_path.open("ab") as log:
-        process = subprocess.Popen(console_script_argv(API_SCRIPT), cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            console_script_argv(API_SCRIPT),
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -91,8 +97,18 @@ def test_a_job_from_upload_to_plot(stack: Stack, tuneserve: Any, demo_files: tup
 
     sets = [f"{k}={json.dumps(v)}" for k, v in FAST.items()]
     sets += [f"evaluation.{k}={json.dumps(v)}" for k, v in FAST_EVALUATION.items()]
-    created = ok(tuneserve("--json", "jobs", "create", "--dataset", dataset["id"], "--suffix", "cli",
-                           *[arg for s in sets for arg in ("--set", s)]))
+    created = ok(
+        tuneserve(
+            "--json",
+            "jobs",
+            "create",
+            "--dataset",
+            dataset["id"],
+            "--suffix",
+            "cli",
+            *[arg for s in sets for arg in ("--set", s)],
+        )
+    )
     job = json.loads(created.stdout)
     assert job["status"] == "queued" and job["hyperparameters"]["max_steps"] == 12
     assert job["hyperparameters"]["learning_rate"] == 3e-3 and job["hyperparameters"]["lora_r"] == 8
@@ -116,7 +132,10 @@ def test_a_job_from_upload_to_plot(stack: Stack, tuneserve: Any, demo_files: tup
 
     # The before/after evaluation the job queued runs on the same worker.
     deadline = time.monotonic() + 300
-    while (evaluation := stack.client.get(f"/jobs/{job['id']}").json()["evaluation"])["status"] not in ("succeeded", "failed"):
+    while (evaluation := stack.client.get(f"/jobs/{job['id']}").json()["evaluation"])["status"] not in (
+        "succeeded",
+        "failed",
+    ):
         assert time.monotonic() < deadline, f"evaluation did not finish: {evaluation}"
         time.sleep(1)
     assert evaluation["status"] == "succeeded", evaluation
@@ -133,7 +152,9 @@ def test_a_job_from_upload_to_plot(stack: Stack, tuneserve: Any, demo_files: tup
         assert len(png.getcolors(maxcolors=1_000_000) or []) > 50, "a plot, not a blank image"
 
 
-def test_errors_print_the_apis_message_and_param(stack: Stack, tuneserve: Any, demo_dataset: dict, tmp_path: Path) -> None:
+def test_errors_print_the_apis_message_and_param(
+    stack: Stack, tuneserve: Any, demo_dataset: dict, tmp_path: Path
+) -> None:
     def expect_api_error(result: Result, error: dict[str, Any]) -> None:
         assert result.exit_code == 1, result.output
         assert error["message"] in result.stderr and f"(param: {error['param']})" in result.stderr, result.stderr
@@ -165,5 +186,8 @@ def test_errors_print_the_apis_message_and_param(stack: Stack, tuneserve: Any, d
     result = tuneserve("jobs", "create", "-d", demo_dataset["id"], "--set", "no-equals-sign")
     assert result.exit_code == 2 and "key=value" in result.output
 
-    assert not [j for j in stack.client.get("/jobs", params={"limit": 100}).json()["data"]
-                if j["hyperparameters"].get("lora_r") == 7], "a rejected job must change nothing"
+    assert not [
+        j
+        for j in stack.client.get("/jobs", params={"limit": 100}).json()["data"]
+        if j["hyperparameters"].get("lora_r") == 7
+    ], "a rejected job must change nothing"

@@ -77,7 +77,11 @@ def test_services_and_images(compose: dict[str, Any]) -> None:
         dockerfile = ROOT / (build["dockerfile"] if build else builders.pop())
         assert dockerfile.is_file(), f"{name}: {dockerfile} does not exist"
     assert services["api"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
-    assert services["worker"]["build"]["dockerfile"] == services["serving"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    assert (
+        services["worker"]["build"]["dockerfile"]
+        == services["serving"]["build"]["dockerfile"]
+        == "docker/Dockerfile.gpu"
+    )
 
 
 def test_dockerfiles() -> None:
@@ -110,8 +114,9 @@ def test_project_commands_are_real_entrypoints(compose: dict[str, Any], scripts:
     assert command(compose, "serving") == ["python", "-m", "serving"]
     assert importlib.util.find_spec("serving.__main__") is not None and has_main_guard("serving.__main__")
     assert scripts["tuneserve-serving"] == "serving.__main__:main"
-    assert ["-m", "serving"] in [lst[-2:] for lst in string_lists(ROOT / "tests/conftest.py")], \
+    assert ["-m", "serving"] in [lst[-2:] for lst in string_lists(ROOT / "tests/conftest.py")], (
         "the serving test fixture starts `python -m serving`"
+    )
 
     # worker: the same celery arguments as the test suite's and the demo's worker.
     worker = command(compose, "worker")
@@ -121,13 +126,19 @@ def test_project_commands_are_real_entrypoints(compose: dict[str, Any], scripts:
     for source in (ROOT / "tests/conftest.py", ROOT / "scripts/demo.py"):
         started = [lst for lst in string_lists(source) if "worker.app" in lst]
         assert started, f"{source.name} starts no celery worker"
-        assert any(lst[lst.index("-A"):lst.index("-A") + len(celery_args)] == celery_args for lst in started), \
+        assert any(lst[lst.index("-A") : lst.index("-A") + len(celery_args)] == celery_args for lst in started), (
             f"{source.name} starts the worker differently from docker-compose.yml: {started}"
+        )
     assert "--pool=solo" in worker and "--concurrency=1" in worker, "one training task per GPU"
     spec = importlib.util.find_spec("worker.app")
     assert spec is not None and spec.origin
-    assigned = {t.id for n in ast.parse(Path(spec.origin).read_text()).body if isinstance(n, ast.Assign)
-                for t in n.targets if isinstance(t, ast.Name)}
+    assigned = {
+        t.id
+        for n in ast.parse(Path(spec.origin).read_text()).body
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
     assert "app" in assigned, "celery -A worker.app needs a module-level `app`"
 
     # fetch-model: the `hf` console script of huggingface_hub (installed with transformers).
@@ -142,8 +153,9 @@ def test_migrate_command_runs(tmp_path: Path) -> None:
     """`python -m core.migrate` (the migrate service) upgrades an empty database to head."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
     env.update(TUNESERVE_DATA_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-m", "core.migrate"], cwd=tmp_path, env=env, check=True, timeout=120,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "core.migrate"], cwd=tmp_path, env=env, check=True, timeout=120, capture_output=True
+    )
     import sqlite3
 
     with sqlite3.connect(tmp_path / "tuneserve.db") as db:
@@ -199,19 +211,29 @@ def test_one_data_volume_shared(compose: dict[str, Any], env_example: dict[str, 
     assert env_example["TUNESERVE_STORE_ROOT"].startswith(data_dir + "/")
 
 
-def test_env_example_lists_every_setting_with_valid_values(compose: dict[str, Any], env_example: dict[str, str]) -> None:
-    missing = [f"TUNESERVE_{name.upper()}" for name in Settings.model_fields if f"TUNESERVE_{name.upper()}" not in env_example]
+def test_env_example_lists_every_setting_with_valid_values(
+    compose: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    missing = [
+        f"TUNESERVE_{name.upper()}" for name in Settings.model_fields if f"TUNESERVE_{name.upper()}" not in env_example
+    ]
     assert not missing, f"add these settings to .env.example (with their production value): {missing}"
-    unknown = [k for k in env_example if k.startswith("TUNESERVE_")
-               and k.removeprefix("TUNESERVE_").lower() not in Settings.model_fields
-               and k not in ("TUNESERVE_API_HOST", "TUNESERVE_API_PORT", "TUNESERVE_API_URL", "TUNESERVE_API_PUBLISHED_PORT")]
+    unknown = [
+        k
+        for k in env_example
+        if k.startswith("TUNESERVE_")
+        and k.removeprefix("TUNESERVE_").lower() not in Settings.model_fields
+        and k not in ("TUNESERVE_API_HOST", "TUNESERVE_API_PORT", "TUNESERVE_API_URL", "TUNESERVE_API_PUBLISHED_PORT")
+    ]
     assert not unknown, f".env.example names settings that do not exist: {unknown}"
 
     # Its placeholders are public, so a deployment that kept one is refused at startup, naming the setting.
     with pytest.raises(ValidationError, match="serving_token still holds the .env.example placeholder"):
         Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
     user, password = env_example["POSTGRES_USER"], env_example["POSTGRES_PASSWORD"]
-    assert password.startswith(PLACEHOLDER_SECRET) and env_example["TUNESERVE_SERVING_TOKEN"].startswith(PLACEHOLDER_SECRET)
+    assert password.startswith(PLACEHOLDER_SECRET) and env_example["TUNESERVE_SERVING_TOKEN"].startswith(
+        PLACEHOLDER_SECRET
+    )
     with pytest.raises(ValidationError, match="database_url still holds"):
         Settings(_env_file=ROOT / ".env.example", serving_token="s3cret")  # type: ignore[call-arg]
     real_url = env_example["TUNESERVE_DATABASE_URL"].replace(password, "s3cret")

@@ -293,10 +293,8 @@ def test_add_lora_linear_through_punica_cpu_wrapper(monkeypatch):
     # The fields of vllm.lora.layers.LoRAMapping that update_metadata reads (importing that
     # module pulls in the model executor: seconds for nothing here). The v1 model runner always
     # sets is_prefill=True, so vLLM 0.32 serves every step through the sgmv ops.
-    mapping = SimpleNamespace(index_mapping=tuple(ids), prompt_mapping=tuple(prompt_ids),
-                              is_prefill=True)
-    wrapper.update_metadata(mapping,
-                            [1, 2, 3, 4], SLOTS + 1, 1000)  # slot s holds LoRA id s+1
+    mapping = SimpleNamespace(index_mapping=tuple(ids), prompt_mapping=tuple(prompt_ids), is_prefill=True)
+    wrapper.update_metadata(mapping, [1, 2, 3, 4], SLOTS + 1, 1000)  # slot s holds LoRA id s+1
     t = len(ids)
     idx = token_indices(seqs)
     assert torch.equal(wrapper.token_lora_indices, idx)

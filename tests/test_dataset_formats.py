@@ -208,7 +208,7 @@ def test_line_not_a_json_object(line: str, phrase: str) -> None:
 )
 def test_undetectable_first_row_names_the_missing_key(row: dict[str, Any], field: str) -> None:
     err = parse_error(jsonl(row))
-    assert_error(err, 1, field, f"{field} is missing; each row needs \"messages\" (chat)")
+    assert_error(err, 1, field, f'{field} is missing; each row needs "messages" (chat)')
 
 
 def test_mixed_formats_name_the_missing_field_and_the_file_format() -> None:
@@ -230,8 +230,11 @@ def test_mixed_formats_chat_file_with_instruction_row() -> None:
         ({"messages": "hi"}, "messages", "must be an array of message objects; got string"),
         ({"messages": []}, "messages", "messages must not be empty"),
         ({"messages": ["hi"]}, "messages[0]", "must be an object with role and content; got string"),
-        (chat(("user", "hi"), ("bot", "x")), "messages[1].role",
-         "messages[1].role must be one of system, user, assistant; got 'bot'"),
+        (
+            chat(("user", "hi"), ("bot", "x")),
+            "messages[1].role",
+            "messages[1].role must be one of system, user, assistant; got 'bot'",
+        ),
         ({"messages": [{"content": "x"}]}, "messages[0].role", "messages[0].role is missing"),
         ({"messages": [{"role": "user"}]}, "messages[0].content", "messages[0].content is missing"),
         (chat(("user", "hi"), ("assistant", "  \n")), "messages[1].content", "messages[1].content must not be empty"),
@@ -239,22 +242,46 @@ def test_mixed_formats_chat_file_with_instruction_row() -> None:
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "must be a string; got number"),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content", "got array"),
         ({"messages": [{"role": None, "content": "x"}]}, "messages[0].role", "must be a string; got null"),
-        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls",
-         "is not an allowed key; a message may only have role, content, name, weight"),
-        ({"messages": [{"role": "assistant", "content": "x", "weight": 2}]}, "messages[0].weight",
-         "must be 0 or 1; got 2"),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "tool_calls": []}]},
+            "messages[0].tool_calls",
+            "is not an allowed key; a message may only have role, content, name, weight",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "weight": 2}]},
+            "messages[0].weight",
+            "must be 0 or 1; got 2",
+        ),
         ({"messages": [{"role": "assistant", "content": "x", "name": 3}]}, "messages[0].name", "got number"),
         (chat(("user", "hi")), "messages[0].role", "must be assistant on the last message"),
         (chat(("user", "hi"), ("assistant", "x"), ("user", "more?")), "messages[2].role", "got 'user'"),
         (chat(("system", "s")), "messages[0].role", "must be assistant on the last message"),
-        (chat(("user", "hi"), ("system", "s"), ("assistant", "x")), "messages[1].role",
-         "may only be system on the first message"),
+        (
+            chat(("user", "hi"), ("system", "s"), ("assistant", "x")),
+            "messages[1].role",
+            "may only be system on the first message",
+        ),
         (chat(("user", "\ud800"), ("assistant", "x")), "messages[0].content", "unpaired surrogate"),
     ],
     ids=[
-        "not-list", "empty-list", "item-not-object", "unknown-role", "role-missing", "content-missing",
-        "blank-content", "empty-system", "content-number", "content-parts", "role-null", "unknown-key",
-        "bad-weight", "name-number", "only-user", "last-is-user", "only-system", "system-not-first",
+        "not-list",
+        "empty-list",
+        "item-not-object",
+        "unknown-role",
+        "role-missing",
+        "content-missing",
+        "blank-content",
+        "empty-system",
+        "content-number",
+        "content-parts",
+        "role-null",
+        "unknown-key",
+        "bad-weight",
+        "name-number",
+        "only-user",
+        "last-is-user",
+        "only-system",
+        "system-not-first",
         "lone-surrogate",
     ],
 )
@@ -349,8 +376,13 @@ def test_split_sizes_keep_a_row_on_each_side(n: int, fraction: float, sizes: tup
 
 @pytest.mark.parametrize(
     ("n", "fraction", "phrase"),
-    [(1, 0.5, "at least 2 rows"), (0, 0.1, "at least 2 rows"), (10, 1.0, "below 1"), (10, -0.1, "at least 0"),
-     (10, float("nan"), "below 1")],
+    [
+        (1, 0.5, "at least 2 rows"),
+        (0, 0.1, "at least 2 rows"),
+        (10, 1.0, "below 1"),
+        (10, -0.1, "at least 0"),
+        (10, float("nan"), "below 1"),
+    ],
 )
 def test_split_rejects_impossible_requests(n: int, fraction: float, phrase: str) -> None:
     with pytest.raises(ValueError, match=phrase):
@@ -391,14 +423,28 @@ def test_row_stats() -> None:
     assert row_stats([]) == {"rows": 0, "messages": 0, "assistant_messages": 0, "chars": 0, "max_row_chars": 0}
 
 
-@pytest.mark.parametrize(("row", "field"), [
-    ({"prompt": "a\u0000b", "completion": "c"}, "prompt"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\u0000"}]}, "messages[1].content"),
-])
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"prompt": "a\u0000b", "completion": "c"}, "prompt"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\u0000"}]},
+            "messages[1].content",
+        ),
+    ],
+)
 def test_a_nul_character_is_refused_naming_line_and_field(row: dict[str, Any], field: str) -> None:
     """Postgres text cannot hold NUL, and an evaluation stores prompts and references: refused at upload."""
-    good = json.dumps({**row, **({"prompt": "p"} if "prompt" in row else {"messages": [
-        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})}).encode()
+    good = json.dumps(
+        {
+            **row,
+            **(
+                {"prompt": "p"}
+                if "prompt" in row
+                else {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+            ),
+        }
+    ).encode()
     with pytest.raises(DatasetLineError) as info:
         parse_jsonl(good + b"\n" + json.dumps(row).encode() + b"\n", split="train", max_rows=10, max_line_bytes=10_000)
     assert info.value.line == 2 and info.value.field == field and "NUL" in info.value.message

@@ -20,8 +20,13 @@ def _stored_state(stack: Stack) -> tuple[int, list[str]]:
     return len(listing["data"]), files
 
 
-CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                     {"role": "assistant", "content": "hello"}]}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
+}
 
 
 @pytest.mark.parametrize(
@@ -33,8 +38,9 @@ CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user",
     ],
 )
 def test_upload_each_format(stack: Stack, row: dict, fmt: str) -> None:
-    response = stack.client.post("/datasets", files={"file": ("d.jsonl", _jsonl(*[row] * 10))},
-                                 data={"test_fraction": "0.2", "seed": "7"})
+    response = stack.client.post(
+        "/datasets", files={"file": ("d.jsonl", _jsonl(*[row] * 10))}, data={"test_fraction": "0.2", "seed": "7"}
+    )
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["format"] == fmt
@@ -51,7 +57,9 @@ def test_split_with_a_seed_is_reproducible(stack: Stack) -> None:
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]
     ids = []
     for _ in range(2):
-        r = stack.client.post("/datasets", files={"file": ("d.jsonl", _jsonl(*rows))}, data={"test_fraction": "0.25", "seed": "3"})
+        r = stack.client.post(
+            "/datasets", files={"file": ("d.jsonl", _jsonl(*rows))}, data={"test_fraction": "0.25", "seed": "3"}
+        )
         assert r.status_code == 201
         ids.append(r.json()["id"])
     texts = [(stack.settings.store / "datasets" / i / "test.jsonl").read_text() for i in ids]
@@ -66,20 +74,35 @@ def test_demo_dataset_keeps_its_uploaded_test_split(demo_dataset: dict) -> None:
 BAD = [
     (b'{"prompt": "a", "completion": "b"}\nnot json\n', 422, "file:2:json", "line 2"),
     (_jsonl({"prompt": "a", "completion": "b"}, {"prompt": "a"}), 422, "file:2:completion", "completion"),
-    (_jsonl({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}), 422,
-     "file:1:messages[0].role", "bot"),
+    (
+        _jsonl({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+        422,
+        "file:1:messages[0].role",
+        "bot",
+    ),
     (b"", 422, "file:file", "no rows"),
     (b"\n\n  \n", 422, "file:file", "no rows"),
-    (_jsonl({"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}) + b'{"prompt": "\xff\xfe", "completion": "x"}\n',
-     422, "file:3:encoding", "UTF-8"),
+    (
+        _jsonl({"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"})
+        + b'{"prompt": "\xff\xfe", "completion": "x"}\n',
+        422,
+        "file:3:encoding",
+        "UTF-8",
+    ),
     (_jsonl({"messages": [{"role": "user", "content": "hi"}]}), 422, "file:1:messages[0].role", "assistant"),
-    (_jsonl({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}), 422,
-     "file:1:messages[0].content", "string"),
+    (
+        _jsonl({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}),
+        422,
+        "file:1:messages[0].content",
+        "string",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("payload", "status", "param", "phrase"), BAD)
-def test_bad_dataset_is_refused_and_nothing_is_stored(stack: Stack, payload: bytes, status: int, param: str, phrase: str) -> None:
+def test_bad_dataset_is_refused_and_nothing_is_stored(
+    stack: Stack, payload: bytes, status: int, param: str, phrase: str
+) -> None:
     before = _stored_state(stack)
     response = stack.client.post("/datasets", files={"file": ("bad.jsonl", payload)})
     assert response.status_code == status, response.text
@@ -101,22 +124,29 @@ def test_oversized_upload_is_413_and_nothing_is_stored(stack: Stack) -> None:
 
 def test_bad_test_file_names_the_test_file(stack: Stack) -> None:
     before = _stored_state(stack)
-    response = stack.client.post("/datasets", files={"file": ("a.jsonl", _jsonl(CHAT)), "test_file": ("t.jsonl", b"{oops\n")})
+    response = stack.client.post(
+        "/datasets", files={"file": ("a.jsonl", _jsonl(CHAT)), "test_file": ("t.jsonl", b"{oops\n")}
+    )
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "test_file:1:json"
     assert _stored_state(stack) == before
 
 
 def test_fraction_and_test_file_together_are_refused(stack: Stack) -> None:
-    response = stack.client.post("/datasets", files={"file": ("a.jsonl", _jsonl(CHAT, CHAT)), "test_file": ("t.jsonl", _jsonl(CHAT))},
-                                 data={"test_fraction": "0.5"})
+    response = stack.client.post(
+        "/datasets",
+        files={"file": ("a.jsonl", _jsonl(CHAT, CHAT)), "test_file": ("t.jsonl", _jsonl(CHAT))},
+        data={"test_fraction": "0.5"},
+    )
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "test_fraction"
 
 
 @pytest.mark.parametrize("fraction", ["0", "1", "1.5", "abc"])
 def test_bad_fraction_names_the_field(stack: Stack, fraction: str) -> None:
-    response = stack.client.post("/datasets", files={"file": ("a.jsonl", _jsonl(CHAT, CHAT))}, data={"test_fraction": fraction})
+    response = stack.client.post(
+        "/datasets", files={"file": ("a.jsonl", _jsonl(CHAT, CHAT))}, data={"test_fraction": fraction}
+    )
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "test_fraction"
 
@@ -130,8 +160,12 @@ def test_missing_file_field(stack: Stack) -> None:
 def test_unknown_dataset_is_404(stack: Stack) -> None:
     response = stack.client.get("/datasets/ds-nope")
     assert response.status_code == 404
-    assert response.json()["error"] == {"type": "not_found_error", "code": "not_found",
-                                        "message": "no dataset with id 'ds-nope'", "param": "dataset_id"}
+    assert response.json()["error"] == {
+        "type": "not_found_error",
+        "code": "not_found",
+        "message": "no dataset with id 'ds-nope'",
+        "param": "dataset_id",
+    }
 
 
 def test_dataset_listing_paginates(stack: Stack) -> None:

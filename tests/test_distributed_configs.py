@@ -10,7 +10,12 @@ import json
 import pytest
 
 from core.jobspec import Distributed, Hyperparameters
-from worker.distributed import deepspeed_config, fsdp_arguments, trainer_distributed_arguments, validate_deepspeed_config
+from worker.distributed import (
+    deepspeed_config,
+    fsdp_arguments,
+    trainer_distributed_arguments,
+    validate_deepspeed_config,
+)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -27,7 +27,17 @@ import pytest
 from sqlalchemy import func, select, text, update
 
 from core.db import get_engine, session_scope
-from core.models import DEFAULT_TENANT_ID, Adapter, Dataset, AdapterOperation, Evaluation, Job, JobStatus, WorkStatus, utcnow
+from core.models import (
+    DEFAULT_TENANT_ID,
+    Adapter,
+    Dataset,
+    AdapterOperation,
+    Evaluation,
+    Job,
+    JobStatus,
+    WorkStatus,
+    utcnow,
+)
 from core.queue import TASKS
 from core.reconcile import reconcile_once
 from core.sweeper import message_record
@@ -51,13 +61,19 @@ DURABLE = {**FAST_RECOVERY, "sweep_min_age_seconds": 2, "sweep_interval_seconds"
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
-def durable_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model_dir: Path,
-                  demo_files: tuple[Path, Path]) -> Iterator[Stack]:
+def durable_stack(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    model_dir: Path,
+    demo_files: tuple[Path, Path],
+) -> Iterator[Stack]:
     kind = request.param
     with running_stack(kind, tmp_path_factory.mktemp(f"durable-{kind}"), model_dir, **DURABLE) as stack:
         train, test = demo_files
         with train.open("rb") as f, test.open("rb") as t:
-            response = stack.client.post("/datasets", files={"file": ("train.jsonl", f), "test_file": ("test.jsonl", t)})
+            response = stack.client.post(
+                "/datasets", files={"file": ("train.jsonl", f), "test_file": ("test.jsonl", t)}
+            )
         assert response.status_code == 201, response.text
         stack.extra["dataset_id"] = response.json()["id"]
         yield stack
@@ -79,9 +95,25 @@ def api_server(durable_stack: Stack, tmp_path: Path) -> Iterator[httpx.Client]:
     port = _free_port()
     env = {**stack.env, "TUNESERVE_RECONCILE_INTERVAL_SECONDS": "0"}
     with (tmp_path / "api.log").open("ab") as log:
-        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--port", str(port),
-                                   "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True, preexec_fn=die_with_parent)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:create_app",
+                "--factory",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=bearer(stack.api_key), timeout=60)
 
     def answers() -> bool:
@@ -99,8 +131,9 @@ def api_server(durable_stack: Stack, tmp_path: Path) -> Iterator[httpx.Client]:
         _stop_process_group(server)
 
 
-def test_create_then_read_at_once_never_misses(durable_stack: Stack, api_server: httpx.Client, model_dir: Path,
-                                               tmp_path: Path) -> None:
+def test_create_then_read_at_once_never_misses(
+    durable_stack: Stack, api_server: httpx.Client, model_dir: Path, tmp_path: Path
+) -> None:
     """Each create answered 2xx is visible to the very next request: datasets, jobs, evaluations, imports, their
     canary operations, deletes and API keys, 25 rounds each (before the fix: 5 misses in 40 on datasets)."""
     stack = durable_stack
@@ -116,16 +149,19 @@ def test_create_then_read_at_once_never_misses(durable_stack: Stack, api_server:
             dataset_id = dataset.json()["id"]
             if client.get(f"/datasets/{dataset_id}").status_code != 200:
                 misses.append(f"GET dataset {i}")
-            job = client.post("/jobs", json={"dataset_id": dataset_id, "hyperparameters": {"max_steps": 1},
-                                             "evaluation": {"enabled": False}})
+            job = client.post(
+                "/jobs",
+                json={"dataset_id": dataset_id, "hyperparameters": {"max_steps": 1}, "evaluation": {"enabled": False}},
+            )
             if job.status_code != 201:
                 misses.append(f"POST /jobs naming dataset {i}: {job.status_code}")
                 continue
             made[Job].append(job.json()["id"])
             if client.get(f"/jobs/{job.json()['id']}").status_code != 200:
                 misses.append(f"GET job {i}")
-            evaluation = client.post("/evaluations", json={"dataset_id": stack.extra["dataset_id"], "split": "test",
-                                                           "max_examples": 1})
+            evaluation = client.post(
+                "/evaluations", json={"dataset_id": stack.extra["dataset_id"], "split": "test", "max_examples": 1}
+            )
             assert evaluation.status_code == 201, evaluation.text
             made[Evaluation].append(evaluation.json()["id"])
             if client.get(f"/evaluations/{evaluation.json()['id']}").status_code != 200:
@@ -146,8 +182,9 @@ def test_create_then_read_at_once_never_misses(durable_stack: Stack, api_server:
         assert misses == []
     finally:
         with session_scope(stack.settings.database_url) as s:
-            made[AdapterOperation] = list(s.scalars(select(AdapterOperation.id).where(
-                AdapterOperation.status == WorkStatus.queued)))
+            made[AdapterOperation] = list(
+                s.scalars(select(AdapterOperation.id).where(AdapterOperation.status == WorkStatus.queued))
+            )
             for model, ids in made.items():
                 for record_id in ids:
                     leases.request_cancel(s, model, record_id)
@@ -155,6 +192,7 @@ def test_create_then_read_at_once_never_misses(durable_stack: Stack, api_server:
 
 
 # --- cancel, retry and lease loss: one helper for every kind -----------------------------------------------
+
 
 @pytest.mark.parametrize("model", list(TASKS), ids=lambda m: m.__tablename__)
 def test_a_cancel_between_the_supervisors_read_and_its_retry_ends_cancelled(durable_stack: Stack, model: Any) -> None:
@@ -192,18 +230,42 @@ def test_cancel_requested_work_whose_lease_expired_is_settled_cancelled(durable_
 
 def _queued_record(s: Any, stack: Stack, model: Any) -> str:
     if model is Job:
-        row: Any = Job(tenant_id=DEFAULT_TENANT_ID, base_model="m", dataset_id=stack.extra["dataset_id"], method="lora",
-                       hyperparameters={}, status=JobStatus.queued, max_attempts=3)
+        row: Any = Job(
+            tenant_id=DEFAULT_TENANT_ID,
+            base_model="m",
+            dataset_id=stack.extra["dataset_id"],
+            method="lora",
+            hyperparameters={},
+            status=JobStatus.queued,
+            max_attempts=3,
+        )
     elif model is Evaluation:
-        row = Evaluation(tenant_id=DEFAULT_TENANT_ID, dataset_id=stack.extra["dataset_id"], split="test", base_model="m",
-                         metrics=[], batch_size=1, max_new_tokens=1, status=WorkStatus.queued, max_attempts=3)
+        row = Evaluation(
+            tenant_id=DEFAULT_TENANT_ID,
+            dataset_id=stack.extra["dataset_id"],
+            split="test",
+            base_model="m",
+            metrics=[],
+            batch_size=1,
+            max_new_tokens=1,
+            status=WorkStatus.queued,
+            max_attempts=3,
+        )
     else:
-        row = AdapterOperation(tenant_id=DEFAULT_TENANT_ID, kind="derive", source_adapter="none", scale=1.0,
-                               status=WorkStatus.queued, max_attempts=3)
+        row = AdapterOperation(
+            tenant_id=DEFAULT_TENANT_ID,
+            kind="derive",
+            source_adapter="none",
+            scale=1.0,
+            status=WorkStatus.queued,
+            max_attempts=3,
+        )
     s.add(row)
     s.flush()
     # Not for the real worker: it would try to run these. Sent records only; this one never is.
-    s.execute(update(model).where(model.id == row.id).values(dispatched_at=utcnow() + timedelta(days=1), dispatch_count=99))
+    s.execute(
+        update(model).where(model.id == row.id).values(dispatched_at=utcnow() + timedelta(days=1), dispatch_count=99)
+    )
     return str(row.id)
 
 
@@ -220,13 +282,15 @@ def test_a_cancelled_job_whose_worker_was_sigkilled_ends_cancelled(durable_stack
     job = stack.wait_for_job(job_id, timeout=60)
     assert job["status"] == "cancelled", job
     with session_scope(stack.settings.database_url) as s:
-        assert job_id not in [j.id for j in jobs_repo.list_jobs(s, DEFAULT_TENANT_ID, limit=100, after=None,
-                                                                   status=JobStatus.running)[0]]
+        assert job_id not in [
+            j.id for j in jobs_repo.list_jobs(s, DEFAULT_TENANT_ID, limit=100, after=None, status=JobStatus.running)[0]
+        ]
         assert s.scalar(select(func.count()).select_from(Adapter).where(Adapter.job_id == job_id)) == 0
     _wait(lambda: not Store(stack.settings).job_dir(job_id).exists(), timeout=10, what="its checkpoints to be freed")
 
 
 # --- a database that vanishes under the heartbeat ----------------------------------------------------------
+
 
 class CuttableProxy:
     """A TCP proxy in front of Postgres that the test can cut: open connections reset, new ones refused."""
@@ -359,10 +423,14 @@ def _assert_adapter_files_match_sql(stack: Stack, job_id: str) -> None:
 
 # --- work that must start, leftovers that must go ----------------------------------------------------------
 
+
 def test_a_worker_killed_right_after_a_jobs_success_still_gets_its_evaluations_run(durable_stack: Stack) -> None:
     stack = durable_stack
-    body = {"dataset_id": stack.extra["dataset_id"], "hyperparameters": {**TRAIN, "max_steps": 4},
-            "evaluation": {"enabled": True, "max_examples": 4, "max_new_tokens": 4}}
+    body = {
+        "dataset_id": stack.extra["dataset_id"],
+        "hyperparameters": {**TRAIN, "max_steps": 4},
+        "evaluation": {"enabled": True, "max_examples": 4, "max_new_tokens": 4},
+    }
     response = stack.client.post("/jobs", json=body)
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
@@ -381,9 +449,18 @@ def test_the_sweeper_starts_the_evaluations_a_succeeded_job_never_got(durable_st
     job_id = _submit(stack, max_steps=2)
     stack.wait_for_job(job_id, until={"succeeded"}, timeout=180)
     with session_scope(stack.settings.database_url) as s:
-        s.execute(update(Job).where(Job.id == job_id).values(
-            evaluation={"enabled": True, "max_examples": 2, "max_new_tokens": 2},  # an older row: defaults filled in
-            finished_at=utcnow() - timedelta(seconds=60)))
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                evaluation={
+                    "enabled": True,
+                    "max_examples": 2,
+                    "max_new_tokens": 2,
+                },  # an older row: defaults filled in
+                finished_at=utcnow() - timedelta(seconds=60),
+            )
+        )
     _wait(lambda: _evaluation_statuses(stack, job_id) == {"succeeded"}, timeout=240, what="the swept evaluations")
     assert len(_evaluations_of(stack, job_id)) == 2
 
@@ -446,14 +523,19 @@ def test_sqlite_broker_messages_of_finished_work_are_purged(durable_stack: Stack
 def _delivered_messages(stack: Stack) -> list[Any]:
     engine = get_engine(stack.settings.broker_url.removeprefix("sqla+"))
     with engine.connect() as conn:
-        return [message_record(row[0]) for row in conn.execute(text("SELECT payload FROM kombu_message WHERE visible = 0"))]
+        return [
+            message_record(row[0]) for row in conn.execute(text("SELECT payload FROM kombu_message WHERE visible = 0"))
+        ]
 
 
 def _delivered_messages_of_ended_work(stack: Stack) -> list[Any]:
     delivered = _delivered_messages(stack)
     with session_scope(stack.settings.database_url) as s:
-        return [record for record in delivered
-                if record is None or s.get(record[0], record[1]) is None or s.get(record[0], record[1]).status.is_terminal]
+        return [
+            record
+            for record in delivered
+            if record is None or s.get(record[0], record[1]) is None or s.get(record[0], record[1]).status.is_terminal
+        ]
 
 
 def test_redispatch_backs_off_so_duplicates_stay_bounded(durable_stack: Stack) -> None:
@@ -502,8 +584,18 @@ def test_an_attempt_that_lost_its_lease_publishes_nothing_and_registered_files_a
 
     with session_scope(stack.settings.database_url) as s:
         relative = publish_under_lease(s, store, Job, job_id, "current", staged(b"current"), name)
-        s.add(Adapter(name=name, tenant_id=DEFAULT_TENANT_ID, job_id=job_id, base_model="m", method="lora",
-                      path=relative, files={"adapter_model.safetensors": "x"}, size_bytes=7))
+        s.add(
+            Adapter(
+                name=name,
+                tenant_id=DEFAULT_TENANT_ID,
+                job_id=job_id,
+                base_model="m",
+                method="lora",
+                path=relative,
+                files={"adapter_model.safetensors": "x"},
+                size_bytes=7,
+            )
+        )
     with pytest.raises(LeaseLost), session_scope(stack.settings.database_url) as s:
         publish_under_lease(s, store, Job, job_id, "current", staged(b"again"), name)  # registered: never replaced
     assert (store.resolve(relative) / "adapter_model.safetensors").read_bytes() == b"current"
@@ -515,8 +607,9 @@ def test_an_attempt_that_lost_its_lease_publishes_nothing_and_registered_files_a
 
 def test_an_attempt_past_its_time_limit_is_stopped_and_fails(durable_stack: Stack) -> None:
     stack = durable_stack
-    over = stack.client.post("/jobs", json={"dataset_id": stack.extra["dataset_id"],
-                                            "hyperparameters": {"time_limit_seconds": 10**7}})
+    over = stack.client.post(
+        "/jobs", json={"dataset_id": stack.extra["dataset_id"], "hyperparameters": {"time_limit_seconds": 10**7}}
+    )
     assert over.status_code == 422 and over.json()["error"]["param"] == "hyperparameters.time_limit_seconds"
     assert "TUNESERVE_MAX_RUNTIME_SECONDS" in over.json()["error"]["message"]
     job_id = _submit(stack, max_steps=100_000, time_limit_seconds=8)

@@ -19,7 +19,14 @@ from core.storage import sha256_file
 from tests.conftest import Stack
 
 # What scripts/demo.py found to take the tiny model from 0% to ~100% on the demo task.
-DEMO = {"max_steps": int(os.environ.get("TUNESERVE_TEST_DEMO_STEPS", "300")), "learning_rate": 3e-3, "batch_size": 16, "lora_r": 8, "lora_alpha": 16, "seed": 0}
+DEMO = {
+    "max_steps": int(os.environ.get("TUNESERVE_TEST_DEMO_STEPS", "300")),
+    "learning_rate": 3e-3,
+    "batch_size": 16,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "seed": 0,
+}
 EVAL = {"batch_size": 32, "max_new_tokens": 6}
 SWEEP = [0.0, 0.5, 1.0, 1.5]
 
@@ -51,8 +58,13 @@ def demo_job(stack: Stack, demo_dataset: dict) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def sweep(stack: Stack, demo_job: dict, demo_dataset: dict) -> dict[str, Any]:
-    body = {"dataset_id": demo_dataset["id"], "adapter": demo_job["fine_tuned_model"], "scales": SWEEP,
-            "metrics": ["exact_match", "contains", "loss"], **EVAL}
+    body = {
+        "dataset_id": demo_dataset["id"],
+        "adapter": demo_job["fine_tuned_model"],
+        "scales": SWEEP,
+        "metrics": ["exact_match", "contains", "loss"],
+        **EVAL,
+    }
     response = stack.client.post("/evaluations", json=body)
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "queued"
@@ -76,8 +88,10 @@ def test_job_report_shows_base_vs_adapter_on_the_test_split(stack: Stack, demo_j
     metrics = {m["name"]: m for m in report["metrics"]}
     assert set(metrics) == {"exact_match", "contains", "rouge1", "rouge2", "rougeL", "token_f1", "loss", "perplexity"}
     em = metrics["exact_match"]
-    print(f"\n[{stack.kind}] demo task exact match: base {em['base']:.3f} -> adapter {em['adapter']:.3f}; "
-          f"loss {metrics['loss']['base']:.3f} -> {metrics['loss']['adapter']:.3f}")
+    print(
+        f"\n[{stack.kind}] demo task exact match: base {em['base']:.3f} -> adapter {em['adapter']:.3f}; "
+        f"loss {metrics['loss']['base']:.3f} -> {metrics['loss']['adapter']:.3f}"
+    )
     assert em["base"] <= 0.10 and em["adapter"] >= 0.90
     assert em["delta"] == pytest.approx(em["adapter"] - em["base"]) and em["improved"] is True
     assert metrics["loss"]["lower_is_better"] and metrics["loss"]["delta"] < 0 and metrics["loss"]["improved"]
@@ -98,8 +112,9 @@ def test_the_test_split_is_never_trained_on(stack: Stack, demo_job: dict, demo_d
     train_prompts = {user_prompt(json.loads(line)) for line in (stored / "train.jsonl").read_text().splitlines()}
     test_rows = [json.loads(line) for line in (stored / "test.jsonl").read_text().splitlines()]
     assert len(test_rows) == 32 and not train_prompts & {user_prompt(r) for r in test_rows}
-    samples = stack.client.get(f"/evaluations/{demo_job['evaluation']['adapter_evaluation_id']}/samples",
-                               params={"limit": 500}).json()["data"]
+    samples = stack.client.get(
+        f"/evaluations/{demo_job['evaluation']['adapter_evaluation_id']}/samples", params={"limit": 500}
+    ).json()["data"]
     assert {s["reference"] for s in samples} <= {"positive", "negative"} and len(samples) == 32
     # What the evaluation asked the model are the test prompts, none of them a training prompt.
     asked = {s["prompt"].split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0] for s in samples}
@@ -139,7 +154,9 @@ def test_samples_are_paginated(stack: Stack, sweep: dict) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "scale"
 
 
-def test_derived_adapter_equals_the_adapter_at_that_scale(stack: Stack, demo_job: dict, demo_dataset: dict, sweep: dict) -> None:
+def test_derived_adapter_equals_the_adapter_at_that_scale(
+    stack: Stack, demo_job: dict, demo_dataset: dict, sweep: dict
+) -> None:
     name = demo_job["fine_tuned_model"]
     response = stack.client.post(f"/adapters/{name}/derive", json={"scale": 0.5})
     assert response.status_code == 202, response.text
@@ -162,7 +179,9 @@ def test_merged_model_equals_base_plus_scaled_adapter(
     stack: Stack, demo_job: dict, demo_dataset: dict, sweep: dict, model_dir: Path
 ) -> None:
     name = demo_job["fine_tuned_model"]
-    op = wait_for(stack, f"/adapter-operations/{stack.client.post(f'/adapters/{name}/merge', json={'scale': 0.5}).json()['id']}")
+    op = wait_for(
+        stack, f"/adapter-operations/{stack.client.post(f'/adapters/{name}/merge', json={'scale': 0.5}).json()['id']}"
+    )
     assert op["status"] == "succeeded", op
     merged = stack.client.get(f"/adapters/{op['result']}").json()
     assert merged["method"] == "merged" and merged["servable"] is False and merged["parent"] == name
@@ -172,8 +191,12 @@ def test_merged_model_equals_base_plus_scaled_adapter(
         assert sha256_file(merged_dir / file) == digest
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = [json.loads(line)["messages"] for line in
-            (stack.settings.store / "datasets" / demo_job["dataset_id"] / "test.jsonl").read_text().splitlines()[:8]]
+    rows = [
+        json.loads(line)["messages"]
+        for line in (stack.settings.store / "datasets" / demo_job["dataset_id"] / "test.jsonl")
+        .read_text()
+        .splitlines()[:8]
+    ]
     prompts = chat_prompts(tokenizer, rows)
     tuned = load_adapter(load_base_model(str(model_dir)), stack.settings.store / "adapters" / name)
     LoraScaler(tuned).set_scale(0.5)
@@ -192,7 +215,9 @@ def test_merged_model_equals_base_plus_scaled_adapter(
     assert derive.status_code == 422 and derive.json()["error"]["param"] == "name"
 
 
-def test_bad_input_is_refused_naming_the_field(stack: Stack, demo_job: dict, demo_dataset: dict, demo_files: tuple) -> None:
+def test_bad_input_is_refused_naming_the_field(
+    stack: Stack, demo_job: dict, demo_dataset: dict, demo_files: tuple
+) -> None:
     adapter = demo_job["fine_tuned_model"]
     ds = demo_dataset["id"]
 

@@ -51,7 +51,9 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[str], batch_size: int) -> 
     return generate_greedy(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=NEW_TOKENS)
 
 
-def test_left_padded_batches_equal_one_by_one(model_dir: Path, tokenizer: Any, random_adapter: Path, conversations: list) -> None:
+def test_left_padded_batches_equal_one_by_one(
+    model_dir: Path, tokenizer: Any, random_adapter: Path, conversations: list
+) -> None:
     prompts = chat_prompts(tokenizer, conversations)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     assert max(lengths) > 10 * min(lengths)

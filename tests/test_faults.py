@@ -42,8 +42,12 @@ TRAIN = {"learning_rate": 3e-3, "batch_size": 8, "seed": 3}
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
-def fault_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model_dir: Path,
-                demo_files: tuple[Path, Path]) -> Iterator[Stack]:
+def fault_stack(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    model_dir: Path,
+    demo_files: tuple[Path, Path],
+) -> Iterator[Stack]:
     kind = request.param
     with running_stack(kind, tmp_path_factory.mktemp(f"faults-{kind}"), model_dir, **FAST_RECOVERY) as stack:
         _upload_dataset(stack, demo_files)
@@ -59,7 +63,11 @@ def _upload_dataset(stack: Stack, demo_files: tuple[Path, Path]) -> None:
 
 
 def _submit(stack: Stack, **hp: Any) -> str:
-    body = {"dataset_id": stack.extra["dataset_id"], "hyperparameters": {**TRAIN, **hp}, "evaluation": {"enabled": False}}
+    body = {
+        "dataset_id": stack.extra["dataset_id"],
+        "hyperparameters": {**TRAIN, **hp},
+        "evaluation": {"enabled": False},
+    }
     response = stack.client.post("/jobs", json=body)
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
@@ -129,12 +137,18 @@ def test_job_submitted_while_the_broker_is_down_runs_when_it_is_back(fault_stack
 
     stack = fault_stack
     # A second API process on the same database whose broker is down (nothing listens on the port).
-    down = stack.settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0",
-                                             "reconcile_interval_seconds": 0})
+    down = stack.settings.model_copy(
+        update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0", "reconcile_interval_seconds": 0}
+    )
     with TestClient(create_app(down), headers=bearer(stack.api_key)) as api_with_broker_down:
-        response = api_with_broker_down.post("/jobs", json={
-            "dataset_id": stack.extra["dataset_id"], "hyperparameters": {**TRAIN, "max_steps": 4},
-            "evaluation": {"enabled": False}})
+        response = api_with_broker_down.post(
+            "/jobs",
+            json={
+                "dataset_id": stack.extra["dataset_id"],
+                "hyperparameters": {**TRAIN, "max_steps": 4},
+                "evaluation": {"enabled": False},
+            },
+        )
     assert response.status_code == 201, response.text
     job = response.json()
     assert job["status"] == "queued"
@@ -145,14 +159,23 @@ def test_job_submitted_while_the_broker_is_down_runs_when_it_is_back(fault_stack
 def test_job_committed_but_never_sent_is_dispatched_by_the_reconciler(fault_stack: Stack) -> None:
     stack = fault_stack
     # What an API killed between its commit and its send leaves behind: a queued row and no message.
-    spec = JobSpec(dataset_id=stack.extra["dataset_id"], hyperparameters={**TRAIN, "max_steps": 4},
-                   evaluation={"enabled": False})
+    spec = JobSpec(
+        dataset_id=stack.extra["dataset_id"], hyperparameters={**TRAIN, "max_steps": 4}, evaluation={"enabled": False}
+    )
     with session_scope(stack.settings.database_url) as s:
-        job = jobs_repo.add_job(s, Job(
-            tenant_id=DEFAULT_TENANT_ID, base_model=stack.settings.served_model_name, dataset_id=spec.dataset_id, method=spec.method,
-            hyperparameters=spec.hyperparameters.model_dump(mode="json"),
-            evaluation=spec.evaluation.model_dump(mode="json"), status=JobStatus.queued,
-            max_attempts=stack.settings.max_attempts))
+        job = jobs_repo.add_job(
+            s,
+            Job(
+                tenant_id=DEFAULT_TENANT_ID,
+                base_model=stack.settings.served_model_name,
+                dataset_id=spec.dataset_id,
+                method=spec.method,
+                hyperparameters=spec.hyperparameters.model_dump(mode="json"),
+                evaluation=spec.evaluation.model_dump(mode="json"),
+                status=JobStatus.queued,
+                max_attempts=stack.settings.max_attempts,
+            ),
+        )
         jobs_repo.add_event(s, JobEvent(job_id=job.id, kind="status", message="job queued"))
         leases.mark_dispatched(s, Job, job.id)  # as commit_and_send does before its commit
         job_id = job.id
@@ -166,11 +189,15 @@ def test_duplicate_delivery_is_turned_away_by_the_lease(fault_stack: Stack) -> N
     logs = (stack.worker_log, dup_log)
     dup = stack.spawn_worker(dup_log, name="dup")
     try:
-        _wait(lambda: "dup@" in dup_log.read_text() and " ready." in dup_log.read_text(), timeout=60,
-              what="the second worker to be ready")
+        _wait(
+            lambda: "dup@" in dup_log.read_text() and " ready." in dup_log.read_text(),
+            timeout=60,
+            what="the second worker to be ready",
+        )
         job_id = _submit(stack, max_steps=40)
-        stack.wait_for_job(job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 1,
-                           timeout=90)
+        stack.wait_for_job(
+            job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 1, timeout=90
+        )
 
         def turned_away() -> int:
             return sum(log.read_text().count(f"job {job_id}: not claimable") for log in logs)
@@ -209,7 +236,10 @@ class RedisServer:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
 
@@ -250,12 +280,14 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def test_redis_restarted_mid_job_the_job_completes_once_and_the_worker_reconnects(
     private_redis: RedisServer, tmp_path: Path, model_dir: Path, demo_files: tuple[Path, Path]
 ) -> None:
-    with running_stack("postgres", tmp_path / "stack", model_dir, broker_url=private_redis.url,
-                       **FAST_RECOVERY) as stack:
+    with running_stack(
+        "postgres", tmp_path / "stack", model_dir, broker_url=private_redis.url, **FAST_RECOVERY
+    ) as stack:
         _upload_dataset(stack, demo_files)
         job_id = _submit(stack, max_steps=60)  # about 5 s of training left after the restart below
-        stack.wait_for_job(job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 2,
-                           timeout=90)
+        stack.wait_for_job(
+            job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 2, timeout=90
+        )
 
         # The worker holds the job's unacked message; the new Redis has no trace of it, nor of the queue.
         private_redis.kill()
@@ -268,13 +300,17 @@ def test_redis_restarted_mid_job_the_job_completes_once_and_the_worker_reconnect
         _assert_succeeded_once(stack, _submit(stack, max_steps=4), attempts=1)
 
 
-_RECEIVED = re.compile(r"^\[([0-9-]+ [0-9:]+,[0-9]+): INFO/MainProcess\] Task tuneserve\.train\[([0-9a-f-]+)\] received",
-                       re.MULTILINE)
+_RECEIVED = re.compile(
+    r"^\[([0-9-]+ [0-9:]+,[0-9]+): INFO/MainProcess\] Task tuneserve\.train\[([0-9a-f-]+)\] received", re.MULTILINE
+)
 
 
 def _train_deliveries(log: Path) -> list[tuple[datetime, str]]:
     """(when, task id) of every train message this worker's log says it received."""
-    return [(datetime.strptime(when, "%Y-%m-%d %H:%M:%S,%f"), task_id) for when, task_id in _RECEIVED.findall(log.read_text())]
+    return [
+        (datetime.strptime(when, "%Y-%m-%d %H:%M:%S,%f"), task_id)
+        for when, task_id in _RECEIVED.findall(log.read_text())
+    ]
 
 
 def test_a_redelivery_after_the_visibility_timeout_is_turned_away_by_the_lease(
@@ -303,8 +339,11 @@ def test_a_redelivery_after_the_visibility_timeout_is_turned_away_by_the_lease(
         logs = (stack.worker_log, other_log)
         try:
             for log in logs:
-                _wait(lambda log=log: log.exists() and " ready." in log.read_text(), timeout=60,
-                      what=f"{log.name}'s worker to be ready")
+                _wait(
+                    lambda log=log: log.exists() and " ready." in log.read_text(),
+                    timeout=60,
+                    what=f"{log.name}'s worker to be ready",
+                )
             job_id = _submit(stack, max_steps=60)
 
             def turned_away(log: Path) -> int:
@@ -313,8 +352,11 @@ def test_a_redelivery_after_the_visibility_timeout_is_turned_away_by_the_lease(
             # Both workers idle on the queue; one takes the message and claims the job. The other sweeps the unacked
             # index every second (unacked_restore_interval 1, throttle 1) and, once the message is older than the
             # timeout, Redis gives it the same message again.
-            _wait(lambda: sum(map(turned_away, logs)) >= 1, timeout=60,
-                  what="Redis to re-deliver the training worker's message to the idle worker")
+            _wait(
+                lambda: sum(map(turned_away, logs)) >= 1,
+                timeout=60,
+                what="Redis to re-deliver the training worker's message to the idle worker",
+            )
             job = stack.client.get(f"/jobs/{job_id}").json()
             assert job["status"] == "running" and job["progress"]["step"] < 60, job  # the first attempt still trains
 

@@ -47,8 +47,12 @@ def test_a_job_retried_with_its_key_is_the_same_job(paused_stack: Stack, demo_da
     first = _post_job(stack, _job_body(demo_dataset["id"]), key)
     assert first.status_code == 201 and "Idempotent-Replayed" not in first.headers
     # Key order and whitespace do not make it another request.
-    raw = json.dumps({"evaluation": NO_EVAL, "hyperparameters": {"max_steps": 2}, "dataset_id": demo_dataset["id"]}, indent=2)
-    again = stack.client.post("/jobs", content=raw, headers={"Idempotency-Key": key, "Content-Type": "application/json"})
+    raw = json.dumps(
+        {"evaluation": NO_EVAL, "hyperparameters": {"max_steps": 2}, "dataset_id": demo_dataset["id"]}, indent=2
+    )
+    again = stack.client.post(
+        "/jobs", content=raw, headers={"Idempotency-Key": key, "Content-Type": "application/json"}
+    )
     assert again.status_code == 200, again.text
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.json()["id"] == first.json()["id"]
@@ -78,8 +82,12 @@ def test_a_refused_request_does_not_use_up_its_key(paused_stack: Stack, demo_dat
 
 def test_keys_belong_to_one_endpoint(paused_stack: Stack, demo_dataset: dict) -> None:
     stack, key = paused_stack, _key()
-    assert stack.client.post("/datasets", files={"file": ("a.jsonl", _jsonl(CHAT))},
-                             headers={"Idempotency-Key": key}).status_code == 201
+    assert (
+        stack.client.post(
+            "/datasets", files={"file": ("a.jsonl", _jsonl(CHAT))}, headers={"Idempotency-Key": key}
+        ).status_code
+        == 201
+    )
     assert _post_job(stack, _job_body(demo_dataset["id"]), key).status_code == 201
 
 
@@ -97,19 +105,23 @@ def test_a_dataset_retried_with_its_key_is_the_same_dataset(paused_stack: Stack)
     stack, key = paused_stack, _key()
     files = {"file": ("a.jsonl", _jsonl(CHAT, CHAT, CHAT, CHAT))}
     before = _dataset_state(stack)
-    first = stack.client.post("/datasets", files=files, data={"test_fraction": "0.25", "seed": "3"},
-                              headers={"Idempotency-Key": key})
+    first = stack.client.post(
+        "/datasets", files=files, data={"test_fraction": "0.25", "seed": "3"}, headers={"Idempotency-Key": key}
+    )
     assert first.status_code == 201, first.text
-    again = stack.client.post("/datasets", files=files, data={"test_fraction": "0.25", "seed": "3"},
-                              headers={"Idempotency-Key": key})
+    again = stack.client.post(
+        "/datasets", files=files, data={"test_fraction": "0.25", "seed": "3"}, headers={"Idempotency-Key": key}
+    )
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
     assert again.json() == first.json()
     rows, dirs = _dataset_state(stack)
     assert rows - before[0] == dirs - before[1] == {first.json()["id"]}
 
-    for other in ({"files": files, "data": {"test_fraction": "0.25", "seed": "4"}},     # another form field
-                  {"files": {"file": ("b.jsonl", files["file"][1])}, "data": {"test_fraction": "0.25", "seed": "3"}},
-                  {"files": {"file": ("a.jsonl", _jsonl(CHAT, CHAT))}}):                  # other bytes
+    for other in (
+        {"files": files, "data": {"test_fraction": "0.25", "seed": "4"}},  # another form field
+        {"files": {"file": ("b.jsonl", files["file"][1])}, "data": {"test_fraction": "0.25", "seed": "3"}},
+        {"files": {"file": ("a.jsonl", _jsonl(CHAT, CHAT))}},
+    ):  # other bytes
         response = stack.client.post("/datasets", headers={"Idempotency-Key": key}, **other)
         assert response.status_code == 422, response.text
         assert response.json()["error"]["code"] == "idempotency_key_reused"
@@ -135,8 +147,12 @@ def test_concurrent_duplicate_uploads_make_one_dataset(paused_stack: Stack) -> N
 
     def upload(i: int) -> httpx.Response:
         # Half the requests differ (another seed): whichever body wins, the others are replays or 422.
-        return stack.client.post("/datasets", files={"file": ("c.jsonl", payload)}, data={"seed": str(i % 2)},
-                                 headers={"Idempotency-Key": key})
+        return stack.client.post(
+            "/datasets",
+            files={"file": ("c.jsonl", payload)},
+            data={"seed": str(i % 2)},
+            headers={"Idempotency-Key": key},
+        )
 
     with ThreadPoolExecutor(n) as pool:
         responses = list(pool.map(upload, range(n)))

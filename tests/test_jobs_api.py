@@ -46,8 +46,14 @@ def test_other_base_model_is_refused(stack: Stack, demo_dataset: dict) -> None:
     assert response.json()["error"]["param"] == "base_model"
 
 
-@pytest.mark.parametrize(("body", "param"), [({}, "dataset_id"), ({"dataset_id": "x", "method": "magic"}, "method"),
-                                              ({"dataset_id": "x", "suffix": "no spaces"}, "suffix")])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "dataset_id"),
+        ({"dataset_id": "x", "method": "magic"}, "method"),
+        ({"dataset_id": "x", "suffix": "no spaces"}, "suffix"),
+    ],
+)
 def test_malformed_job_bodies(stack: Stack, body: dict, param: str) -> None:
     response = stack.client.post("/jobs", json=body)
     assert response.status_code == 422
@@ -55,7 +61,11 @@ def test_malformed_job_bodies(stack: Stack, body: dict, param: str) -> None:
 
 
 def test_unknown_job_ids_are_404(stack: Stack) -> None:
-    for method, path in [("get", "/jobs/ftjob-nope"), ("get", "/jobs/ftjob-nope/events"), ("post", "/jobs/ftjob-nope/cancel")]:
+    for method, path in [
+        ("get", "/jobs/ftjob-nope"),
+        ("get", "/jobs/ftjob-nope/events"),
+        ("post", "/jobs/ftjob-nope/cancel"),
+    ]:
         response = getattr(stack.client, method)(path)
         assert response.status_code == 404
         assert response.json()["error"]["param"] == "job_id"
@@ -78,7 +88,10 @@ def test_job_defaults_listing_and_filter(stack: Stack, demo_dataset: dict) -> No
     # Stop the worker so the jobs stay queued while we look at them.
     stack.stop_worker()
     try:
-        created = [stack.client.post("/jobs", json={"dataset_id": demo_dataset["id"], "suffix": f"list{i}"}).json() for i in range(3)]
+        created = [
+            stack.client.post("/jobs", json={"dataset_id": demo_dataset["id"], "suffix": f"list{i}"}).json()
+            for i in range(3)
+        ]
         job = created[0]
         assert job["status"] == "queued"
         assert job["hyperparameters"]["lora_r"] == 8 and job["hyperparameters"]["n_epochs"] == 3

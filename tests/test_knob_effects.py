@@ -24,9 +24,26 @@ def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _train(model_dir: Path, config: str) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-m", "bench.train", "--only", config, "--model-dir", str(model_dir),
-         "--steps", "2", "--batch-size", "8", "--rows", "long"],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "bench.train",
+            "--only",
+            config,
+            "--model-dir",
+            str(model_dir),
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--rows",
+            "long",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -71,7 +71,9 @@ def test_dataset_row_limit(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_dataset_line_length_limit(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stack.settings, "max_line_bytes", 200)
     long_row = {"prompt": "x" * 300, "completion": "y"}
-    response = stack.client.post("/datasets", files={"file": ("long.jsonl", _jsonl({"prompt": "a", "completion": "b"}, long_row))})
+    response = stack.client.post(
+        "/datasets", files={"file": ("long.jsonl", _jsonl({"prompt": "a", "completion": "b"}, long_row))}
+    )
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["param"] == "file:2:line" and "the limit is 200 bytes" in error["message"]
@@ -94,10 +96,12 @@ def test_concurrent_submissions_do_not_overshoot_max_active_jobs(
 
 # --- request bodies: capped before routing, and refused without a key before they are read -----------------------
 
+
 def test_a_json_body_past_max_json_body_bytes_is_413_naming_the_setting(stack: Stack) -> None:
     limit = stack.settings.max_json_body_bytes
-    declared = stack.client.post("/v1/chat/completions", content=b" " * (limit + 1),
-                                 headers={"content-type": "application/json"})
+    declared = stack.client.post(
+        "/v1/chat/completions", content=b" " * (limit + 1), headers={"content-type": "application/json"}
+    )
 
     def streamed() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
         for _ in range(limit // (1 << 20) + 2):
@@ -111,7 +115,9 @@ def test_a_json_body_past_max_json_body_bytes_is_413_naming_the_setting(stack: S
         assert f"{limit} bytes" in error["message"]
 
 
-def test_a_multipart_upload_past_its_cap_is_413_and_writes_nothing(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_multipart_upload_past_its_cap_is_413_and_writes_nothing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(stack.settings, "max_upload_bytes", 64 * 1024)
     cap = 64 * 1024 + stack.settings.max_multipart_overhead_bytes
     tmp = stack.settings.store / "tmp"
@@ -119,15 +125,19 @@ def test_a_multipart_upload_past_its_cap_is_413_and_writes_nothing(stack: Stack,
     big = {"file": ("big.jsonl", _jsonl(*([CHAT] * (cap // 60 + 1))))}
     declared = stack.client.post("/datasets", files=big)
     boundary = "hostile-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n".encode()
-            + b"x" * (cap + 1) + f"\r\n--{boundary}--\r\n".encode())
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'.encode()
+        + b"x" * (cap + 1)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
 
     def streamed() -> Iterator[bytes]:
         for i in range(0, len(body), 8192):
-            yield body[i:i + 8192]
+            yield body[i : i + 8192]
 
-    chunked = stack.client.post("/datasets", content=streamed(),
-                                headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    chunked = stack.client.post(
+        "/datasets", content=streamed(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
     for response in (declared, chunked):
         assert response.status_code == 413, response.text
         error = response.json()["error"]
@@ -141,7 +151,9 @@ def _dataset_ids(stack: Stack) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def live_api(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[tuple[int, subprocess.Popen[bytes], str]]:
+def live_api(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path
+) -> Iterator[tuple[int, subprocess.Popen[bytes], str]]:
     """`tuneserve-api` (uvicorn, auth on) on the embedded stack: (port, process, a tenant key). No worker is needed."""
     from core.migrate import upgrade
     from core.settings import Settings
@@ -156,8 +168,14 @@ def live_api(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Itera
         port = int(s.getsockname()[1])
     env = dict(settings_env(settings), TUNESERVE_API_PORT=str(port), TUNESERVE_RECONCILE_INTERVAL_SECONDS="0")
     log = (data_dir / "api.log").open("ab")
-    process = subprocess.Popen([sys.executable, "-c", "from api.main import run; run()"], cwd=ROOT, env=env,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from api.main import run; run()"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -189,8 +207,10 @@ def _stream_chunked(port: int, path: str, total: int, headers: dict[str, str]) -
     chunk = b"a" * (1 << 20)
     sent = 0
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
-                     f"Transfer-Encoding: chunked\r\n{head}\r\n".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+            f"Transfer-Encoding: chunked\r\n{head}\r\n".encode()
+        )
         try:
             while sent < total and not select.select([sock], [], [], 0)[0]:
                 sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
@@ -232,6 +252,7 @@ def test_a_streamed_body_past_the_cap_is_413_as_soon_as_it_passes(
 
 # --- generation input: characters capped before tokenizing -------------------------------------------------------
 
+
 def test_prompts_past_max_prompt_chars_are_422_not_500(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before, a /v1/completions list item or a /v1/chat/completions content over 1M characters was a 500 (the
     API built serving's request model from it). Serving is not running here: the check comes first."""
@@ -239,10 +260,16 @@ def test_prompts_past_max_prompt_chars_are_422_not_500(stack: Stack, monkeypatch
     huge = "x" * 1_000_001
     cases = [
         ("/v1/completions", {"model": model, "prompt": ["hi", huge]}, "prompt[1]"),
-        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": huge}]},
-         "messages[0].content"),
-        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": huge}]}]}, "messages[0].content[0].text"),
+        (
+            "/v1/chat/completions",
+            {"model": model, "messages": [{"role": "user", "content": huge}]},
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": model, "messages": [{"role": "user", "content": [{"type": "text", "text": huge}]}]},
+            "messages[0].content[0].text",
+        ),
     ]
     for path, body, param in cases:
         response = stack.client.post(path, json=body)
@@ -256,12 +283,25 @@ def test_prompts_past_max_prompt_chars_are_422_not_500(stack: Stack, monkeypatch
     setting_cases = [
         ("/v1/completions", {"model": model, "prompt": ["ok", "z" * 101]}, "prompt[1]", "TUNESERVE_MAX_PROMPT_CHARS"),
         ("/v1/completions", {"model": model, "prompt": ["a", "b", "c"]}, "prompt", "TUNESERVE_MAX_PROMPTS_PER_REQUEST"),
-        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": text_parts}]}, "messages",
-         "TUNESERVE_MAX_PROMPT_CHARS"),
-        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "a"}] * 4}, "messages",
-         "TUNESERVE_MAX_MESSAGES_PER_REQUEST"),
+        (
+            "/v1/chat/completions",
+            {"model": model, "messages": [{"role": "user", "content": text_parts}]},
+            "messages",
+            "TUNESERVE_MAX_PROMPT_CHARS",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": model, "messages": [{"role": "user", "content": "a"}] * 4},
+            "messages",
+            "TUNESERVE_MAX_MESSAGES_PER_REQUEST",
+        ),
         ("/generate", {"prompt": "z" * 101}, "prompt", "TUNESERVE_MAX_PROMPT_CHARS"),
-        ("/generate", {"messages": [{"role": "user", "content": "z" * 51}] * 2}, "messages", "TUNESERVE_MAX_PROMPT_CHARS"),
+        (
+            "/generate",
+            {"messages": [{"role": "user", "content": "z" * 51}] * 2},
+            "messages",
+            "TUNESERVE_MAX_PROMPT_CHARS",
+        ),
     ]
     for path, body, param, setting in setting_cases:
         response = stack.client.post(path, json=body)
@@ -272,14 +312,24 @@ def test_prompts_past_max_prompt_chars_are_422_not_500(stack: Stack, monkeypatch
 
 # --- datasets: rows bounded for training --------------------------------------------------------------------------
 
-def test_dataset_rows_past_the_message_and_character_caps_are_422(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_dataset_rows_past_the_message_and_character_caps_are_422(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(stack.settings, "max_messages_per_row", 4)
     monkeypatch.setattr(stack.settings, "max_chars_per_row", 50)
     turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     cases = [
         (_jsonl(CHAT, {"messages": turns * 3}), "file:2:messages", "TUNESERVE_MAX_MESSAGES_PER_ROW"),
-        (_jsonl(CHAT, CHAT, {"messages": [{"role": "user", "content": "q" * 49}, {"role": "assistant", "content": "ab"}]}),
-         "file:3:messages", "TUNESERVE_MAX_CHARS_PER_ROW"),
+        (
+            _jsonl(
+                CHAT,
+                CHAT,
+                {"messages": [{"role": "user", "content": "q" * 49}, {"role": "assistant", "content": "ab"}]},
+            ),
+            "file:3:messages",
+            "TUNESERVE_MAX_CHARS_PER_ROW",
+        ),
         (_jsonl({"prompt": "p" * 40, "completion": "c" * 11}), "file:1:row", "TUNESERVE_MAX_CHARS_PER_ROW"),
     ]
     for data, param, setting in cases:
@@ -287,7 +337,9 @@ def test_dataset_rows_past_the_message_and_character_caps_are_422(stack: Stack, 
         assert response.status_code == 422, response.text
         error = response.json()["error"]
         assert error["code"] == "invalid_dataset" and error["param"] == param and setting in error["message"], error
-    assert stack.client.post("/datasets", files={"file": ("ok.jsonl", _jsonl({"messages": turns * 2}))}).status_code == 201
+    assert (
+        stack.client.post("/datasets", files={"file": ("ok.jsonl", _jsonl({"messages": turns * 2}))}).status_code == 201
+    )
 
 
 def test_a_split_seed_past_32_bits_is_422_before_anything_is_written(stack: Stack) -> None:
@@ -295,8 +347,11 @@ def test_a_split_seed_past_32_bits_is_422_before_anything_is_written(stack: Stac
     tmp = stack.settings.store / "tmp"
     before = _dataset_ids(stack)
     for seed in (2**31, 2**63, 2**200):
-        response = stack.client.post("/datasets", files={"file": ("s.jsonl", _jsonl(*[CHAT] * 4))},
-                                     data={"test_fraction": "0.5", "seed": str(seed)})
+        response = stack.client.post(
+            "/datasets",
+            files={"file": ("s.jsonl", _jsonl(*[CHAT] * 4))},
+            data={"test_fraction": "0.5", "seed": str(seed)},
+        )
         assert response.status_code == 422, response.text
         assert response.json()["error"]["param"] == "seed"
     assert _dataset_ids(stack) == before and not any(tmp.iterdir())

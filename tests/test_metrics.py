@@ -8,7 +8,16 @@ from typing import get_args
 import pytest
 
 from core.evaluation.inference import ReferenceLoss, corpus_loss
-from core.evaluation.metrics import ALL_METRICS, contains, exact_match, mean_scores, normalize, rouge, score_example, token_f1
+from core.evaluation.metrics import (
+    ALL_METRICS,
+    contains,
+    exact_match,
+    mean_scores,
+    normalize,
+    rouge,
+    score_example,
+    token_f1,
+)
 
 
 def test_normalize_strips_lowercases_and_collapses_whitespace() -> None:
@@ -65,7 +74,11 @@ def test_rouge_by_hand() -> None:
     # Word order matters for L but not for 1: "mat the on sat cat the" vs the reference.
     shuffled = rouge("mat the on sat cat the", "the cat sat on the mat")
     # LCS is "the on the" (3 of 6) -> F 1/2; no bigram survives the shuffle.
-    assert shuffled["rouge1"] == pytest.approx(1.0) and shuffled["rougeL"] == pytest.approx(0.5) and shuffled["rouge2"] == 0.0
+    assert (
+        shuffled["rouge1"] == pytest.approx(1.0)
+        and shuffled["rougeL"] == pytest.approx(0.5)
+        and shuffled["rouge2"] == 0.0
+    )
 
 
 def test_score_example_returns_only_the_requested_metrics() -> None:
@@ -74,7 +87,9 @@ def test_score_example_returns_only_the_requested_metrics() -> None:
 
 
 def test_mean_scores() -> None:
-    assert mean_scores([{"exact_match": 1.0}, {"exact_match": 0.0}, {"exact_match": 1.0}]) == {"exact_match": pytest.approx(2 / 3)}
+    assert mean_scores([{"exact_match": 1.0}, {"exact_match": 0.0}, {"exact_match": 1.0}]) == {
+        "exact_match": pytest.approx(2 / 3)
+    }
 
 
 def test_corpus_loss_is_token_weighted_and_perplexity_its_exp() -> None:

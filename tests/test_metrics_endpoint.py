@@ -39,8 +39,13 @@ def api(request: pytest.FixtureRequest, tmp_path: Path, model_dir: Path) -> Iter
     """The API on SQLite with either broker, and no worker: a job sent stays in the queue."""
     # metrics_cache_seconds 0: each scrape reads SQL and the broker afresh, so a test sees its own changes at once
     # (the cache has its own test below).
-    values: dict[str, object] = {"data_dir": tmp_path, "base_model": str(model_dir), "reconcile_interval_seconds": 0,
-                                 "queue_name": f"tuneserve-metrics-{secrets.token_hex(4)}", "metrics_cache_seconds": 0}
+    values: dict[str, object] = {
+        "data_dir": tmp_path,
+        "base_model": str(model_dir),
+        "reconcile_interval_seconds": 0,
+        "queue_name": f"tuneserve-metrics-{secrets.token_hex(4)}",
+        "metrics_cache_seconds": 0,
+    }
     if request.param == "redis":
         values["broker_url"] = REDIS_URL
     settings = Settings(**values)  # type: ignore[arg-type]
@@ -69,7 +74,9 @@ def test_metrics_count_requests_by_route_template_and_status(api: tuple[TestClie
     assert sample(after, "tuneserve_http_requests_total", method="GET", route="<unmatched>", status="404") == 1
     assert not any("ftjob-does-not-exist" in str(labels) for _, labels in after)
     assert sample(after, "tuneserve_http_request_duration_seconds_count", method="GET", route="/healthz") == 3
-    assert sample(after, "tuneserve_http_request_duration_seconds_bucket", method="GET", route="/healthz", le="+Inf") == 3
+    assert (
+        sample(after, "tuneserve_http_request_duration_seconds_bucket", method="GET", route="/healthz", le="+Inf") == 3
+    )
     # The first scrape is counted once it has been answered.
     assert sample(after, "tuneserve_http_requests_total", method="GET", route="/metrics", status="200") == 1
 
@@ -103,8 +110,9 @@ def test_jobs_by_status_and_queue_depth_follow_the_registry_and_the_broker(
 
 
 def test_broker_down_is_reported_not_fatal(tmp_path: Path, model_dir: Path) -> None:
-    settings = Settings(data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0,
-                        broker_url="redis://127.0.0.1:1/0")
+    settings = Settings(
+        data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0, broker_url="redis://127.0.0.1:1/0"
+    )
     settings.ensure_dirs()
     upgrade(settings.database_url)
     with TestClient(create_app(settings)) as client:
@@ -138,8 +146,9 @@ def test_scrapes_and_probes_share_one_reading_per_cache_window(
     import api.services.health
     from concurrent.futures import ThreadPoolExecutor
 
-    settings = Settings(data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0,
-                        metrics_cache_seconds=60)
+    settings = Settings(
+        data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0, metrics_cache_seconds=60
+    )
     settings.ensure_dirs()
     upgrade(settings.database_url)
     calls = {"jobs": 0, "ready": 0}
@@ -164,13 +173,17 @@ def test_scrapes_and_probes_share_one_reading_per_cache_window(
 
 
 def test_metrics_token(tmp_path: Path, model_dir: Path) -> None:
-    settings = Settings(data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0,
-                        metrics_token="scrape-secret")
+    settings = Settings(
+        data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0, metrics_token="scrape-secret"
+    )
     settings.ensure_dirs()
     upgrade(settings.database_url)
     with TestClient(create_app(settings)) as client:
-        for headers, code in (({}, "missing_metrics_token"), (bearer("wrong"), "invalid_metrics_token"),
-                              (bearer(mint_api_key(settings)), "invalid_metrics_token")):
+        for headers, code in (
+            ({}, "missing_metrics_token"),
+            (bearer("wrong"), "invalid_metrics_token"),
+            (bearer(mint_api_key(settings)), "invalid_metrics_token"),
+        ):
             refused = client.get("/metrics", headers=headers)
             assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", refused.text
             error = refused.json()["error"]

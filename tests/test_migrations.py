@@ -11,8 +11,18 @@ from sqlalchemy import create_engine, inspect, text
 from core.migrate import check, downgrade, upgrade
 from tests.conftest import create_pg_database, drop_pg_database, pg_url
 
-TABLES = {"datasets", "jobs", "job_events", "adapters", "evaluations", "evaluation_samples", "adapter_operations",
-          "idempotency_keys", "tenants", "api_keys"}
+TABLES = {
+    "datasets",
+    "jobs",
+    "job_events",
+    "adapters",
+    "evaluations",
+    "evaluation_samples",
+    "adapter_operations",
+    "idempotency_keys",
+    "tenants",
+    "api_keys",
+}
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -55,11 +65,13 @@ def test_rows_made_before_tenants_belong_to_the_default_tenant(empty_database: s
     engine = create_engine(empty_database)
     try:
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO datasets (id, filename, format, train_rows, test_rows, split_source, path, sha256, bytes,"
-                " stats, created_at) VALUES ('ds-old', 'a.jsonl', 'chat', 1, 0, 'none', 'datasets/ds-old', 'x', 1,"
-                " '{}', CURRENT_TIMESTAMP)"
-            ))
+            conn.execute(
+                text(
+                    "INSERT INTO datasets (id, filename, format, train_rows, test_rows, split_source, path, sha256, bytes,"
+                    " stats, created_at) VALUES ('ds-old', 'a.jsonl', 'chat', 1, 0, 'none', 'datasets/ds-old', 'x', 1,"
+                    " '{}', CURRENT_TIMESTAMP)"
+                )
+            )
         upgrade(empty_database)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT tenant_id FROM datasets WHERE id = 'ds-old'")).scalar_one() == "tn-default"

@@ -95,9 +95,7 @@ def test_chat_template_is_chatml(tiny_dir: Path) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nHi there<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     )
     no_prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     assert no_prompt == text.removesuffix("<|im_start|>assistant\n")

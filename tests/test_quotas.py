@@ -63,8 +63,10 @@ def snapshot(stack: Stack, tenant_id: str) -> dict[str, Any]:
     store = stack.settings.store
     return {
         **{m.__name__: rows(stack, m, tenant_id) for m in (Dataset, Job, Evaluation, AdapterOperation, Adapter)},
-        "files": {d: sorted(p.name for p in (store / d).iterdir()) if (store / d).is_dir() else []
-                  for d in ("datasets", "adapters", "tmp")},
+        "files": {
+            d: sorted(p.name for p in (store / d).iterdir()) if (store / d).is_dir() else []
+            for d in ("datasets", "adapters", "tmp")
+        },
     }
 
 
@@ -100,19 +102,28 @@ def owner(stack: Stack, demo_files: tuple[Path, Path]) -> Iterator[dict[str, Any
         train, test = demo_files
         dataset = client.post("/datasets", files={"file": train.read_bytes(), "test_file": test.read_bytes()})
         assert dataset.status_code == 201, dataset.text
-        job = client.post("/jobs", json={"dataset_id": dataset.json()["id"], "hyperparameters": {"max_steps": 2},
-                                          "evaluation": NO_EVAL})
+        job = client.post(
+            "/jobs",
+            json={"dataset_id": dataset.json()["id"], "hyperparameters": {"max_steps": 2}, "evaluation": NO_EVAL},
+        )
         assert job.status_code == 201, job.text
         job = wait_for(client, f"/jobs/{job.json()['id']}", lambda j: j["status"] in ("succeeded", "failed"))
         assert job["status"] == "succeeded", job
-        sweep = client.post("/evaluations", json={"dataset_id": dataset.json()["id"], "adapter": job["fine_tuned_model"],
-                                                  **SWEEP})
+        sweep = client.post(
+            "/evaluations", json={"dataset_id": dataset.json()["id"], "adapter": job["fine_tuned_model"], **SWEEP}
+        )
         assert sweep.status_code == 201, sweep.text
         sweep = wait_for(client, f"/evaluations/{sweep.json()['id']}", lambda e: e["status"] in ("succeeded", "failed"))
         assert sweep["status"] == "succeeded", sweep
         stack.stop_worker()
-        yield {"tenant_id": tenant_id, "client": client, "dataset": dataset.json(), "job": job,
-               "adapter": job["fine_tuned_model"], "sweep": sweep}
+        yield {
+            "tenant_id": tenant_id,
+            "client": client,
+            "dataset": dataset.json(),
+            "job": job,
+            "adapter": job["fine_tuned_model"],
+            "sweep": sweep,
+        }
     finally:
         stack.stop_worker()
         stack.env.pop("TUNESERVE_MAX_SAMPLE_CHARS", None)
@@ -138,24 +149,37 @@ def sql_usage(stack: Stack, tenant_id: str) -> dict[str, int]:
     """The tenant's use computed here, independently of api.services.usage."""
     active = ("queued", "running")
     with session_scope(stack.settings.database_url) as s:
+
         def total(query: Any) -> int:
             return int(s.scalar(query) or 0)
 
         kept = (Adapter.tenant_id == tenant_id, Adapter.status != AdapterStatus.deleted)
         jobs = list(s.scalars(select(Job.id).where(Job.tenant_id == tenant_id)))
         return {
-            "active_jobs": total(select(func.count()).select_from(Job).where(
-                Job.tenant_id == tenant_id, Job.status.in_(("validating_files", *active)))),
-            "active_evaluations": total(select(func.count()).select_from(Evaluation).where(
-                Evaluation.tenant_id == tenant_id, Evaluation.status.in_(active))),
-            "active_adapter_operations": total(select(func.count()).select_from(AdapterOperation).where(
-                AdapterOperation.tenant_id == tenant_id, AdapterOperation.status.in_(active))),
+            "active_jobs": total(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.tenant_id == tenant_id, Job.status.in_(("validating_files", *active)))
+            ),
+            "active_evaluations": total(
+                select(func.count())
+                .select_from(Evaluation)
+                .where(Evaluation.tenant_id == tenant_id, Evaluation.status.in_(active))
+            ),
+            "active_adapter_operations": total(
+                select(func.count())
+                .select_from(AdapterOperation)
+                .where(AdapterOperation.tenant_id == tenant_id, AdapterOperation.status.in_(active))
+            ),
             "adapters": total(select(func.count()).select_from(Adapter).where(*kept)),
             "datasets": total(select(func.sum(Dataset.bytes)).where(Dataset.tenant_id == tenant_id)),
             "adapter_bytes": total(select(func.sum(Adapter.size_bytes)).where(*kept, Adapter.method != "merged")),
             "merged_bytes": total(select(func.sum(Adapter.size_bytes)).where(*kept, Adapter.method == "merged")),
-            "checkpoints": sum(sum(f.stat().st_size for f in (stack.settings.store / "jobs" / j).rglob("*") if f.is_file())
-                               for j in jobs if (stack.settings.store / "jobs" / j).is_dir()),
+            "checkpoints": sum(
+                sum(f.stat().st_size for f in (stack.settings.store / "jobs" / j).rglob("*") if f.is_file())
+                for j in jobs
+                if (stack.settings.store / "jobs" / j).is_dir()
+            ),
         }
 
 
@@ -177,13 +201,23 @@ def test_usage_equals_the_sums_in_sql(stack: Stack, owner: dict[str, Any]) -> No
         assert usage[name]["used"] == expected[name], name
     storage = usage["storage_bytes"]
     assert (storage["datasets"], storage["adapters"], storage["merged_models"], storage["checkpoints"]) == (
-        expected["datasets"], expected["adapter_bytes"], expected["merged_bytes"], expected["checkpoints"])
-    assert storage["used"] == expected["datasets"] + expected["adapter_bytes"] + expected["merged_bytes"] + expected["checkpoints"]
+        expected["datasets"],
+        expected["adapter_bytes"],
+        expected["merged_bytes"],
+        expected["checkpoints"],
+    )
+    assert (
+        storage["used"]
+        == expected["datasets"] + expected["adapter_bytes"] + expected["merged_bytes"] + expected["checkpoints"]
+    )
     settings = stack.settings
     assert {k: (usage[k]["limit"], usage[k]["setting"]) for k in usage if k != "object"} == {
         "active_jobs": (settings.max_active_jobs, "TUNESERVE_MAX_ACTIVE_JOBS"),
         "active_evaluations": (settings.max_active_evaluations, "TUNESERVE_MAX_ACTIVE_EVALUATIONS"),
-        "active_adapter_operations": (settings.max_active_adapter_operations, "TUNESERVE_MAX_ACTIVE_ADAPTER_OPERATIONS"),
+        "active_adapter_operations": (
+            settings.max_active_adapter_operations,
+            "TUNESERVE_MAX_ACTIVE_ADAPTER_OPERATIONS",
+        ),
         "adapters": (settings.max_adapters_per_tenant, "TUNESERVE_MAX_ADAPTERS_PER_TENANT"),
         "storage_bytes": (settings.max_storage_bytes_per_tenant, "TUNESERVE_MAX_STORAGE_BYTES_PER_TENANT"),
     }
@@ -270,8 +304,11 @@ def test_adapters_per_tenant_limit_is_413_counting_work_that_makes_one(
     client, tenant_id, adapter = owner["client"], owner["tenant_id"], owner["adapter"]
     job_body = {"dataset_id": owner["dataset"]["id"], "hyperparameters": {"max_steps": 2}, "evaluation": NO_EVAL}
     assert client.get("/usage").json()["adapters"] == {
-        "used": 1, "pending": 0, "limit": stack.settings.max_adapters_per_tenant,
-        "setting": "TUNESERVE_MAX_ADAPTERS_PER_TENANT"}
+        "used": 1,
+        "pending": 0,
+        "limit": stack.settings.max_adapters_per_tenant,
+        "setting": "TUNESERVE_MAX_ADAPTERS_PER_TENANT",
+    }
     monkeypatch.setattr(stack.settings, "max_adapters_per_tenant", 1)
     before = snapshot(stack, tenant_id)
     refused(client.post("/jobs", json=job_body), 413, "max_adapters_per_tenant")
@@ -305,8 +342,11 @@ def test_storage_quota_is_413_and_leaves_no_files(
     error = refused(client.post("/datasets", files={"file": ("big.jsonl", big)}), 413, "max_storage_bytes_per_tenant")
     assert error["code"] == "storage_quota_exceeded"
     # An import whose files would pass the quota: checked once unpacked; its files are removed with its rows.
-    refused(client.post("/adapters", files={"file": ("a.tar.gz", adapter_archive(stack, adapter))}), 413,
-            "max_storage_bytes_per_tenant")
+    refused(
+        client.post("/adapters", files={"file": ("a.tar.gz", adapter_archive(stack, adapter))}),
+        413,
+        "max_storage_bytes_per_tenant",
+    )
     assert snapshot(stack, tenant_id) == before
 
     # Exactly up to the quota is fine; from then on, work that writes files is refused.
@@ -353,18 +393,26 @@ def test_evaluation_samples_store_bounded_text_once(stack: Stack, owner: dict[st
     client, sweep = owner["client"], owner["sweep"]
     page = client.get(f"/evaluations/{sweep['id']}/samples", params={"limit": 100}).json()
     assert page["total"] == 3 * 2
-    by_scale = {scale: sorted((s for s in page["data"] if s["scale"] == scale), key=lambda s: s["index"])
-                for scale in SWEEP["scales"]}
+    by_scale = {
+        scale: sorted((s for s in page["data"] if s["scale"] == scale), key=lambda s: s["index"])
+        for scale in SWEEP["scales"]
+    }
     # The API shows every scale's sample with its prompt and reference ...
-    assert [(s["prompt"], s["reference"]) for s in by_scale[0.0]] == [(s["prompt"], s["reference"]) for s in by_scale[1.0]]
+    assert [(s["prompt"], s["reference"]) for s in by_scale[0.0]] == [
+        (s["prompt"], s["reference"]) for s in by_scale[1.0]
+    ]
     assert all(len(s["prompt"]) <= SAMPLE_CHARS and "characters not stored" in s["prompt"] for s in page["data"])
     assert all(s["prompt"].endswith("assistant\n") for s in page["data"])  # a prompt's end is kept
     # ... which SQL holds once, with the first scale's samples.
     with session_scope(stack.settings.database_url) as s:
-        stored = s.execute(select(EvaluationSample.scale, EvaluationSample.prompt, EvaluationSample.reference)
-                           .where(EvaluationSample.evaluation_id == sweep["id"])).all()
+        stored = s.execute(
+            select(EvaluationSample.scale, EvaluationSample.prompt, EvaluationSample.reference).where(
+                EvaluationSample.evaluation_id == sweep["id"]
+            )
+        ).all()
     assert sorted((scale, bool(prompt), bool(reference)) for scale, prompt, reference in stored) == (
-        [(0.0, True, True)] * 3 + [(1.0, False, False)] * 3)
+        [(0.0, True, True)] * 3 + [(1.0, False, False)] * 3
+    )
     one = client.get(f"/evaluations/{sweep['id']}/samples", params={"scale": 1.0, "limit": 1}).json()["data"][0]
     assert one["prompt"] == by_scale[0.0][0]["prompt"]
 
@@ -390,7 +438,9 @@ def test_delete_frees_the_adapter_directory(stack: Stack, owner: dict[str, Any])
     assert not (store / "adapters" / name).exists()
     after = client.get("/usage").json()
     assert after["adapters"]["used"] == with_import["adapters"]["used"] - 1
-    assert after["storage_bytes"]["adapters"] == with_import["storage_bytes"]["adapters"] - imported.json()["size_bytes"]
+    assert (
+        after["storage_bytes"]["adapters"] == with_import["storage_bytes"]["adapters"] - imported.json()["size_bytes"]
+    )
 
     # Nothing names the trained adapter: its directory goes at once, and it leaves the usage.
     size = client.get(f"/adapters/{adapter}").json()["size_bytes"]

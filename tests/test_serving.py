@@ -71,9 +71,10 @@ class Reference:
             model = self.base if adapter_dir is None else self._peft(adapter_dir)
             ids = torch.tensor([self.prompt_ids(request)])
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                     do_sample=False)
-            self._cache[key] = out[0, ids.shape[1]:].tolist()
+                out = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False
+                )
+            self._cache[key] = out[0, ids.shape[1] :].tolist()
         return self._cache[key]
 
 
@@ -85,8 +86,7 @@ def reference(model_dir: Path) -> Reference:
 # --- adapters made in a blink ----------------------------------------------------------------------
 
 
-def make_adapter(stack: Stack, reference: Reference, name: str, *, seed: int, rank: int = 8,
-                 edit: Any = None) -> Path:
+def make_adapter(stack: Stack, reference: Reference, name: str, *, seed: int, rank: int = 8, edit: Any = None) -> Path:
     """A random LoRA, registered exactly like a trained one, in well under a second.
 
     PEFT's `init_lora_weights=False` draws both A and B at random (normally B starts at zero), so the
@@ -109,11 +109,23 @@ def make_adapter(stack: Stack, reference: Reference, name: str, *, seed: int, ra
         edit(directory)
     files, size = hash_dir(directory)
     with session_scope(stack.settings.database_url) as session:
-        adapters_repo.add_adapter(session, Adapter(
-            name=name, tenant_id=DEFAULT_TENANT_ID, base_model=stack.settings.served_model_name, method="lora", rank=rank, alpha=2.0 * rank,
-            target_modules=TARGETS, path=relative, files=files, size_bytes=size, status=AdapterStatus.ready,
-            servable=True,
-        ))
+        adapters_repo.add_adapter(
+            session,
+            Adapter(
+                name=name,
+                tenant_id=DEFAULT_TENANT_ID,
+                base_model=stack.settings.served_model_name,
+                method="lora",
+                rank=rank,
+                alpha=2.0 * rank,
+                target_modules=TARGETS,
+                path=relative,
+                files=files,
+                size_bytes=size,
+                status=AdapterStatus.ready,
+                servable=True,
+            ),
+        )
     return directory
 
 
@@ -123,6 +135,7 @@ def edit_config(**changes: Any) -> Any:
         config = json.loads(path.read_text())
         config.update(changes)
         path.write_text(json.dumps(config))
+
     return edit
 
 
@@ -146,8 +159,9 @@ def api_url(serving_stack: Stack) -> Iterator[str]:
     from api.main import create_app
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(serving_stack.settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(serving_stack.settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -210,11 +224,16 @@ def test_many_adapters_concurrently_each_equals_its_reference(
 
     async def run_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=api_url, timeout=120, headers=bearer(serving_stack.api_key)) as client:
-            return await asyncio.gather(*(
-                client.post("/generate", params={"adapter": name} if name else {},
-                            json={**request, "temperature": 0, "max_tokens": MAX_NEW})
-                for name, request in jobs
-            ))
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/generate",
+                        params={"adapter": name} if name else {},
+                        json={**request, "temperature": 0, "max_tokens": MAX_NEW},
+                    )
+                    for name, request in jobs
+                )
+            )
 
     responses = asyncio.run(run_all())
     for (name, request), response in zip(jobs, responses, strict=True):
@@ -282,11 +301,14 @@ def test_broken_adapters_fail_alone_while_others_keep_answering(
 
     async def run_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=api_url, timeout=120, headers=bearer(serving_stack.api_key)) as client:
-            return await asyncio.gather(*(
-                client.post("/generate", params={"adapter": name},
-                            json={**request, "temperature": 0, "max_tokens": MAX_NEW})
-                for name in [*names, good, good, good]
-            ))
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/generate", params={"adapter": name}, json={**request, "temperature": 0, "max_tokens": MAX_NEW}
+                    )
+                    for name in [*names, good, good, good]
+                )
+            )
 
     responses = asyncio.run(run_all())
     for name, response in zip(list(names) + [good] * 3, responses, strict=True):
@@ -309,7 +331,7 @@ def _events(response: httpx.Response) -> list[Any]:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -357,8 +379,14 @@ def test_openai_client_models_completions_chat_and_streaming(
     assert chat.choices[0].message.content == plain["text"]
     assert chat.usage.completion_tokens == len(expected)
 
-    stream = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=MAX_NEW,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=name,
+        messages=messages,
+        temperature=0,
+        max_tokens=MAX_NEW,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
@@ -394,8 +422,10 @@ def test_limits_and_bad_input_name_the_field(serving_stack: Stack) -> None:
     assert_error(generate(serving_stack, PROMPTS[0], adapter="no-such-adapter"), 404, "adapter")
     chat = serving_stack.client.post("/v1/chat/completions", json={"model": "nope", "messages": PROMPTS[1]["messages"]})
     assert_error(chat, 404, "model")
-    chat = serving_stack.client.post("/v1/chat/completions", json={
-        "model": settings.served_model_name, "messages": PROMPTS[1]["messages"], "tools": []})
+    chat = serving_stack.client.post(
+        "/v1/chat/completions",
+        json={"model": settings.served_model_name, "messages": PROMPTS[1]["messages"], "tools": []},
+    )
     assert_error(chat, 422, "tools")
 
 
@@ -431,8 +461,13 @@ def test_serving_down_is_503_with_retry_after(serving_stack: Stack) -> None:
     from api.main import create_app
     from core.settings import Settings
 
-    down = Settings(**{**serving_stack.settings.model_dump(), "serving_url": f"http://127.0.0.1:{_free_port()}",
-                       "reconcile_interval_seconds": 0})
+    down = Settings(
+        **{
+            **serving_stack.settings.model_dump(),
+            "serving_url": f"http://127.0.0.1:{_free_port()}",
+            "reconcile_interval_seconds": 0,
+        }
+    )
     with TestClient(create_app(down), headers=bearer(serving_stack.api_key)) as client:
         for response in (
             client.post("/generate", json={"prompt": "hi"}),

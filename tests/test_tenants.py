@@ -24,8 +24,9 @@ def owner_resources(stack: Stack, demo_dataset: dict) -> dict[str, Any]:
     """One of every resource, owned by the stack's (default) tenant: a dataset, a trained job and its
     adapter, an evaluation and an adapter operation."""
     client = stack.client
-    job = client.post("/jobs", json={"dataset_id": demo_dataset["id"], "hyperparameters": {"max_steps": 2},
-                                     "evaluation": NO_EVAL})
+    job = client.post(
+        "/jobs", json={"dataset_id": demo_dataset["id"], "hyperparameters": {"max_steps": 2}, "evaluation": NO_EVAL}
+    )
     assert job.status_code == 201, job.text
     done = stack.wait_for_job(job.json()["id"])
     assert done["status"] == "succeeded", done
@@ -33,8 +34,13 @@ def owner_resources(stack: Stack, demo_dataset: dict) -> dict[str, Any]:
     assert evaluation.status_code == 201, evaluation.text
     operation = client.post(f"/adapters/{done['fine_tuned_model']}/derive", json={"scale": 0.5})
     assert operation.status_code == 202, operation.text
-    return {"dataset": demo_dataset["id"], "job": done["id"], "adapter": done["fine_tuned_model"],
-            "evaluation": evaluation.json()["id"], "operation": operation.json()["id"]}
+    return {
+        "dataset": demo_dataset["id"],
+        "job": done["id"],
+        "adapter": done["fine_tuned_model"],
+        "evaluation": evaluation.json()["id"],
+        "operation": operation.json()["id"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +59,19 @@ def _assert_404(response: Any, param: str) -> None:
 
 def test_requests_without_a_valid_key_are_401(stack: Stack) -> None:
     anonymous = TestClient(stack.client.app)
-    for headers, code in (({}, "missing_api_key"), (bearer("tsk_not-a-key"), "invalid_api_key"),
-                          ({"Authorization": "Basic dXNlcjpwYXNz"}, "missing_api_key")):
-        for method, path in (("GET", "/jobs"), ("GET", "/datasets"), ("POST", "/jobs"), ("GET", "/adapters"),
-                             ("GET", "/v1/models"), ("POST", "/generate")):
+    for headers, code in (
+        ({}, "missing_api_key"),
+        (bearer("tsk_not-a-key"), "invalid_api_key"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, "missing_api_key"),
+    ):
+        for method, path in (
+            ("GET", "/jobs"),
+            ("GET", "/datasets"),
+            ("POST", "/jobs"),
+            ("GET", "/adapters"),
+            ("GET", "/v1/models"),
+            ("POST", "/generate"),
+        ):
             response = anonymous.request(method, path, headers=headers, json={})
             assert response.status_code == 401, (method, path, response.text)
             assert response.headers["WWW-Authenticate"] == "Bearer"
@@ -97,8 +112,10 @@ def test_another_tenants_resources_are_404_everywhere(
     _assert_404(other.post("/v1/completions", json={"model": adapter, "prompt": "hi"}), "model")
 
     # Nothing of the owner's shows up in the other tenant's lists, and the owner still has it all.
-    listed = {path: {row.get("id") for row in other.get(path, params={"limit": 100}).json()["data"]}
-              for path in ("/datasets", "/jobs", "/adapters", "/evaluations", "/v1/models")}
+    listed = {
+        path: {row.get("id") for row in other.get(path, params={"limit": 100}).json()["data"]}
+        for path in ("/datasets", "/jobs", "/adapters", "/evaluations", "/v1/models")
+    }
     for value in (r["dataset"], job, r["evaluation"]):
         assert all(value not in ids for ids in listed.values())
     assert adapter not in {row["name"] for row in other.get("/adapters", params={"limit": 100}).json()["data"]}
@@ -133,7 +150,7 @@ def test_another_tenants_id_as_after_cursor_does_not_move_the_page(
     # Their own cursor still pages their own list.
     their_ids = [d["id"] for d in other_tenant.get("/datasets", params={"limit": 100}).json()["data"]]
     after_theirs = other_tenant.get("/datasets", params={"limit": 100, "after": theirs}).json()["data"]
-    assert [d["id"] for d in after_theirs] == their_ids[their_ids.index(theirs) + 1:]
+    assert [d["id"] for d in after_theirs] == their_ids[their_ids.index(theirs) + 1 :]
 
 
 def test_idempotency_keys_are_per_tenant(stack: Stack, other_tenant: TestClient, demo_files: tuple) -> None:
@@ -147,9 +164,7 @@ def test_idempotency_keys_are_per_tenant(stack: Stack, other_tenant: TestClient,
     assert "Idempotent-Replayed" not in theirs.headers
 
 
-def test_the_active_job_limit_is_per_tenant(
-    stack: Stack, demo_files: tuple, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_active_job_limit_is_per_tenant(stack: Stack, demo_files: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """At the limit, a tenant gets 429 with Retry-After; another tenant's jobs do not count against it."""
     train, _ = demo_files
     monkeypatch.setattr(stack.settings, "max_active_jobs", 1)
@@ -184,8 +199,14 @@ def _wait_terminal(client: TestClient, job_id: str) -> None:
 
 
 def _admin(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", "admin", *args], cwd=ROOT, env=stack.env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "admin", *args],
+        cwd=ROOT,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("stack", ["sqlite"], indirect=True)

@@ -22,13 +22,22 @@ def _greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:  # type: i
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=4, do_sample=False)
-        outputs.append(out[0, ids["input_ids"].shape[1]:].tolist())
+        outputs.append(out[0, ids["input_ids"].shape[1] :].tolist())
     return outputs
 
 
-def test_job_trains_an_adapter_that_loads_and_changes_the_output(stack: Stack, demo_dataset: dict, model_dir: Path) -> None:
-    response = stack.client.post("/jobs", json={"dataset_id": demo_dataset["id"], "hyperparameters": FAST, "suffix": "e2e",
-                                                "evaluation": {"enabled": False}})
+def test_job_trains_an_adapter_that_loads_and_changes_the_output(
+    stack: Stack, demo_dataset: dict, model_dir: Path
+) -> None:
+    response = stack.client.post(
+        "/jobs",
+        json={
+            "dataset_id": demo_dataset["id"],
+            "hyperparameters": FAST,
+            "suffix": "e2e",
+            "evaluation": {"enabled": False},
+        },
+    )
     assert response.status_code == 201, response.text
     job = stack.wait_for_job(response.json()["id"])
     assert job["status"] == "succeeded", job
@@ -62,8 +71,9 @@ def test_job_trains_an_adapter_that_loads_and_changes_the_output(stack: Stack, d
 def test_cancel_a_running_job(stack: Stack, demo_dataset: dict) -> None:
     adapters_before = stack.client.get("/adapters", params={"limit": 100}).json()["data"]
     long_job = dict(FAST, max_steps=100_000)
-    job_id = stack.client.post("/jobs", json={"dataset_id": demo_dataset["id"], "hyperparameters": long_job,
-                                                   "evaluation": {"enabled": False}}).json()["id"]
+    job_id = stack.client.post(
+        "/jobs", json={"dataset_id": demo_dataset["id"], "hyperparameters": long_job, "evaluation": {"enabled": False}}
+    ).json()["id"]
     running = stack.wait_for_job(job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 2)
     assert running["status"] == "running"
     assert stack.client.post(f"/jobs/{job_id}/cancel").json()["cancel_requested"] is True

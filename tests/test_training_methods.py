@@ -40,8 +40,10 @@ def _next_token_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:  #
 
 
 def _run_job(stack: Stack, dataset_id: str, method: str, **hp: object) -> dict:
-    response = stack.client.post("/jobs", json={"dataset_id": dataset_id, "method": method, "evaluation": NO_EVAL,
-                                                "hyperparameters": {**QUICK, **hp}})
+    response = stack.client.post(
+        "/jobs",
+        json={"dataset_id": dataset_id, "method": method, "evaluation": NO_EVAL, "hyperparameters": {**QUICK, **hp}},
+    )
     assert response.status_code == 201, response.text
     job = stack.wait_for_job(response.json()["id"])
     assert job["status"] == "succeeded", job
@@ -107,7 +109,9 @@ def test_gradient_accumulation_matches_a_bigger_batch(stack: Stack, demo_dataset
 )
 def test_knobs_train_to_completion(stack: Stack, demo_dataset: dict, hp: dict) -> None:
     job = _run_job(stack, demo_dataset["id"], "lora", **hp)
-    events = [e["message"] for e in stack.client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]]
+    events = [
+        e["message"] for e in stack.client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    ]
     if hp.get("max_seq_length") == 16:
         assert any(m.endswith("truncated to 16 tokens") and " 0 truncated" not in m for m in events)
 
@@ -121,12 +125,20 @@ def test_knobs_train_to_completion(stack: Stack, demo_dataset: dict, hp: dict) -
         ("lora", {"target_modules": ["q_proj", "w_nowhere"]}, "hyperparameters.target_modules"),
         ("prompt_tuning", {"packing": True}, "hyperparameters.packing"),
         ("lora", {"distributed": {"strategy": "deepspeed", "zero_stage": 3}}, "hyperparameters.distributed.strategy"),
-        ("lora", {"distributed": {"strategy": "ddp", "num_processes": 64}}, "hyperparameters.distributed.num_processes"),
+        (
+            "lora",
+            {"distributed": {"strategy": "ddp", "num_processes": 64}},
+            "hyperparameters.distributed.num_processes",
+        ),
         ("lora", {"keep_checkpoints": 1}, "hyperparameters.keep_checkpoints"),
     ],
 )
-def test_knobs_the_deployment_cannot_run_are_422(stack: Stack, demo_dataset: dict, method: str, hp: dict, param: str) -> None:
-    response = stack.client.post("/jobs", json={"dataset_id": demo_dataset["id"], "method": method, "hyperparameters": hp})
+def test_knobs_the_deployment_cannot_run_are_422(
+    stack: Stack, demo_dataset: dict, method: str, hp: dict, param: str
+) -> None:
+    response = stack.client.post(
+        "/jobs", json={"dataset_id": demo_dataset["id"], "method": method, "hyperparameters": hp}
+    )
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == param
 
@@ -167,7 +179,11 @@ def test_killed_child_resumes_from_its_checkpoint(stack: Stack, demo_dataset: di
 @sqlite_only
 def test_ddp_with_two_processes_trains_one_adapter(stack: Stack, demo_dataset: dict) -> None:
     job = _run_job(stack, demo_dataset["id"], "lora", max_steps=4, distributed={"strategy": "ddp", "num_processes": 2})
-    adapters = [a for a in stack.client.get("/adapters", params={"limit": 100}).json()["data"] if a["job_id"] == job["id"]]
+    adapters = [
+        a for a in stack.client.get("/adapters", params={"limit": 100}).json()["data"] if a["job_id"] == job["id"]
+    ]
     assert len(adapters) == 1
-    events = [e["message"] for e in stack.client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]]
+    events = [
+        e["message"] for e in stack.client.get(f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    ]
     assert sum(m.startswith("job succeeded") for m in events) == 1

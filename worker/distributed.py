@@ -48,7 +48,10 @@ def fsdp_arguments(d: Distributed) -> dict[str, Any]:
     options = "full_shard auto_wrap" + (" offload" if d.offload == "cpu" else "")
     return {
         "fsdp": options,
-        "fsdp_config": {"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer", "LlamaDecoderLayer"], "use_orig_params": True},
+        "fsdp_config": {
+            "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer", "LlamaDecoderLayer"],
+            "use_orig_params": True,
+        },
     }
 
 

@@ -58,7 +58,9 @@ def verified_adapter_dir(store: Store, adapter: Adapter) -> Path:
     for name, digest in adapter.files.items():
         file = path / name
         if not file.is_file() or sha256_file(file) != digest:
-            raise TrainingError("adapter_corrupt", f"adapter {adapter.name!r}: {name} does not match its sha256", param="adapter")
+            raise TrainingError(
+                "adapter_corrupt", f"adapter {adapter.name!r}: {name} does not match its sha256", param="adapter"
+            )
     return path
 
 
@@ -140,7 +142,12 @@ def evaluate(run: EvaluationRun) -> None:
                 run.write(done_examples=base_done + done)
 
             tokens = generate_greedy(
-                model, tokenizer, prompts, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, on_batch=progress,
+                model,
+                tokenizer,
+                prompts,
+                batch_size=ev.batch_size,
+                max_new_tokens=ev.max_new_tokens,
+                on_batch=progress,
                 max_prompt_tokens=max_prompt_tokens,
             )
             predictions = [decode_prediction(tokenizer, t) for t in tokens]
@@ -148,7 +155,9 @@ def evaluate(run: EvaluationRun) -> None:
                 per_example[i].update(score_example(prediction, reference, text_metrics))
         aggregate = mean_scores(per_example)
         if wants_loss:
-            losses = reference_losses(model, tokenizer, conversations, batch_size=ev.batch_size, max_length=loss_max_length)
+            losses = reference_losses(
+                model, tokenizer, conversations, batch_size=ev.batch_size, max_length=loss_max_length
+            )
             for i, loss in enumerate(losses):
                 if loss.mean is not None:
                     if "loss" in ev.metrics:
@@ -175,8 +184,12 @@ def evaluate(run: EvaluationRun) -> None:
         limit, first = settings.max_sample_chars, done_scales == 0
         samples = [
             EvaluationSample(
-                evaluation_id=ev.id, scale=scale, example_index=i, prompt=clip(prompts[i], limit) if first else "",
-                reference=clip(references[i], limit) if first else "", prediction=clip(predictions[i], limit),
+                evaluation_id=ev.id,
+                scale=scale,
+                example_index=i,
+                prompt=clip(prompts[i], limit) if first else "",
+                reference=clip(references[i], limit) if first else "",
+                prediction=clip(predictions[i], limit),
                 scores=per_example[i],
             )
             for i in range(len(conversations))
@@ -184,7 +197,11 @@ def evaluate(run: EvaluationRun) -> None:
         run.write_scale(samples, results=list(results), done_examples=(done_scales + 1) * len(conversations))
     with session_scope(settings.database_url) as s:
         if not leases.finish(
-            s, Evaluation, ev.id, owner=run.owner, status_name="succeeded",
+            s,
+            Evaluation,
+            ev.id,
+            owner=run.owner,
+            status_name="succeeded",
             duration_seconds=round(time.monotonic() - started, 3),
         ):
             raise LeaseLost(ev.id)
@@ -237,7 +254,9 @@ def canary_verdict(settings: Settings, adapter_dir: Path) -> tuple[bool, str | N
 def run_canary(settings: Settings, op: AdapterOperation, source: Adapter | None, owner: str) -> None:
     """Decide an imported adapter's health: ready and servable, or unhealthy with the reason (never served)."""
     if source is None or source.status != AdapterStatus.validating:
-        raise TrainingError("adapter_missing", f"adapter {op.source_adapter!r} is not waiting for a canary", param="name")
+        raise TrainingError(
+            "adapter_missing", f"adapter {op.source_adapter!r} is not waiting for a canary", param="name"
+        )
     try:
         healthy, reason = canary_verdict(settings, verified_adapter_dir(Store(settings), source))
     except TrainingError as e:
@@ -246,8 +265,7 @@ def run_canary(settings: Settings, op: AdapterOperation, source: Adapter | None,
         log.warning("canary of %s could not load it", source.name, exc_info=True)
         healthy, reason = False, redact_paths(f"canary failed: it does not load: {type(e).__name__}: {str(e)[:300]}")
     with session_scope(settings.database_url) as s:
-        if not leases.finish(s, AdapterOperation, op.id, owner=owner, status_name="succeeded",
-                             result_name=source.name):
+        if not leases.finish(s, AdapterOperation, op.id, owner=owner, status_name="succeeded", result_name=source.name):
             raise LeaseLost(op.id)
         adapters_repo.set_health(s, source.name, healthy=healthy, reason=reason)
 
@@ -262,7 +280,9 @@ def run_adapter_operation(settings: Settings, operation_id: str, owner: str) -> 
         run_canary(settings, op, source, owner)
         return
     if source is None or source.status != AdapterStatus.ready or source.method not in SCALABLE_METHODS:
-        raise TrainingError("adapter_missing", f"adapter {op.source_adapter!r} is not a ready LoRA adapter", param="name")
+        raise TrainingError(
+            "adapter_missing", f"adapter {op.source_adapter!r} is not a ready LoRA adapter", param="name"
+        )
     source_dir = verified_adapter_dir(store, source)
     name = derived_name(source.name, op.kind, op.scale, op.id)
     with store.staging_dir() as staged:
@@ -279,8 +299,16 @@ def run_adapter_operation(settings: Settings, operation_id: str, owner: str) -> 
             _register_derived(s, op, source, name, relative, files, size, merged)
 
 
-def _register_derived(s: Any, op: AdapterOperation, source: Adapter, name: str, relative: str, files: dict[str, str],
-                      size: int, merged: bool) -> None:
+def _register_derived(
+    s: Any,
+    op: AdapterOperation,
+    source: Adapter,
+    name: str,
+    relative: str,
+    files: dict[str, str],
+    size: int,
+    merged: bool,
+) -> None:
     adapters_repo.add_adapter(
         s,
         Adapter(

@@ -23,9 +23,13 @@ def servability(method: str, hp: Hyperparameters, target_modules: list[str]) -> 
     if method == "dora":
         return Servability(False, "vLLM cannot serve DoRA adapters (use_dora); evaluate or merge it instead")
     if method in ("prompt_tuning", "p_tuning", "prefix_tuning"):
-        return Servability(False, f"vLLM cannot serve {method} adapters (virtual tokens); evaluate it through transformers")
+        return Servability(
+            False, f"vLLM cannot serve {method} adapters (virtual tokens); evaluate it through transformers"
+        )
     if method == "full":
-        return Servability(False, "a full fine-tune is a whole model, not a LoRA adapter; serve it as its own base model")
+        return Servability(
+            False, "a full fine-tune is a whole model, not a LoRA adapter; serve it as its own base model"
+        )
     unservable = [m for m in target_modules if m in ("lm_head", "embed_tokens")]
     if unservable:
         return Servability(False, f"vLLM cannot serve LoRA on {unservable}")
@@ -81,7 +85,9 @@ def wrap_for_method(model: Any, method: str, hp: Hyperparameters) -> Any:
         config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp.num_virtual_tokens)
     elif method == "p_tuning":
         config = PromptEncoderConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp.num_virtual_tokens, encoder_hidden_size=hp.encoder_hidden_size
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=hp.num_virtual_tokens,
+            encoder_hidden_size=hp.encoder_hidden_size,
         )
     elif method == "prefix_tuning":
         config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=hp.num_virtual_tokens)

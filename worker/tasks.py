@@ -104,8 +104,9 @@ def run_leased(settings: Settings, kind: WorkKind, record_id: str) -> None:
         # Nothing was claimed (the transaction rolled back): the reconciler sends the record again.
         log.warning("%s: database unreachable, not claimed; the reconciler will send it again", label, exc_info=True)
         return
-    child = subprocess.Popen(kind.command(settings, record_id, owner), start_new_session=True,
-                             preexec_fn=die_with_parent)
+    child = subprocess.Popen(
+        kind.command(settings, record_id, owner), start_new_session=True, preexec_fn=die_with_parent
+    )
     try:
         outcome = watch(child, settings, kind.model, record_id, owner, label=label, limit_seconds=limit)
     finally:
@@ -160,8 +161,11 @@ def watch(
             if now - last_renewed < renew_deadline:
                 log.warning("%s: could not renew the lease; retrying at the next heartbeat", label, exc_info=True)
                 continue
-            log.error("%s: the lease could not be renewed for %.0fs; stopping the child before it expires",
-                      label, now - last_renewed)
+            log.error(
+                "%s: the lease could not be renewed for %.0fs; stopping the child before it expires",
+                label,
+                now - last_renewed,
+            )
             return HEARTBEAT_FAILED
         last_renewed = now
         if held:
@@ -185,47 +189,88 @@ def _is_terminal(session: object, model: Leased, record_id: str) -> bool:
     return status is None or status.is_terminal
 
 
-def settle(settings: Settings, kind: WorkKind, record_id: str, owner: str, attempt: int, outcome: Outcome, *,
-           limit_seconds: int) -> None:
+def settle(
+    settings: Settings,
+    kind: WorkKind,
+    record_id: str,
+    owner: str,
+    attempt: int,
+    outcome: Outcome,
+    *,
+    limit_seconds: int,
+) -> None:
     """Give the record the state its attempt's outcome calls for, if this attempt still holds the lease."""
     model = kind.model
     if outcome == LEASE_LOST:
         return
     if outcome == CANCELLED:
-        finish_held(settings, model, record_id, owner, attempt, "cancelled", None,
-                    "cancelled (the child was stopped after the grace period)")
+        finish_held(
+            settings,
+            model,
+            record_id,
+            owner,
+            attempt,
+            "cancelled",
+            None,
+            "cancelled (the child was stopped after the grace period)",
+        )
     elif outcome == TIMED_OUT:
-        finish_held(settings, model, record_id, owner, attempt, "failed",
-                    ("time_limit", f"the attempt ran longer than its time limit of {limit_seconds}s", None),
-                    f"time limit of {limit_seconds}s reached")
+        finish_held(
+            settings,
+            model,
+            record_id,
+            owner,
+            attempt,
+            "failed",
+            ("time_limit", f"the attempt ran longer than its time limit of {limit_seconds}s", None),
+            f"time limit of {limit_seconds}s reached",
+        )
     elif outcome == HEARTBEAT_FAILED:
         retry(settings, model, record_id, owner, attempt, "the worker lost its database connection", transient=True)
     elif outcome == 0:
         # The child settles its own record; one that exited 0 without doing so (it found the lease gone, or
         # crashed quietly) leaves it to a retry.
-        retry(settings, model, record_id, owner, attempt, f"{kind.label} process exited without finishing",
-              transient=True)
+        retry(
+            settings, model, record_id, owner, attempt, f"{kind.label} process exited without finishing", transient=True
+        )
     else:
         assert isinstance(outcome, int)
-        reason = f"{kind.label} process exited with {'signal ' + str(-outcome) if outcome < 0 else 'code ' + str(outcome)}"
+        reason = (
+            f"{kind.label} process exited with {'signal ' + str(-outcome) if outcome < 0 else 'code ' + str(outcome)}"
+        )
         retry(settings, model, record_id, owner, attempt, reason, transient=outcome == EXIT_TRANSIENT or outcome < 0)
     after_attempt(settings, model, record_id)
 
 
-def finish_held(settings: Settings, model: Leased, record_id: str, owner: str, attempt: int, status_name: str,
-                error: tuple[str, str, str | None] | None, message: str) -> None:
+def finish_held(
+    settings: Settings,
+    model: Leased,
+    record_id: str,
+    owner: str,
+    attempt: int,
+    status_name: str,
+    error: tuple[str, str, str | None] | None,
+    message: str,
+) -> None:
     with session_scope(settings.database_url) as s:
         if leases.finish(s, model, record_id, owner=owner, status_name=status_name, error=error):
-            leases.note(s, model, record_id, f"{kind_word(model)} {message}", attempt=attempt,
-                 level="info" if status_name == "cancelled" else "error")
+            leases.note(
+                s,
+                model,
+                record_id,
+                f"{kind_word(model)} {message}",
+                attempt=attempt,
+                level="info" if status_name == "cancelled" else "error",
+            )
 
 
 def kind_word(model: Leased) -> str:
     return KINDS[model].label.replace("_", " ")
 
 
-def retry(settings: Settings, model: Leased, record_id: str, owner: str, attempt: int, reason: str, *,
-          transient: bool) -> None:
+def retry(
+    settings: Settings, model: Leased, record_id: str, owner: str, attempt: int, reason: str, *, transient: bool
+) -> None:
     """After a failed attempt: queue another (and send it) while attempts are left and it was transient; else
     failed, or cancelled when a cancel was asked. Nothing happens if another attempt holds the lease now."""
     try:
@@ -241,14 +286,24 @@ def retry(settings: Settings, model: Leased, record_id: str, owner: str, attempt
                 leases.finish(s, model, record_id, owner=owner, status_name=state, error=error)
             if state is None:
                 return
-            leases.note(s, model, record_id, f"{reason}; retrying" if state == "queued" else f"{kind_word(model)} {state}: {reason}",
-                 attempt=attempt, level="warning" if state == "queued" else "error")
+            leases.note(
+                s,
+                model,
+                record_id,
+                f"{reason}; retrying" if state == "queued" else f"{kind_word(model)} {state}: {reason}",
+                attempt=attempt,
+                level="warning" if state == "queued" else "error",
+            )
             if state == "queued":
                 commit_and_send(s, settings, model, record_id)
     except SQLAlchemyError:
         # The lease then expires on its own and the reconciler gives the record to another attempt.
-        log.warning("%s %s: could not record the attempt's end; the lease will expire", kind_word(model), record_id,
-                    exc_info=True)
+        log.warning(
+            "%s %s: could not record the attempt's end; the lease will expire",
+            kind_word(model),
+            record_id,
+            exc_info=True,
+        )
 
 
 def after_attempt(settings: Settings, model: Leased, record_id: str) -> None:
@@ -260,8 +315,11 @@ def after_attempt(settings: Settings, model: Leased, record_id: str) -> None:
             job = s.get(Job, record_id)
             if job is None or not job.status.is_terminal:
                 return  # a retry may resume from the last checkpoint
-            pending = list(s.scalars(select(Evaluation.id).where(Evaluation.job_id == record_id,
-                                                                 Evaluation.status == WorkStatus.queued)))
+            pending = list(
+                s.scalars(
+                    select(Evaluation.id).where(Evaluation.job_id == record_id, Evaluation.status == WorkStatus.queued)
+                )
+            )
     except SQLAlchemyError:
         log.warning("job %s: could not look up its end; the reconciler's sweeper takes over", record_id, exc_info=True)
         return

@@ -60,7 +60,9 @@ def is_main_process() -> bool:
 def load_rows(store: Store, dataset_path: str, split: str) -> list[list[dict[str, str]]]:
     path = store.resolve(dataset_path) / f"{split}.jsonl"
     if not path.exists():
-        raise TrainingError("dataset_missing", f"the dataset's {split} split is missing from the store", param="dataset_id")
+        raise TrainingError(
+            "dataset_missing", f"the dataset's {split} split is missing from the store", param="dataset_id"
+        )
     return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
@@ -71,8 +73,15 @@ def training_command(settings: Settings, job_id: str, owner: str) -> list[str]:
         distributed = (job.hyperparameters or {}).get("distributed") if job else None
     if distributed and distributed.get("num_processes", 1) > 1:
         return [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={distributed['num_processes']}", "-m", "worker.training", job_id, owner,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={distributed['num_processes']}",
+            "-m",
+            "worker.training",
+            job_id,
+            owner,
         ]
     return [sys.executable, "-m", "worker.training", job_id, owner]
 
@@ -93,7 +102,10 @@ class Attempt:
         try:
             with session_scope(self.settings.database_url) as s:
                 jobs_repo.add_event(
-                    s, JobEvent(job_id=self.job_id, kind=kind, level=level, attempt=self.attempt, message=message, **metrics)
+                    s,
+                    JobEvent(
+                        job_id=self.job_id, kind=kind, level=level, attempt=self.attempt, message=message, **metrics
+                    ),
                 )
         except SQLAlchemyError:
             log.warning("job %s: could not write an event (database unreachable); going on", self.job_id)
@@ -103,7 +115,9 @@ class Attempt:
             return True
         try:
             with session_scope(self.settings.database_url) as s:
-                return jobs_repo.record_progress(s, self.job_id, owner=self.owner, step=step, total_steps=total, loss=loss)
+                return jobs_repo.record_progress(
+                    s, self.job_id, owner=self.owner, step=step, total_steps=total, loss=loss
+                )
         except SQLAlchemyError:
             # A brief database outage must not end the attempt: the supervisor stops this child before the lease
             # could expire, and nothing is published without the lease (worker.publishing).
@@ -122,7 +136,11 @@ class Attempt:
             return
         with session_scope(self.settings.database_url) as s:
             if not leases.finish(
-                s, Job, self.job_id, owner=self.owner, status_name=status.value,
+                s,
+                Job,
+                self.job_id,
+                owner=self.owner,
+                status_name=status.value,
                 error=(error.code, error.message, error.param) if error else None,
             ):
                 return  # another attempt owns the job now: its outcome is not ours to write
@@ -174,7 +192,10 @@ def _make_callback(attempt: Attempt):  # type: ignore[no-untyped-def]
 
         def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             if attempt.main:
-                mark_complete(checkpoints_dir(attempt.settings, attempt.job_id) / f"checkpoint-{state.global_step}", state.global_step)
+                mark_complete(
+                    checkpoints_dir(attempt.settings, attempt.job_id) / f"checkpoint-{state.global_step}",
+                    state.global_step,
+                )
                 attempt.event(f"checkpoint saved at step {state.global_step}", step=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -208,7 +229,9 @@ def encode_rows(tokenizer: Any, rows: list, hp: Hyperparameters) -> tuple[list[d
     return examples, sum(e.truncated for e in encoded)
 
 
-def training_arguments(hp: Hyperparameters, *, output_dir: str, logging_steps: int, use_cpu: bool, distributed: bool) -> Any:
+def training_arguments(
+    hp: Hyperparameters, *, output_dir: str, logging_steps: int, use_cpu: bool, distributed: bool
+) -> Any:
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -263,7 +286,10 @@ def build_trainer(
     model = wrap_for_method(load_base_model(base_model, method, hp), method, hp)
     collator: PaddingCollator | PackingCollator = PackingCollator() if hp.packing else PaddingCollator(pad_token_id)
     args = training_arguments(
-        hp, output_dir=output_dir, logging_steps=logging_steps, use_cpu=use_cpu,
+        hp,
+        output_dir=output_dir,
+        logging_steps=logging_steps,
+        use_cpu=use_cpu,
         distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks or [])  # type: ignore[arg-type]
@@ -331,7 +357,9 @@ def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
     publish_adapter(attempt, job, model, tokenizer, hp, dataset_tokens)
 
 
-def publish_adapter(attempt: Attempt, job: Job, model: Any, tokenizer: Any, hp: Hyperparameters, train_tokens: int) -> None:
+def publish_adapter(
+    attempt: Attempt, job: Job, model: Any, tokenizer: Any, hp: Hyperparameters, train_tokens: int
+) -> None:
     """Write the adapter to a staging dir, then, in one transaction under the job's lease: move it into place,
     register it, mark the job succeeded and plan its evaluations."""
     settings = attempt.settings
@@ -348,8 +376,15 @@ def publish_adapter(attempt: Attempt, job: Job, model: Any, tokenizer: Any, hp: 
         try:
             with session_scope(settings.database_url) as s:
                 relative = publish_under_lease(s, store, Job, job.id, attempt.owner, staged, name)
-                leases.finish(s, Job, job.id, owner=attempt.owner, status_name="succeeded", adapter_name=name,
-                              train_tokens=train_tokens)
+                leases.finish(
+                    s,
+                    Job,
+                    job.id,
+                    owner=attempt.owner,
+                    status_name="succeeded",
+                    adapter_name=name,
+                    train_tokens=train_tokens,
+                )
                 adapters_repo.add_adapter(
                     s,
                     Adapter(
@@ -370,7 +405,10 @@ def publish_adapter(attempt: Attempt, job: Job, model: Any, tokenizer: Any, hp: 
                     ),
                 )
                 jobs_repo.add_event(
-                    s, JobEvent(job_id=job.id, kind="status", attempt=attempt.attempt, message=f"job succeeded: adapter {name}")
+                    s,
+                    JobEvent(
+                        job_id=job.id, kind="status", attempt=attempt.attempt, message=f"job succeeded: adapter {name}"
+                    ),
                 )
                 plan_job_evaluations(s, settings, job, name)
         except LeaseLost:

@@ -36,9 +36,16 @@ async def import_adapter(
     session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    file: Annotated[UploadFile, File(description="A PEFT LoRA adapter as .tar, .tar.gz or .zip: adapter_config.json "
-                                                 "and adapter_model.safetensors, at the root or in one folder")],
-    suffix: Annotated[str | None, Form(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="Part of the new name")] = None,
+    file: Annotated[
+        UploadFile,
+        File(
+            description="A PEFT LoRA adapter as .tar, .tar.gz or .zip: adapter_config.json "
+            "and adapter_model.safetensors, at the root or in one folder"
+        ),
+    ],
+    suffix: Annotated[
+        str | None, Form(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="Part of the new name")
+    ] = None,
 ) -> AdapterOut:
     """Import an adapter made elsewhere. It is checked at once (422 naming the member on a bad archive) and
     is `validating` until a worker's canary shows it changes the base model's output: then `ready`, else
@@ -70,7 +77,9 @@ def derive_adapter(
     session: SessionDep, settings: SettingsDep, tenant: TenantDep, name: str, body: ScaleBody
 ) -> AdapterOperationOut:
     """A new immutable adapter with B times scale, made by a worker; poll /adapter-operations/{id}."""
-    operation = operations_service.create_operation(session, settings, tenant, name=name, kind="derive", scale=body.scale)
+    operation = operations_service.create_operation(
+        session, settings, tenant, name=name, kind="derive", scale=body.scale
+    )
     return AdapterOperationOut.of(operation)
 
 
@@ -79,7 +88,9 @@ def merge_adapter(
     session: SessionDep, settings: SettingsDep, tenant: TenantDep, name: str, body: ScaleBody
 ) -> AdapterOperationOut:
     """A full model W0 + scale·(alpha/r)·BA, made by a worker; poll /adapter-operations/{id}."""
-    operation = operations_service.create_operation(session, settings, tenant, name=name, kind="merge", scale=body.scale)
+    operation = operations_service.create_operation(
+        session, settings, tenant, name=name, kind="merge", scale=body.scale
+    )
     return AdapterOperationOut.of(operation)
 
 
@@ -88,8 +99,11 @@ def get_adapter_operation(session: SessionDep, tenant: TenantDep, operation_id: 
     return AdapterOperationOut.of(operations_service.get_operation_or_404(session, tenant, operation_id))
 
 
-@operations_router.post("/{operation_id}/cancel", response_model=AdapterOperationOut,
-                        responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+@operations_router.post(
+    "/{operation_id}/cancel",
+    response_model=AdapterOperationOut,
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+)
 def cancel_adapter_operation(session: SessionDep, tenant: TenantDep, operation_id: str) -> AdapterOperationOut:
     """A queued operation is `cancelled` at once; a running one stays `running` with `cancel_requested` until its
     worker stops it. 409 once it has ended. A cancelled canary leaves its imported adapter `unhealthy`."""
@@ -108,7 +122,10 @@ class AdapterDeletedOut(BaseModel):
 
 @router.delete("/{name}", response_model=AdapterDeletedOut, responses={404: {"model": ErrorResponse}})
 async def delete_adapter(
-    session: SessionDep, settings: SettingsDep, tenant: TenantDep, name: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    name: str,
     serving: Annotated[ServingClient, Depends(get_serving_client)],
 ) -> AdapterDeletedOut:
     """Delete for good: the name is never served again (not even with other weights), and its files are deleted

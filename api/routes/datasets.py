@@ -19,7 +19,9 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=StrictJSON
     "",
     status_code=201,
     response_model=DatasetOut,
-    responses={200: {"model": DatasetOut, "description": "An earlier request with this Idempotency-Key made this dataset"}},
+    responses={
+        200: {"model": DatasetOut, "description": "An earlier request with this Idempotency-Key made this dataset"}
+    },
 )
 async def upload_dataset(
     session: SessionDep,
@@ -28,7 +30,9 @@ async def upload_dataset(
     response: Response,
     file: Annotated[UploadFile, File(description="JSONL: chat, prompt/completion or instruction rows")],
     test_file: Annotated[UploadFile | None, File(description="Held-out test split, same format")] = None,
-    test_fraction: Annotated[float | None, Form(gt=0, lt=1, description="Hold out this share as the test split")] = None,
+    test_fraction: Annotated[
+        float | None, Form(gt=0, lt=1, description="Hold out this share as the test split")
+    ] = None,
     seed: Annotated[int, Form(ge=0, le=MAX_INT32, description="Seed of the test_fraction split")] = 0,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> DatasetOut:

@@ -16,7 +16,9 @@ router = APIRouter(prefix="/evaluations", tags=["evaluations"], route_class=Stri
 
 
 @router.post("", status_code=201, response_model=EvaluationOut)
-def create_evaluation(session: SessionDep, settings: SettingsDep, tenant: TenantDep, spec: EvaluationSpec) -> EvaluationOut:
+def create_evaluation(
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, spec: EvaluationSpec
+) -> EvaluationOut:
     return EvaluationOut.of(service.create_evaluation(session, settings, tenant, spec))
 
 
@@ -37,8 +39,11 @@ def get_evaluation(session: SessionDep, tenant: TenantDep, evaluation_id: str) -
     return EvaluationOut.of(service.get_evaluation_or_404(session, tenant, evaluation_id))
 
 
-@router.post("/{evaluation_id}/cancel", response_model=EvaluationOut,
-             responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+@router.post(
+    "/{evaluation_id}/cancel",
+    response_model=EvaluationOut,
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+)
 def cancel_evaluation(session: SessionDep, tenant: TenantDep, evaluation_id: str) -> EvaluationOut:
     """A queued evaluation is `cancelled` at once; a running one stays `running` with `cancel_requested` until its
     worker stops it. 409 once it has ended."""
@@ -52,7 +57,9 @@ def list_samples(
     evaluation_id: str,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
-    scale: Annotated[float | None, Query(allow_inf_nan=False, description="Only the samples at this adapter scale")] = None,
+    scale: Annotated[
+        float | None, Query(allow_inf_nan=False, description="Only the samples at this adapter scale")
+    ] = None,
 ) -> EvaluationSamplePage:
     evaluation = service.get_evaluation_or_404(session, tenant, evaluation_id)
     return service.sample_page(session, evaluation, limit=limit, offset=offset, scale=scale)

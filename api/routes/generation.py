@@ -40,9 +40,7 @@ class GenerationChunkOut(BaseModel):
     usage: Usage | None
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (404, 422, 503)
-}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (404, 422, 503)}
 
 
 @router.post(
@@ -58,8 +56,11 @@ async def generate(
     serving: ServingDep,
     adapter: Annotated[str | None, Query(max_length=128, description="Adapter name; none: the base model")] = None,
 ) -> Any:
-    service.check_prompt_size(settings, prompts=None if body.prompt is None else [body.prompt],
-                              messages=None if body.messages is None else [m.content for m in body.messages])
+    service.check_prompt_size(
+        settings,
+        prompts=None if body.prompt is None else [body.prompt],
+        messages=None if body.messages is None else [m.content for m in body.messages],
+    )
     name = await service.resolve_adapter(session, settings, tenant, adapter, param="adapter")
     request = service.serving_request(body, name)
     gen_id = f"gen-{uuid.uuid4().hex}"

@@ -85,7 +85,9 @@ def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointOut])
-def list_job_checkpoints(session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: str) -> ListResponse[CheckpointOut]:
+def list_job_checkpoints(
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: str
+) -> ListResponse[CheckpointOut]:
     service.get_job_or_404(session, tenant, job_id)
     rows = [CheckpointOut(**c.to_public()) for c in list_checkpoints(settings, job_id)]  # type: ignore[arg-type]
     return ListResponse[CheckpointOut](data=rows, has_more=False)

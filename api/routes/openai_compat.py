@@ -195,15 +195,14 @@ async def create_completion(
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def request(prompt: str) -> Any:
-        return service.serving_request(
-            GenerateRequest(prompt=prompt, stream=body.stream, **_sampling(body)), adapter
-        )
+        return service.serving_request(GenerateRequest(prompt=prompt, stream=body.stream, **_sampling(body)), adapter)
 
     if not body.stream:
         results = await asyncio.gather(*(service.generate(serving, request(p), param="model") for p in prompts))
         choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
-        return CompletionOut(id=cid, created=created, model=body.model, choices=choices,
-                             usage=_total([r.usage for r in results]))
+        return CompletionOut(
+            id=cid, created=created, model=body.model, choices=choices, usage=_total([r.usage for r in results])
+        )
     if len(prompts) != 1:
         raise InvalidInput("streaming takes a single prompt", param="prompt")
 
@@ -211,13 +210,17 @@ async def create_completion(
         choice = CompletionChoice(index=0, text=chunk.text, finish_reason=chunk.finish_reason)
         out = [CompletionOut(id=cid, created=created, model=body.model, choices=[choice]).model_dump_json()]
         if chunk.usage is not None and _include_usage(body):
-            out.append(CompletionOut(id=cid, created=created, model=body.model, choices=[], usage=chunk.usage)
-                       .model_dump_json())
+            out.append(
+                CompletionOut(
+                    id=cid, created=created, model=body.model, choices=[], usage=chunk.usage
+                ).model_dump_json()
+            )
         return out
 
     chunks = await service.generate_stream(serving, request(prompts[0]), param="model")
-    return StreamingResponse(service.sse_events(chunks, encode), media_type="text/event-stream",
-                             headers=service.SSE_HEADERS)
+    return StreamingResponse(
+        service.sse_events(chunks, encode), media_type="text/event-stream", headers=service.SSE_HEADERS
+    )
 
 
 @router.post("/chat/completions", response_model=ChatCompletionOut, responses=ERRORS)
@@ -246,13 +249,20 @@ async def create_chat_completion(
         delta = Delta(role="assistant" if first else None, content=chunk.text)
         first = False
         choice = ChatChunkChoice(delta=delta, finish_reason=chunk.finish_reason)
-        out = [ChatCompletionChunkOut(id=cid, created=created, model=body.model, choices=[choice])
-               .model_dump_json(exclude_none=True)]
+        out = [
+            ChatCompletionChunkOut(id=cid, created=created, model=body.model, choices=[choice]).model_dump_json(
+                exclude_none=True
+            )
+        ]
         if chunk.usage is not None and _include_usage(body):
-            out.append(ChatCompletionChunkOut(id=cid, created=created, model=body.model, choices=[], usage=chunk.usage)
-                       .model_dump_json(exclude_none=True))
+            out.append(
+                ChatCompletionChunkOut(
+                    id=cid, created=created, model=body.model, choices=[], usage=chunk.usage
+                ).model_dump_json(exclude_none=True)
+            )
         return out
 
     chunks = await service.generate_stream(serving, request, param="model")
-    return StreamingResponse(service.sse_events(chunks, encode), media_type="text/event-stream",
-                             headers=service.SSE_HEADERS)
+    return StreamingResponse(
+        service.sse_events(chunks, encode), media_type="text/event-stream", headers=service.SSE_HEADERS
+    )

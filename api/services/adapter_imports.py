@@ -67,16 +67,32 @@ def _unpack_and_record(
     adapter = adapters_repo.add_adapter(
         session,
         Adapter(
-            name=name, tenant_id=tenant_id, job_id=None, base_model=settings.served_model_name, method="lora",
-            rank=imported.rank, alpha=imported.alpha, target_modules=imported.target_modules, path=relative,
-            files=files, size_bytes=size, status=AdapterStatus.validating, servable=False,
+            name=name,
+            tenant_id=tenant_id,
+            job_id=None,
+            base_model=settings.served_model_name,
+            method="lora",
+            rank=imported.rank,
+            alpha=imported.alpha,
+            target_modules=imported.target_modules,
+            path=relative,
+            files=files,
+            size_bytes=size,
+            status=AdapterStatus.validating,
+            servable=False,
             servable_reason=CANARY_PENDING,
         ),
     )
     operation = operations_repo.add_operation(
         session,
-        AdapterOperation(tenant_id=tenant_id, kind="canary", source_adapter=name, scale=1.0,
-                         status=WorkStatus.queued, max_attempts=settings.max_attempts),
+        AdapterOperation(
+            tenant_id=tenant_id,
+            kind="canary",
+            source_adapter=name,
+            scale=1.0,
+            status=WorkStatus.queued,
+            max_attempts=settings.max_attempts,
+        ),
     )
     try:
         usage_service.admit(session, settings, tenant_id, "import", new_bytes=size)

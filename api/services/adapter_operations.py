@@ -30,7 +30,12 @@ def create_operation(
     operation = operations_repo.add_operation(
         session,
         AdapterOperation(
-            tenant_id=tenant_id, kind=kind, source_adapter=name, scale=scale, status=WorkStatus.queued, max_attempts=settings.max_attempts
+            tenant_id=tenant_id,
+            kind=kind,
+            source_adapter=name,
+            scale=scale,
+            status=WorkStatus.queued,
+            max_attempts=settings.max_attempts,
         ),
     )
     usage_service.admit(session, settings, tenant_id, kind)  # type: ignore[arg-type]
@@ -54,12 +59,17 @@ def cancel_operation(session: Session, tenant_id: str, operation_id: str) -> Ada
     operation = get_operation_or_404(session, tenant_id, operation_id)
     if operation.status.is_terminal:
         raise Conflict(
-            f"adapter operation {operation_id} is already {operation.status.value}", param="operation_id",
+            f"adapter operation {operation_id} is already {operation.status.value}",
+            param="operation_id",
             code="operation_finished",
         )
     leases.request_cancel(session, AdapterOperation, operation_id)
     operation = get_operation_or_404(session, tenant_id, operation_id)
     if operation.kind == "canary" and operation.status == WorkStatus.cancelled:
-        adapters_repo.set_health(session, operation.source_adapter, healthy=False,
-                                 reason="canary cancelled before it ran: the adapter was never checked")
+        adapters_repo.set_health(
+            session,
+            operation.source_adapter,
+            healthy=False,
+            reason="canary cancelled before it ran: the adapter was never checked",
+        )
     return operation

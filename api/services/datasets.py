@@ -42,8 +42,14 @@ async def read_limited(upload: UploadFile, *, limit: int, param: str) -> bytes:
 
 def _parse(data: bytes, *, split: str, settings: Settings):  # type: ignore[no-untyped-def]
     try:
-        return parse_jsonl(data, split=split, max_rows=settings.max_dataset_rows, max_line_bytes=settings.max_line_bytes,
-                           max_messages=settings.max_messages_per_row, max_chars=settings.max_chars_per_row)
+        return parse_jsonl(
+            data,
+            split=split,
+            max_rows=settings.max_dataset_rows,
+            max_line_bytes=settings.max_line_bytes,
+            max_messages=settings.max_messages_per_row,
+            max_chars=settings.max_chars_per_row,
+        )
     except DatasetLineError as e:
         param = "test_file" if split == "test" else "file"
         where = f"line {e.line}" if e.line else "file"
@@ -66,6 +72,7 @@ class Upload:
 
     def identity(self) -> dict[str, object]:
         """What makes two uploads the same request (for Idempotency-Key): the files' names and bytes, the form fields."""
+
         def part(name: str | None, data: bytes | None) -> dict[str, str] | None:
             return None if data is None else {"filename": name or "", "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -95,9 +102,16 @@ async def create_dataset(
     train_bytes = await read_limited(file, limit=settings.max_upload_bytes, param="file")
     test_bytes = None
     if test_file is not None:
-        test_bytes = await read_limited(test_file, limit=settings.max_upload_bytes - len(train_bytes), param="test_file")
-    upload = Upload(filename=file.filename or "upload.jsonl", train=train_bytes,
-                    test_filename=test_file.filename if test_file is not None else None, test=test_bytes, options=options)
+        test_bytes = await read_limited(
+            test_file, limit=settings.max_upload_bytes - len(train_bytes), param="test_file"
+        )
+    upload = Upload(
+        filename=file.filename or "upload.jsonl",
+        train=train_bytes,
+        test_filename=test_file.filename if test_file is not None else None,
+        test=test_bytes,
+        options=options,
+    )
     # Parsing a big file and the SQL (which may wait on a lock) must not block the event loop.
     return await run_in_threadpool(store_dataset, session, settings, tenant_id, upload, idempotency_key)
 
@@ -106,8 +120,13 @@ def store_dataset(
     session: Session, settings: Settings, tenant_id: str, upload: Upload, idempotency_key: str | None
 ) -> tuple[Dataset, bool]:
     """Validate every line, split, claim the Idempotency-Key, store the files atomically, then record."""
-    idempotency = idempotent_request(tenant_id, "POST /datasets", idempotency_key, upload.identity(),
-                                     ttl_seconds=settings.idempotency_key_ttl_seconds)
+    idempotency = idempotent_request(
+        tenant_id,
+        "POST /datasets",
+        idempotency_key,
+        upload.identity(),
+        ttl_seconds=settings.idempotency_key_ttl_seconds,
+    )
     if idempotency is not None and (earlier := earlier_resource(session, idempotency)):
         return get_dataset_or_404(session, tenant_id, earlier), True
     options = upload.options

@@ -53,7 +53,9 @@ def create_evaluation(session: Session, settings: Settings, tenant_id: str, spec
     scales: list[float] | None = None
     if spec.adapter is None:
         if spec.scales is not None:
-            raise InvalidInput("scales apply to an adapter; give adapter, or leave scales out for the base model", param="scales")
+            raise InvalidInput(
+                "scales apply to an adapter; give adapter, or leave scales out for the base model", param="scales"
+            )
     else:
         adapter = adapters_repo.get_owned_adapter(session, tenant_id, spec.adapter)
         if adapter is None or adapter.status == AdapterStatus.deleted:
@@ -97,7 +99,8 @@ def cancel_evaluation(session: Session, tenant_id: str, evaluation_id: str) -> E
     evaluation = get_evaluation_or_404(session, tenant_id, evaluation_id)
     if evaluation.status.is_terminal:
         raise Conflict(
-            f"evaluation {evaluation_id} is already {evaluation.status.value}", param="evaluation_id",
+            f"evaluation {evaluation_id} is already {evaluation.status.value}",
+            param="evaluation_id",
             code="evaluation_finished",
         )
     leases.request_cancel(session, Evaluation, evaluation_id)
@@ -117,7 +120,9 @@ def sample_page(
     )
 
 
-def samples_out(session: Session, evaluation: Evaluation, rows: Sequence[EvaluationSample]) -> list[EvaluationSampleOut]:
+def samples_out(
+    session: Session, evaluation: Evaluation, rows: Sequence[EvaluationSample]
+) -> list[EvaluationSampleOut]:
     """The samples with their prompt and reference, which the worker stores once, with the first scale's samples."""
     first = (evaluation.scales or [None])[0]
     later = [r.example_index for r in rows if r.scale != first]
@@ -139,7 +144,11 @@ def _status(session: Session, job: Job, rows: dict[str, Evaluation]) -> str:
         enabled = bool(job.evaluation and job.evaluation.get("enabled", True))
         dataset = get_dataset(session, job.dataset_id)
         will_run = enabled and dataset is not None and dataset.test_rows > 0
-        return "pending" if will_run and job.status in (JobStatus.queued, JobStatus.running, JobStatus.succeeded) else "none"
+        return (
+            "pending"
+            if will_run and job.status in (JobStatus.queued, JobStatus.running, JobStatus.succeeded)
+            else "none"
+        )
     statuses = {r.status for r in rows.values()}
     if WorkStatus.failed in statuses:
         return "failed"
@@ -181,7 +190,11 @@ def job_report(session: Session, job: Job) -> JobReport:
         lower = name in LOWER_IS_BETTER
         metrics.append(
             MetricComparison(
-                name=name, base=b, adapter=a, delta=delta, lower_is_better=lower,
+                name=name,
+                base=b,
+                adapter=a,
+                delta=delta,
+                lower_is_better=lower,
                 improved=None if delta is None or delta == 0 else (delta < 0) == lower,
             )
         )
@@ -192,7 +205,9 @@ def job_report(session: Session, job: Job) -> JobReport:
             session, tuned.id, limit=REPORT_EXAMPLES, offset=0, scale=tuned_result.scale, filter_scale=True
         )
         examples = [
-            ExampleComparison(index=b.example_index, prompt=b.prompt, reference=b.reference, base=b.prediction, adapter=t.prediction)
+            ExampleComparison(
+                index=b.example_index, prompt=b.prompt, reference=b.reference, base=b.prediction, adapter=t.prediction
+            )
             for b, t in zip(base_rows, tuned_rows, strict=False)
         ]
     return JobReport(

@@ -55,23 +55,33 @@ def check_prompt_size(
         if len(prompts) > settings.max_prompts_per_request:
             raise InvalidInput(
                 f"prompt: {len(prompts)} prompts; the limit is {settings.max_prompts_per_request} per request "
-                "(TUNESERVE_MAX_PROMPTS_PER_REQUEST)", param="prompt", code="too_many_prompts",
+                "(TUNESERVE_MAX_PROMPTS_PER_REQUEST)",
+                param="prompt",
+                code="too_many_prompts",
             )
         for i, prompt in enumerate(prompts):
             if len(prompt) > limit:
                 param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-                raise InvalidInput(f"{param}: {len(prompt)} characters; the limit is {limit} "
-                                   "(TUNESERVE_MAX_PROMPT_CHARS)", param=param, code="prompt_too_long")
+                raise InvalidInput(
+                    f"{param}: {len(prompt)} characters; the limit is {limit} (TUNESERVE_MAX_PROMPT_CHARS)",
+                    param=param,
+                    code="prompt_too_long",
+                )
     if messages is not None:
         if len(messages) > settings.max_messages_per_request:
             raise InvalidInput(
                 f"messages: {len(messages)} messages; the limit is {settings.max_messages_per_request} per request "
-                "(TUNESERVE_MAX_MESSAGES_PER_REQUEST)", param="messages", code="too_many_messages",
+                "(TUNESERVE_MAX_MESSAGES_PER_REQUEST)",
+                param="messages",
+                code="too_many_messages",
             )
         total = sum(len(content) for content in messages)
         if total > limit:
-            raise InvalidInput(f"messages: {total} characters of content in all; the limit is {limit} "
-                               "(TUNESERVE_MAX_PROMPT_CHARS)", param="messages", code="prompt_too_long")
+            raise InvalidInput(
+                f"messages: {total} characters of content in all; the limit is {limit} (TUNESERVE_MAX_PROMPT_CHARS)",
+                param="messages",
+                code="prompt_too_long",
+            )
 
 
 def serving_request(body: GenerateRequest, adapter: str | None) -> ServingRequest:
@@ -82,7 +92,9 @@ def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
-async def sse_events(chunks: AsyncIterator[GenerateChunk], encode: Callable[[GenerateChunk], list[str]]) -> AsyncIterator[str]:
+async def sse_events(
+    chunks: AsyncIterator[GenerateChunk], encode: Callable[[GenerateChunk], list[str]]
+) -> AsyncIterator[str]:
     """Server-sent events from serving's chunks; an error after the first event goes into the stream."""
     try:
         async for chunk in chunks:

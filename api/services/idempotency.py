@@ -40,8 +40,9 @@ def idempotent_request(
     """
     if key is None:
         return None
-    return IdempotentRequest(tenant_id=tenant_id, endpoint=endpoint, key=key, request_sha256=request_sha256(parts),
-                             ttl_seconds=ttl_seconds)
+    return IdempotentRequest(
+        tenant_id=tenant_id, endpoint=endpoint, key=key, request_sha256=request_sha256(parts), ttl_seconds=ttl_seconds
+    )
 
 
 def _expired(record: IdempotencyKey, ttl_seconds: int) -> bool:
@@ -86,8 +87,13 @@ def claim_key(session: Session, request: IdempotentRequest, resource_id: str) ->
     try:
         idempotency_repo.add_key(
             session,
-            IdempotencyKey(tenant_id=request.tenant_id, endpoint=request.endpoint, key=request.key,
-                           request_sha256=request.request_sha256, resource_id=resource_id),
+            IdempotencyKey(
+                tenant_id=request.tenant_id,
+                endpoint=request.endpoint,
+                key=request.key,
+                request_sha256=request.request_sha256,
+                resource_id=resource_id,
+            ),
         )
         return None
     except IntegrityError:

@@ -32,7 +32,10 @@ def create_job(
     """Validate, commit the job, send it; returns the job and whether an earlier request (same Idempotency-Key) made it."""
     # The parsed body, so key order, whitespace and spelled-out defaults do not make another request.
     idempotency = idempotency_service.idempotent_request(
-        tenant_id, "POST /jobs", idempotency_key, spec.model_dump(mode="json"),
+        tenant_id,
+        "POST /jobs",
+        idempotency_key,
+        spec.model_dump(mode="json"),
         ttl_seconds=settings.idempotency_key_ttl_seconds,
     )
     if idempotency is not None and (earlier := idempotency_service.earlier_resource(session, idempotency)):

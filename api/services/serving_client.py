@@ -89,7 +89,7 @@ class ServingClient:
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 if data == "[DONE]":
                     return
                 parsed = json.loads(data)

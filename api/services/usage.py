@@ -109,12 +109,20 @@ def usage_out(settings: Settings, usage: Usage) -> UsageOut:
         active_jobs=quota(usage.active_jobs, "max_active_jobs"),
         active_evaluations=quota(usage.active_evaluations, "max_active_evaluations"),
         active_adapter_operations=quota(usage.active_adapter_operations, "max_active_adapter_operations"),
-        adapters=AdapterQuotaOut(used=usage.adapters, pending=usage.pending_adapters,
-                                 limit=settings.max_adapters_per_tenant, setting=env_name("max_adapters_per_tenant")),
+        adapters=AdapterQuotaOut(
+            used=usage.adapters,
+            pending=usage.pending_adapters,
+            limit=settings.max_adapters_per_tenant,
+            setting=env_name("max_adapters_per_tenant"),
+        ),
         storage_bytes=StorageUsageOut(
-            used=usage.storage_bytes, limit=settings.max_storage_bytes_per_tenant,
-            setting=env_name("max_storage_bytes_per_tenant"), datasets=usage.dataset_bytes,
-            adapters=usage.adapter_bytes, merged_models=usage.merged_bytes, checkpoints=usage.checkpoint_bytes,
+            used=usage.storage_bytes,
+            limit=settings.max_storage_bytes_per_tenant,
+            setting=env_name("max_storage_bytes_per_tenant"),
+            datasets=usage.dataset_bytes,
+            adapters=usage.adapter_bytes,
+            merged_models=usage.merged_bytes,
+            checkpoints=usage.checkpoint_bytes,
         ),
     )
 
@@ -133,13 +141,15 @@ def _check(settings: Settings, usage: Usage, kind: Kind, *, new_bytes: int, inse
             raise PayloadTooLarge(
                 f"this {kind} of {new_bytes} bytes would bring your storage to {total} bytes, past your quota of "
                 f"{limit} bytes ({env_name('max_storage_bytes_per_tenant')}); delete adapters or datasets first",
-                param="max_storage_bytes_per_tenant", code="storage_quota_exceeded",
+                param="max_storage_bytes_per_tenant",
+                code="storage_quota_exceeded",
             )
     elif kind in WRITES_LATER and usage.storage_bytes >= limit:
         raise PayloadTooLarge(
             f"your storage is {usage.storage_bytes} bytes, at or over your quota of {limit} bytes "
             f"({env_name('max_storage_bytes_per_tenant')}); delete adapters first",
-            param="max_storage_bytes_per_tenant", code="storage_quota_exceeded",
+            param="max_storage_bytes_per_tenant",
+            code="storage_quota_exceeded",
         )
     if kind in MAKES_ADAPTER:
         # An import's adapter row is inserted with it; a job, derive or merge counts as pending.
@@ -148,7 +158,8 @@ def _check(settings: Settings, usage: Usage, kind: Kind, *, new_bytes: int, inse
             raise PayloadTooLarge(
                 f"you keep {held - 1} adapters (queued or running work that makes one counts) and the limit is "
                 f"{settings.max_adapters_per_tenant} ({env_name('max_adapters_per_tenant')}); delete one first",
-                param="max_adapters_per_tenant", code="adapter_quota_exceeded",
+                param="max_adapters_per_tenant",
+                code="adapter_quota_exceeded",
             )
     if kind in ACTIVE_LIMITS:
         setting, what = ACTIVE_LIMITS[kind]
@@ -157,7 +168,8 @@ def _check(settings: Settings, usage: Usage, kind: Kind, *, new_bytes: int, inse
             raise RateLimited(
                 f"{active - 1} of your {what} are queued or running and the limit is {cap} ({env_name(setting)}); "
                 "retry when one finishes",
-                param=setting, retry_after=settings.active_jobs_retry_after_seconds,
+                param=setting,
+                retry_after=settings.active_jobs_retry_after_seconds,
             )
 
 

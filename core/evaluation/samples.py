@@ -11,4 +11,4 @@ def clip(text: str, limit: int) -> str:
         return text
     room = max(limit - len(MARKER.format(len(text))), 2)
     head = room // 2
-    return text[:head] + MARKER.format(len(text) - room) + text[len(text) - (room - head):]
+    return text[:head] + MARKER.format(len(text) - room) + text[len(text) - (room - head) :]

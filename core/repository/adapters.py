@@ -65,14 +65,20 @@ def settle_failed_canaries(session: Session) -> list[str]:
     """
     query = (
         select(Adapter, AdapterOperation)
-        .join(AdapterOperation, and_(AdapterOperation.source_adapter == Adapter.name, AdapterOperation.kind == "canary"))
-        .where(Adapter.status == AdapterStatus.validating,
-               AdapterOperation.status.in_([WorkStatus.failed, WorkStatus.cancelled]))
+        .join(
+            AdapterOperation, and_(AdapterOperation.source_adapter == Adapter.name, AdapterOperation.kind == "canary")
+        )
+        .where(
+            Adapter.status == AdapterStatus.validating,
+            AdapterOperation.status.in_([WorkStatus.failed, WorkStatus.cancelled]),
+        )
     )
     settled = []
     for adapter, operation in session.execute(query).all():
         adapter.status, adapter.servable = AdapterStatus.unhealthy, False
-        why = "cancelled" if operation.status == WorkStatus.cancelled else operation.error_message or operation.error_code
+        why = (
+            "cancelled" if operation.status == WorkStatus.cancelled else operation.error_message or operation.error_code
+        )
         adapter.servable_reason = f"canary could not run: {why}"
         settled.append(adapter.name)
     session.flush()

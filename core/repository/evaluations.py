@@ -55,8 +55,10 @@ def shared_texts(
 ) -> dict[int, tuple[str, str]]:
     """example index -> (prompt, reference) of the samples at `scale`: the worker stores an example's prompt
     and reference once, with the first scale's sample, and leaves them empty at the other scales."""
-    where = [EvaluationSample.evaluation_id == evaluation_id,
-             EvaluationSample.scale.is_(None) if scale is None else EvaluationSample.scale == scale]
+    where = [
+        EvaluationSample.evaluation_id == evaluation_id,
+        EvaluationSample.scale.is_(None) if scale is None else EvaluationSample.scale == scale,
+    ]
     out: dict[int, tuple[str, str]] = {}
     unique = sorted(set(indexes))
     for start in range(0, len(unique), 500):
@@ -68,7 +70,13 @@ def shared_texts(
 
 
 def list_samples(
-    session: Session, evaluation_id: str, *, limit: int, offset: int, scale: float | None = None, filter_scale: bool = False
+    session: Session,
+    evaluation_id: str,
+    *,
+    limit: int,
+    offset: int,
+    scale: float | None = None,
+    filter_scale: bool = False,
 ) -> tuple[list[EvaluationSample], int]:
     """A page of samples in (scale, example) order, and the total that match."""
     where = [EvaluationSample.evaluation_id == evaluation_id]

@@ -90,7 +90,9 @@ def list_events(session: Session, job_id: str, *, limit: int, after: int | None)
     return rows[:limit], len(rows) > limit
 
 
-def succeeded_without_evaluations(session: Session, *, finished_after: datetime, finished_before: datetime) -> list[Job]:
+def succeeded_without_evaluations(
+    session: Session, *, finished_after: datetime, finished_before: datetime
+) -> list[Job]:
     """Succeeded jobs in a time window that asked for a before/after evaluation on a dataset with a test split,
     and have no evaluation rows (the sweeper's input).
 

@@ -28,8 +28,9 @@ def status(model: Leased, name: str) -> Any:
     return model.__table__.c.status.type.enum_class[name]  # type: ignore[union-attr]
 
 
-def note(session: Session, model: Leased, record_id: str, message: str, *, attempt: int | None = None,
-         level: str = "info") -> None:
+def note(
+    session: Session, model: Leased, record_id: str, message: str, *, attempt: int | None = None, level: str = "info"
+) -> None:
     """A status line in the record's history: jobs keep an event log; the other kinds show their error columns."""
     if model is Job:
         session.add(JobEvent(job_id=record_id, kind="status", level=level, attempt=attempt, message=message))
@@ -50,8 +51,10 @@ def claim(session: Session, model: Leased, record_id: str, *, owner: str, lease_
             m.id == record_id,
             m.cancel_requested.is_(False),
             m.attempt_count < m.max_attempts,
-            or_(m.status == status(model, "queued"),
-                and_(m.status == status(model, "running"), m.lease_expires_at < now)),
+            or_(
+                m.status == status(model, "queued"),
+                and_(m.status == status(model, "running"), m.lease_expires_at < now),
+            ),
         ).values(
             status=status(model, "running"),
             lease_owner=owner,
@@ -74,8 +77,9 @@ def renew(session: Session, model: Leased, record_id: str, *, owner: str, lease_
     """Extend the lease: (still held, cancel requested). Not held: another attempt took over, or it finished."""
     m: Any = model
     result = session.execute(
-        _update(model, owned_running(model, record_id, owner))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        _update(model, owned_running(model, record_id, owner)).values(
+            lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)
+        )
     )
     cancel = bool(session.scalar(select(m.cancel_requested).where(m.id == record_id)))
     return result.rowcount == 1, cancel
@@ -93,7 +97,9 @@ def lock_owned(session: Session, model: Leased, record_id: str, *, owner: str) -
 
 def update_owned(session: Session, model: Leased, record_id: str, *, owner: str, **values: Any) -> bool:
     """Write values to a running record this owner holds; False if the lease is not ours."""
-    result = session.execute(_update(model, owned_running(model, record_id, owner)).values(updated_at=utcnow(), **values))
+    result = session.execute(
+        _update(model, owned_running(model, record_id, owner)).values(updated_at=utcnow(), **values)
+    )
     return result.rowcount == 1
 
 
@@ -111,8 +117,15 @@ def finish(
     if error is not None:
         values["error_code"], values["error_message"], values["error_param"] = error
     return update_owned(
-        session, model, record_id, owner=owner, status=status(model, status_name), finished_at=utcnow(),
-        lease_owner=None, lease_expires_at=None, **values,
+        session,
+        model,
+        record_id,
+        owner=owner,
+        status=status(model, status_name),
+        finished_at=utcnow(),
+        lease_owner=None,
+        lease_expires_at=None,
+        **values,
     )
 
 
@@ -126,8 +139,13 @@ def release_for_retry(session: Session, model: Leased, record_id: str, *, owner:
     now = utcnow()
     requeued = session.execute(
         _update(model, owned_running(model, record_id, owner), m.cancel_requested.is_(False)).values(
-            status=status(model, "queued"), lease_owner=None, lease_expires_at=None, updated_at=now,
-            error_code="worker_lost", error_message=reason, error_param=None,
+            status=status(model, "queued"),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+            error_code="worker_lost",
+            error_message=reason,
+            error_param=None,
         )
     )
     if requeued.rowcount == 1:
@@ -143,12 +161,14 @@ def request_cancel(session: Session, model: Leased, record_id: str) -> None:
     m: Any = model
     now = utcnow()
     session.execute(
-        _update(model, m.id == record_id, m.status == status(model, "queued"))
-        .values(status=status(model, "cancelled"), cancel_requested=True, finished_at=now, updated_at=now)
+        _update(model, m.id == record_id, m.status == status(model, "queued")).values(
+            status=status(model, "cancelled"), cancel_requested=True, finished_at=now, updated_at=now
+        )
     )
     session.execute(
-        _update(model, m.id == record_id, m.status == status(model, "running"))
-        .values(cancel_requested=True, updated_at=now)
+        _update(model, m.id == record_id, m.status == status(model, "running")).values(
+            cancel_requested=True, updated_at=now
+        )
     )
     session.expire_all()
 
@@ -158,14 +178,16 @@ def settle_cancelled(session: Session, model: Leased, *, now: datetime) -> list[
     m: Any = model
     where = and_(
         m.cancel_requested.is_(True),
-        or_(m.status == status(model, "queued"),
-            and_(m.status == status(model, "running"), m.lease_expires_at < now)),
+        or_(m.status == status(model, "queued"), and_(m.status == status(model, "running"), m.lease_expires_at < now)),
     )
     ids = list(session.scalars(select(m.id).where(where)))
     if ids:
         session.execute(
             _update(model, m.id.in_(ids), where).values(
-                status=status(model, "cancelled"), lease_owner=None, lease_expires_at=None, finished_at=now,
+                status=status(model, "cancelled"),
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=now,
                 updated_at=now,
             )
         )
@@ -175,14 +197,22 @@ def settle_cancelled(session: Session, model: Leased, *, now: datetime) -> list[
 def fail_abandoned(session: Session, model: Leased, *, now: datetime) -> list[str]:
     """Running records whose lease expired with no attempts left: failed, with the reason."""
     m: Any = model
-    where = and_(m.status == status(model, "running"), m.lease_expires_at < now, m.attempt_count >= m.max_attempts,
-                 m.cancel_requested.is_(False))
+    where = and_(
+        m.status == status(model, "running"),
+        m.lease_expires_at < now,
+        m.attempt_count >= m.max_attempts,
+        m.cancel_requested.is_(False),
+    )
     ids = list(session.scalars(select(m.id).where(where)))
     if ids:
         session.execute(
             _update(model, m.id.in_(ids), where).values(
-                status=status(model, "failed"), lease_owner=None, lease_expires_at=None, finished_at=now,
-                updated_at=now, error_code="worker_lost",
+                status=status(model, "failed"),
+                lease_owner=None,
+                lease_expires_at=None,
+                finished_at=now,
+                updated_at=now,
+                error_code="worker_lost",
                 error_message="the worker running this stopped answering and no attempts are left",
             )
         )
@@ -209,8 +239,10 @@ def due_for_redispatch(model: Leased, *, now: datetime, requeue_after_seconds: i
     backoff = or_(
         m.dispatched_at.is_(None),
         *(
-            and_(m.dispatch_count == n if n < MAX_BACKOFF_EXPONENT + 1 else m.dispatch_count >= n,
-                 m.dispatched_at < now - timedelta(seconds=requeue_after_seconds * 2 ** max(n - 1, 0)))
+            and_(
+                m.dispatch_count == n if n < MAX_BACKOFF_EXPONENT + 1 else m.dispatch_count >= n,
+                m.dispatched_at < now - timedelta(seconds=requeue_after_seconds * 2 ** max(n - 1, 0)),
+            )
             for n in range(MAX_BACKOFF_EXPONENT + 2)
         ),
     )

@@ -26,20 +26,28 @@ def _count(session: Session, query: object) -> int:
 
 def active_jobs(session: Session, tenant_id: str) -> int:
     """Jobs validating files, queued or running."""
-    return _count(session, select(func.count()).select_from(Job)
-                  .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATUSES)))
+    return _count(
+        session,
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATUSES)),
+    )
 
 
 def active_evaluations(session: Session, tenant_id: str) -> int:
     """Evaluations queued or running, a job's before/after ones included."""
-    return _count(session, select(func.count()).select_from(Evaluation)
-                  .where(Evaluation.tenant_id == tenant_id, Evaluation.status.in_(ACTIVE_WORK)))
+    return _count(
+        session,
+        select(func.count())
+        .select_from(Evaluation)
+        .where(Evaluation.tenant_id == tenant_id, Evaluation.status.in_(ACTIVE_WORK)),
+    )
 
 
 def active_operations(session: Session, tenant_id: str, kinds: Iterable[str] | None = None) -> int:
     """Adapter operations queued or running (derive, merge and import canaries; or only `kinds`)."""
-    query = select(func.count()).select_from(AdapterOperation).where(
-        AdapterOperation.tenant_id == tenant_id, AdapterOperation.status.in_(ACTIVE_WORK)
+    query = (
+        select(func.count())
+        .select_from(AdapterOperation)
+        .where(AdapterOperation.tenant_id == tenant_id, AdapterOperation.status.in_(ACTIVE_WORK))
     )
     if kinds is not None:
         query = query.where(AdapterOperation.kind.in_(list(kinds)))
@@ -48,8 +56,12 @@ def active_operations(session: Session, tenant_id: str, kinds: Iterable[str] | N
 
 def kept_adapters(session: Session, tenant_id: str) -> int:
     """Adapters and merged models not deleted (validating and unhealthy ones are on disk too)."""
-    return _count(session, select(func.count()).select_from(Adapter)
-                  .where(Adapter.tenant_id == tenant_id, Adapter.status != AdapterStatus.deleted))
+    return _count(
+        session,
+        select(func.count())
+        .select_from(Adapter)
+        .where(Adapter.tenant_id == tenant_id, Adapter.status != AdapterStatus.deleted),
+    )
 
 
 def pending_adapters(session: Session, tenant_id: str) -> int:

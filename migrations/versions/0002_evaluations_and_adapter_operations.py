@@ -11,121 +11,136 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0002'
-down_revision = '0001'
+revision = "0002"
+down_revision = "0001"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table('adapter_operations',
-    sa.Column('id', sa.String(length=40), nullable=False),
-    sa.Column('kind', sa.String(length=16), nullable=False),
-    sa.Column('source_adapter', sa.String(length=128), nullable=False),
-    sa.Column('scale', sa.Float(), nullable=False),
-    sa.Column('result_name', sa.String(length=128), nullable=True),
-    sa.Column('status', sa.Enum('queued', 'running', 'succeeded', 'failed', name='workstatus', native_enum=False, length=32), nullable=False),
-    sa.Column('attempt_count', sa.Integer(), nullable=False),
-    sa.Column('max_attempts', sa.Integer(), nullable=False),
-    sa.Column('lease_owner', sa.String(length=128), nullable=True),
-    sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('error_code', sa.String(length=64), nullable=True),
-    sa.Column('error_message', sa.Text(), nullable=True),
-    sa.Column('error_param', sa.String(length=128), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_adapter_operations'))
+    op.create_table(
+        "adapter_operations",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("source_adapter", sa.String(length=128), nullable=False),
+        sa.Column("scale", sa.Float(), nullable=False),
+        sa.Column("result_name", sa.String(length=128), nullable=True),
+        sa.Column(
+            "status",
+            sa.Enum("queued", "running", "succeeded", "failed", name="workstatus", native_enum=False, length=32),
+            nullable=False,
+        ),
+        sa.Column("attempt_count", sa.Integer(), nullable=False),
+        sa.Column("max_attempts", sa.Integer(), nullable=False),
+        sa.Column("lease_owner", sa.String(length=128), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("error_code", sa.String(length=64), nullable=True),
+        sa.Column("error_message", sa.Text(), nullable=True),
+        sa.Column("error_param", sa.String(length=128), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_adapter_operations")),
     )
-    with op.batch_alter_table('adapter_operations', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_adapter_operations_created_at'), ['created_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_adapter_operations_status'), ['status'], unique=False)
+    with op.batch_alter_table("adapter_operations", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_adapter_operations_created_at"), ["created_at"], unique=False)
+        batch_op.create_index(batch_op.f("ix_adapter_operations_status"), ["status"], unique=False)
 
-    op.create_table('evaluations',
-    sa.Column('id', sa.String(length=40), nullable=False),
-    sa.Column('dataset_id', sa.String(length=40), nullable=False),
-    sa.Column('split', sa.String(length=16), nullable=False),
-    sa.Column('base_model', sa.String(length=512), nullable=False),
-    sa.Column('adapter_name', sa.String(length=128), nullable=True),
-    sa.Column('job_id', sa.String(length=40), nullable=True),
-    sa.Column('role', sa.String(length=16), nullable=True),
-    sa.Column('metrics', sa.JSON(), nullable=False),
-    sa.Column('scales', sa.JSON(), nullable=True),
-    sa.Column('batch_size', sa.Integer(), nullable=False),
-    sa.Column('max_new_tokens', sa.Integer(), nullable=False),
-    sa.Column('max_examples', sa.Integer(), nullable=True),
-    sa.Column('n_examples', sa.Integer(), nullable=True),
-    sa.Column('done_examples', sa.Integer(), nullable=False),
-    sa.Column('results', sa.JSON(), nullable=False),
-    sa.Column('duration_seconds', sa.Float(), nullable=True),
-    sa.Column('status', sa.Enum('queued', 'running', 'succeeded', 'failed', name='workstatus', native_enum=False, length=32), nullable=False),
-    sa.Column('attempt_count', sa.Integer(), nullable=False),
-    sa.Column('max_attempts', sa.Integer(), nullable=False),
-    sa.Column('lease_owner', sa.String(length=128), nullable=True),
-    sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('error_code', sa.String(length=64), nullable=True),
-    sa.Column('error_message', sa.Text(), nullable=True),
-    sa.Column('error_param', sa.String(length=128), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_evaluations_dataset_id_datasets')),
-    sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_evaluations_job_id_jobs')),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_evaluations'))
+    op.create_table(
+        "evaluations",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("dataset_id", sa.String(length=40), nullable=False),
+        sa.Column("split", sa.String(length=16), nullable=False),
+        sa.Column("base_model", sa.String(length=512), nullable=False),
+        sa.Column("adapter_name", sa.String(length=128), nullable=True),
+        sa.Column("job_id", sa.String(length=40), nullable=True),
+        sa.Column("role", sa.String(length=16), nullable=True),
+        sa.Column("metrics", sa.JSON(), nullable=False),
+        sa.Column("scales", sa.JSON(), nullable=True),
+        sa.Column("batch_size", sa.Integer(), nullable=False),
+        sa.Column("max_new_tokens", sa.Integer(), nullable=False),
+        sa.Column("max_examples", sa.Integer(), nullable=True),
+        sa.Column("n_examples", sa.Integer(), nullable=True),
+        sa.Column("done_examples", sa.Integer(), nullable=False),
+        sa.Column("results", sa.JSON(), nullable=False),
+        sa.Column("duration_seconds", sa.Float(), nullable=True),
+        sa.Column(
+            "status",
+            sa.Enum("queued", "running", "succeeded", "failed", name="workstatus", native_enum=False, length=32),
+            nullable=False,
+        ),
+        sa.Column("attempt_count", sa.Integer(), nullable=False),
+        sa.Column("max_attempts", sa.Integer(), nullable=False),
+        sa.Column("lease_owner", sa.String(length=128), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("error_code", sa.String(length=64), nullable=True),
+        sa.Column("error_message", sa.Text(), nullable=True),
+        sa.Column("error_param", sa.String(length=128), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["dataset_id"], ["datasets.id"], name=op.f("fk_evaluations_dataset_id_datasets")),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_evaluations_job_id_jobs")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_evaluations")),
     )
-    with op.batch_alter_table('evaluations', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_evaluations_created_at'), ['created_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_evaluations_dataset_id'), ['dataset_id'], unique=False)
-        batch_op.create_index(batch_op.f('ix_evaluations_job_id'), ['job_id'], unique=False)
-        batch_op.create_index(batch_op.f('ix_evaluations_status'), ['status'], unique=False)
+    with op.batch_alter_table("evaluations", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_evaluations_created_at"), ["created_at"], unique=False)
+        batch_op.create_index(batch_op.f("ix_evaluations_dataset_id"), ["dataset_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_evaluations_job_id"), ["job_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_evaluations_status"), ["status"], unique=False)
 
-    op.create_table('evaluation_samples',
-    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
-    sa.Column('evaluation_id', sa.String(length=40), nullable=False),
-    sa.Column('scale', sa.Float(), nullable=True),
-    sa.Column('example_index', sa.Integer(), nullable=False),
-    sa.Column('prompt', sa.Text(), nullable=False),
-    sa.Column('reference', sa.Text(), nullable=False),
-    sa.Column('prediction', sa.Text(), nullable=False),
-    sa.Column('scores', sa.JSON(), nullable=False),
-    sa.ForeignKeyConstraint(['evaluation_id'], ['evaluations.id'], name=op.f('fk_evaluation_samples_evaluation_id_evaluations'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_evaluation_samples'))
+    op.create_table(
+        "evaluation_samples",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("evaluation_id", sa.String(length=40), nullable=False),
+        sa.Column("scale", sa.Float(), nullable=True),
+        sa.Column("example_index", sa.Integer(), nullable=False),
+        sa.Column("prompt", sa.Text(), nullable=False),
+        sa.Column("reference", sa.Text(), nullable=False),
+        sa.Column("prediction", sa.Text(), nullable=False),
+        sa.Column("scores", sa.JSON(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["evaluation_id"],
+            ["evaluations.id"],
+            name=op.f("fk_evaluation_samples_evaluation_id_evaluations"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_evaluation_samples")),
     )
-    with op.batch_alter_table('evaluation_samples', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_evaluation_samples_evaluation_id'), ['evaluation_id'], unique=False)
+    with op.batch_alter_table("evaluation_samples", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_evaluation_samples_evaluation_id"), ["evaluation_id"], unique=False)
 
-    with op.batch_alter_table('adapters', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('parent_name', sa.String(length=128), nullable=True))
-        batch_op.add_column(sa.Column('scale', sa.Float(), nullable=True))
+    with op.batch_alter_table("adapters", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("parent_name", sa.String(length=128), nullable=True))
+        batch_op.add_column(sa.Column("scale", sa.Float(), nullable=True))
 
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('evaluation', sa.JSON(), nullable=True))
-
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("evaluation", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_column('evaluation')
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("evaluation")
 
-    with op.batch_alter_table('adapters', schema=None) as batch_op:
-        batch_op.drop_column('scale')
-        batch_op.drop_column('parent_name')
+    with op.batch_alter_table("adapters", schema=None) as batch_op:
+        batch_op.drop_column("scale")
+        batch_op.drop_column("parent_name")
 
-    with op.batch_alter_table('evaluation_samples', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_evaluation_samples_evaluation_id'))
+    with op.batch_alter_table("evaluation_samples", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_evaluation_samples_evaluation_id"))
 
-    op.drop_table('evaluation_samples')
-    with op.batch_alter_table('evaluations', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_evaluations_status'))
-        batch_op.drop_index(batch_op.f('ix_evaluations_job_id'))
-        batch_op.drop_index(batch_op.f('ix_evaluations_dataset_id'))
-        batch_op.drop_index(batch_op.f('ix_evaluations_created_at'))
+    op.drop_table("evaluation_samples")
+    with op.batch_alter_table("evaluations", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_evaluations_status"))
+        batch_op.drop_index(batch_op.f("ix_evaluations_job_id"))
+        batch_op.drop_index(batch_op.f("ix_evaluations_dataset_id"))
+        batch_op.drop_index(batch_op.f("ix_evaluations_created_at"))
 
-    op.drop_table('evaluations')
-    with op.batch_alter_table('adapter_operations', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_adapter_operations_status'))
-        batch_op.drop_index(batch_op.f('ix_adapter_operations_created_at'))
+    op.drop_table("evaluations")
+    with op.batch_alter_table("adapter_operations", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_adapter_operations_status"))
+        batch_op.drop_index(batch_op.f("ix_adapter_operations_created_at"))
 
-    op.drop_table('adapter_operations')
+    op.drop_table("adapter_operations")

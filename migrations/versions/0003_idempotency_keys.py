@@ -11,24 +11,25 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0003'
-down_revision = '0002'
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table('idempotency_keys',
-    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
-    sa.Column('endpoint', sa.String(length=64), nullable=False),
-    sa.Column('key', sa.String(length=255), nullable=False),
-    sa.Column('request_sha256', sa.String(length=64), nullable=False),
-    sa.Column('resource_id', sa.String(length=40), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_idempotency_keys')),
-    sa.UniqueConstraint('endpoint', 'key', name=op.f('uq_idempotency_keys_endpoint'))
+    op.create_table(
+        "idempotency_keys",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("endpoint", sa.String(length=64), nullable=False),
+        sa.Column("key", sa.String(length=255), nullable=False),
+        sa.Column("request_sha256", sa.String(length=64), nullable=False),
+        sa.Column("resource_id", sa.String(length=40), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_idempotency_keys")),
+        sa.UniqueConstraint("endpoint", "key", name=op.f("uq_idempotency_keys_endpoint")),
     )
 
 
 def downgrade() -> None:
-    op.drop_table('idempotency_keys')
+    op.drop_table("idempotency_keys")

@@ -62,9 +62,7 @@ def upgrade() -> None:
             sa.Column("tenant_id", sa.String(length=40), nullable=False, server_default=DEFAULT_TENANT_ID)
         )
         batch_op.drop_constraint("uq_idempotency_keys_endpoint", type_="unique")
-        batch_op.create_unique_constraint(
-            batch_op.f("uq_idempotency_keys_tenant_id"), ["tenant_id", "endpoint", "key"]
-        )
+        batch_op.create_unique_constraint(batch_op.f("uq_idempotency_keys_tenant_id"), ["tenant_id", "endpoint", "key"])
         batch_op.create_foreign_key(
             batch_op.f("fk_idempotency_keys_tenant_id_tenants"), "tenants", ["tenant_id"], ["id"]
         )

@@ -57,7 +57,10 @@ def slow_to_skip(pad_mib: int, good: dict[str, bytes]) -> bytes:
 
 def long_name_bomb(name_mib: int) -> bytes:
     """A GNU long-name record of name_mib MiB (zeros): tarfile reads a member's long name into memory whole."""
-    return gzip.compress(tar_header("././@LongLink", name_mib * MiB, tarfile.GNUTYPE_LONGNAME)) + _GZIP_MIB_OF_ZEROS * name_mib
+    return (
+        gzip.compress(tar_header("././@LongLink", name_mib * MiB, tarfile.GNUTYPE_LONGNAME))
+        + _GZIP_MIB_OF_ZEROS * name_mib
+    )
 
 
 def safetensors(header: object, *, declared_len: int | None = None, data: bytes = b"") -> bytes:

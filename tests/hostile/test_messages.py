@@ -13,10 +13,16 @@ from core.settings import PLACEHOLDER_SECRET, Settings
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[Errno 2] No such file or directory: '/data/store/tmp/abc/upload'", "[Errno 2] No such file or directory: '.../upload'"),
+        (
+            "[Errno 2] No such file or directory: '/data/store/tmp/abc/upload'",
+            "[Errno 2] No such file or directory: '.../upload'",
+        ),
         ("Loading lora /tmp/pytest-of-u/x/adapters/ft-a failed", "Loading lora .../ft-a failed"),
         ("OSError at /var/lib/x/", "OSError at ..."),
-        ("see http://serving:8100/v1/x and redis://redis:6379/0", "see http://serving:8100/v1/x and redis://redis:6379/0"),
+        (
+            "see http://serving:8100/v1/x and redis://redis:6379/0",
+            "see http://serving:8100/v1/x and redis://redis:6379/0",
+        ),
         ("ratio 1/2, a/b/c and /single", "ratio 1/2, a/b/c and /single"),
     ],
 )
@@ -26,7 +32,9 @@ def test_redact_paths(text: str, expected: str) -> None:
 
 def test_training_errors_carry_no_server_paths() -> None:
     """worker/training.py's run() builds a job's error from the exception's text; TrainingError cuts the paths."""
-    error = TrainingError("training_error", "FileNotFoundError: [Errno 2] No such file: '/data/store/jobs/ftjob-1/ckpt-4'")
+    error = TrainingError(
+        "training_error", "FileNotFoundError: [Errno 2] No such file: '/data/store/jobs/ftjob-1/ckpt-4'"
+    )
     assert error.message == "FileNotFoundError: [Errno 2] No such file: '.../ckpt-4'" and "/data" not in str(error)
 
 
