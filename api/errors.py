@@ -105,7 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, _exc: Exception) -> JSONResponse:
         # A 500 is a bug: log it whole, tell the client nothing internal.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(_body("server_error", "internal_error", "internal server error", None), status_code=500)

@@ -18,7 +18,6 @@ from api.services.serving_client import close_serving_client
 from core.reconcile import ReconcilerThread
 from core.settings import Settings, get_settings
 
-
 # Every refusal has the one error shape (api/errors.py); the OpenAPI document says so for all 4xx,
 # in place of FastAPI's default 422 body, which this API never sends.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -18,7 +18,6 @@ from fastapi.routing import APIRoute
 
 from core import strict_json
 
-
 # A \u0000 escape (an odd number of backslashes before u0000): no string the API stores or looks up may hold NUL,
 # since Postgres text cannot (it would be the database's error, a 500, deep inside a query).
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")

@@ -51,7 +51,7 @@ class DatasetOut(BaseModel):
     stats: dict[str, Any]
 
     @classmethod
-    def of(cls, d: Dataset) -> "DatasetOut":
+    def of(cls, d: Dataset) -> DatasetOut:
         return cls(
             id=d.id,
             filename=d.filename,
@@ -93,10 +93,10 @@ class JobOut(BaseModel):
     attempts: int
     cancel_requested: bool
     error: ErrorBody | None
-    evaluation: "JobEvaluationSummary | None" = None
+    evaluation: JobEvaluationSummary | None = None
 
     @classmethod
-    def of(cls, job: Job) -> "JobOut":
+    def of(cls, job: Job) -> JobOut:
         percent = eta = None
         if job.total_steps:
             percent = round(100.0 * job.step / job.total_steps, 1)
@@ -143,7 +143,7 @@ class JobEventOut(BaseModel):
     learning_rate: float | None
 
     @classmethod
-    def of(cls, e: JobEvent) -> "JobEventOut":
+    def of(cls, e: JobEvent) -> JobEventOut:
         return cls(
             id=e.id,
             created_at=unix(e.created_at) or 0,
@@ -178,7 +178,7 @@ class AdapterOut(BaseModel):
     scale: float | None = None
 
     @classmethod
-    def of(cls, a: Adapter) -> "AdapterOut":
+    def of(cls, a: Adapter) -> AdapterOut:
         return cls(
             id=a.id,
             name=a.name,
@@ -257,7 +257,7 @@ class EvaluationOut(BaseModel):
     error: ErrorBody | None
 
     @classmethod
-    def of(cls, e: Evaluation) -> "EvaluationOut":
+    def of(cls, e: Evaluation) -> EvaluationOut:
         total = e.n_examples * len(e.scales or [None]) if e.n_examples is not None else None
         return cls(
             id=e.id,
@@ -296,7 +296,7 @@ class EvaluationSampleOut(BaseModel):
     scores: dict[str, float]
 
     @classmethod
-    def of(cls, s: EvaluationSample, shared: tuple[str, str] | None = None) -> "EvaluationSampleOut":
+    def of(cls, s: EvaluationSample, shared: tuple[str, str] | None = None) -> EvaluationSampleOut:
         """shared: the example's (prompt, reference), stored once with the evaluation's first scale."""
         prompt, reference = shared if shared is not None else (s.prompt, s.reference)
         return cls(
@@ -373,7 +373,7 @@ class AdapterOperationOut(BaseModel):
     error: ErrorBody | None
 
     @classmethod
-    def of(cls, o: AdapterOperation) -> "AdapterOperationOut":
+    def of(cls, o: AdapterOperation) -> AdapterOperationOut:
         return cls(
             id=o.id,
             kind=o.kind,

@@ -298,7 +298,7 @@ class Bench:
     def statuses(self, job_ids: list[str]) -> dict[str, str]:
         with psycopg.connect(self._pg_url()) as conn:
             rows = conn.execute("SELECT id, status FROM jobs WHERE id = ANY(%s)", (job_ids,)).fetchall()
-        return {job_id: status for job_id, status in rows}
+        return dict(rows)
 
     def _pg_url(self) -> str:
         return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{self.db_name}"

@@ -291,7 +291,7 @@ class Sampler(threading.Thread):
                     "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s GROUP BY 1",
                     (self.db_name,),
                 ).fetchall()
-                by_app = {name: n for name, n in rows}
+                by_app = dict(rows)
                 self.samples.append(
                     {
                         "phase": self.phase,
@@ -343,7 +343,7 @@ class Tenant:
 class Load:
     """The clients of phase 1 and the streams of phase 2, recording into one Recorder."""
 
-    def __init__(self, bench: "Bench", seed: int) -> None:
+    def __init__(self, bench: Bench, seed: int) -> None:
         self.bench = bench
         self.rec = Recorder()
         self.seed = seed

@@ -262,11 +262,12 @@ def _median(xs):
 
 
 def summarize(on: dict, off: dict, hf: dict, args, n_prompts: int) -> tuple[dict, list[str]]:
-    mismatched = [i for i, (a, b) in enumerate(zip(on["mixed_ids"], off["mixed_ids"])) if a != b]
+    mismatched = [i for i, (a, b) in enumerate(zip(on["mixed_ids"], off["mixed_ids"], strict=False)) if a != b]
     base_clean_mismatch = {
-        name: sum(a != b for a, b in zip(r["base_ids"], r["base_clean_ids"])) for name, r in (("on", on), ("off", off))
+        name: sum(a != b for a, b in zip(r["base_ids"], r["base_clean_ids"], strict=False))
+        for name, r in (("on", on), ("off", off))
     }
-    lora_changes = sum(a != b for a, b in zip(on["mixed_ids"], on["base_clean_ids"]))
+    lora_changes = sum(a != b for a, b in zip(on["mixed_ids"], on["base_clean_ids"], strict=False))
     # Requests without an adapter batched together with adapter requests: do they still get
     # exactly the base model's tokens?
     with_base = {
@@ -274,20 +275,20 @@ def summarize(on: dict, off: dict, hf: dict, args, n_prompts: int) -> tuple[dict
             "base_requests": sum(a is None for a in r["with_base_adapter"]),
             "base_requests_differing_from_clean_base": sum(
                 ids != r["base_clean_ids"][i]
-                for i, (a, ids) in enumerate(zip(r["with_base_adapter"], r["with_base_ids"]))
+                for i, (a, ids) in enumerate(zip(r["with_base_adapter"], r["with_base_ids"], strict=False))
                 if a is None
             ),
             "adapter_requests_differing_from_adapter_only_run": sum(
                 ids != r["mixed_ids"][i]
-                for i, (a, ids) in enumerate(zip(r["with_base_adapter"], r["with_base_ids"]))
+                for i, (a, ids) in enumerate(zip(r["with_base_adapter"], r["with_base_ids"], strict=False))
                 if a is not None and a == i % NUM_ADAPTERS
             ),
         }
         for name, r in (("on", on), ("off", off))
     }
-    hf_match = sum(a == b for a, b in zip(hf["ids"], on["mixed_ids"]))
+    hf_match = sum(a == b for a, b in zip(hf["ids"], on["mixed_ids"], strict=False))
     cold_extra = {
-        name: 1000 * _median([c - w for c, w in zip(r["cold_adapter_s"], r["warm_adapter_s"])])
+        name: 1000 * _median([c - w for c, w in zip(r["cold_adapter_s"], r["warm_adapter_s"], strict=False)])
         for name, r in (("on", on), ("off", off))
     }
     res = {
@@ -343,6 +344,7 @@ def summarize(on: dict, off: dict, hf: dict, args, n_prompts: int) -> tuple[dict
             "c_ge_5x": on["mixed_tok_s"] / hf["tok_s"] >= 5.0,
         },
     }
+    hf_label = f"transformers+PEFT one by one, set_adapter ({hf['requests']} requests)"
     lines = [
         f"serving benchmark: preset={args.preset}, {n_prompts} prompts x {args.new_tokens} new "
         f"tokens, {NUM_ADAPTERS} rank-{RANK} all-linear adapters, fp32, median of {args.repeats}",
@@ -355,8 +357,7 @@ def summarize(on: dict, off: dict, hf: dict, args, n_prompts: int) -> tuple[dict
         f"{'vLLM mixed 8 adapters, plugin OFF  (b: vs base OFF)':58s} {off['mixed_tok_s']:8.0f} "
         f"{res['b_mixed_vs_base_plugin_off']:8.2f}",
         f"{'mixed: plugin ON vs OFF':58s} {'':8s} {res['mixed_speedup_on_vs_off']:8.2f}",
-        f"{'transformers+PEFT one by one, set_adapter (%d requests)' % hf['requests']:58s} "
-        f"{hf['tok_s']:8.0f} {1.0:8.2f}",
+        f"{hf_label:58s} {hf['tok_s']:8.0f} {1.0:8.2f}",
         f"{'  (c) vLLM mixed ON vs transformers+PEFT':58s} {'':8s} {res['c_vllm_mixed_on_vs_hf_peft']:8.2f}",
         f"{'  (c) vLLM mixed OFF vs transformers+PEFT':58s} {'':8s} {res['c_vllm_mixed_off_vs_hf_peft']:8.2f}",
         f"(d) cold adapter first request, extra ms vs warm: ON {cold_extra['on']:.0f} ms, "

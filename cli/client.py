@@ -30,7 +30,7 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
     @classmethod
-    def of(cls, response: httpx.Response) -> "ApiError":
+    def of(cls, response: httpx.Response) -> ApiError:
         try:
             error = response.json()["error"]
             message, code, param = str(error["message"]), error.get("code"), error.get("param")

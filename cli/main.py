@@ -96,7 +96,7 @@ def state_of(ctx: typer.Context) -> State:
     return ctx.obj  # type: ignore[no-any-return]
 
 
-def print_json(state: State, value: Any) -> None:
+def print_json(_state: State, value: Any) -> None:
     """Plain JSON on stdout (no rich wrapping): for scripts and `jq`."""
     typer.echo(json.dumps(value, indent=2))
 

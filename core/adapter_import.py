@@ -357,7 +357,7 @@ def _child_main(argv: list[str]) -> int:
     except RecursionError:
         error = ArchiveRefused("the archive cannot be read: nested too deeply")
         outcome = {"status": error.status_code, **error.to_dict()}
-    print(json.dumps(outcome), flush=True)
+    print(json.dumps(outcome), flush=True)  # noqa: T201 - the child's one answer to its parent, on stdout
     return 0
 
 

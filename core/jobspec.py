@@ -78,7 +78,7 @@ class Hyperparameters(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _default_epochs(self) -> "Hyperparameters":
+    def _default_epochs(self) -> Hyperparameters:
         if self.max_steps is None and self.n_epochs is None:
             self.n_epochs = 3
         return self

@@ -63,7 +63,7 @@ class ReconcilerThread(threading.Thread):
                 reconcile_once(self.settings, with_sweep=with_sweep)
                 if with_sweep:
                     last_sweep = time.monotonic()
-            except Exception:  # noqa: BLE001 - a database hiccup must not kill the loop
+            except Exception:
                 log.exception("reconcile round failed")
 
     def stop(self) -> None:

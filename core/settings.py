@@ -182,7 +182,7 @@ class Settings(BaseSettings):
     serving_retry_after_seconds: int = Field(5, ge=1, description="Retry-After sent while serving is unreachable")
 
     @model_validator(mode="after")
-    def _fill_embedded_defaults(self) -> "Settings":
+    def _fill_embedded_defaults(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'tuneserve.db'}"

@@ -17,8 +17,8 @@ import json
 import logging
 import shutil
 import time
-from datetime import datetime, timedelta
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ def sweep(settings: Settings, *, now: datetime) -> dict[str, list[str]]:
     for what, run in sweeps.items():
         try:
             swept[what] = run()
-        except Exception:  # noqa: BLE001 - one sweep failing (a database hiccup) must not stop the others
+        except Exception:
             log.exception("sweeper: %s failed; trying again next round", what)
             swept[what] = []
     for what, items in swept.items():
@@ -117,9 +117,7 @@ def sweep_checkpoints(settings: Settings) -> list[str]:
     if not names:
         return []
     with session_scope(settings.database_url) as s:
-        statuses: dict[str, Any] = {
-            job_id: status for job_id, status in s.execute(select(Job.id, Job.status).where(Job.id.in_(names)))
-        }
+        statuses: dict[str, Any] = dict(s.execute(select(Job.id, Job.status).where(Job.id.in_(names))))
     removed = []
     for name in names:
         path = jobs_root / name
@@ -151,7 +149,7 @@ def start_missing_evaluations(settings: Settings, *, now: datetime) -> list[str]
             try:
                 with s.begin_nested():  # one job that cannot be planned does not hold back the others
                     started += plan_job_evaluations(s, settings, job, job.adapter_name or "")
-            except Exception:  # noqa: BLE001 - logged; the job is looked at again next round
+            except Exception:
                 log.exception("sweeper: could not plan the evaluations of job %s", job.id)
     for evaluation_id in started:
         send_committed(settings, Evaluation, evaluation_id)

@@ -46,7 +46,7 @@ class Processes:
                 raise RuntimeError(f"{name} exited with {child.returncode}; see {self.log_dir / (name + '.log')}")
 
     def stop_all(self) -> None:
-        for name, child in reversed(self.children):
+        for _name, child in reversed(self.children):
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGTERM)
         for name, child in reversed(self.children):

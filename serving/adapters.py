@@ -13,11 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.db import session_scope
-from core.errors import InvalidInput, NotFound, redact_paths
-from core.models import AdapterStatus
-from core.repository import adapters as adapters_repo
-from core.settings import Settings
 from core.adapter_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -26,6 +21,11 @@ from core.adapter_files import (
     check_adapter_shapes,
     safetensors_shapes,
 )
+from core.db import session_scope
+from core.errors import InvalidInput, NotFound, redact_paths
+from core.models import AdapterStatus
+from core.repository import adapters as adapters_repo
+from core.settings import Settings
 from core.storage import Store, sha256_file
 from serving import metrics
 
@@ -97,7 +97,7 @@ class AdapterRegistry:
             request = self._new_request(files)
             try:
                 await self._add_lora(request)
-            except Exception as e:  # noqa: BLE001 - any engine refusal is this adapter's problem alone
+            except Exception as e:
                 log.warning("vLLM could not load adapter %s", name, exc_info=True)
                 metrics.record_adapter_load_failure("engine")
                 raise AdapterRejected(name, f"the engine could not load it: {_first_line(e)}") from e

@@ -98,7 +98,7 @@ def create_app(settings: Settings, engine: Any = None) -> FastAPI:
             try:
                 async for chunk in gen.stream(prepared):
                     yield sse(chunk.model_dump_json())
-            except Exception as e:  # noqa: BLE001 - the status line is sent; report in the stream
+            except Exception as e:
                 log.exception("stream %s failed", prepared.request_id)
                 error = ServiceUnavailable("generation failed in the engine", code="engine_error")
                 if isinstance(e, TuneserveError):

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -204,7 +205,7 @@ def _expand_rows(
     if meta.all_neg:
         return None
     w3 = _as3d(weights)
-    o, r = w3.shape[1], w3.shape[2]  # type: ignore[union-attr]
+    r = w3.shape[2]  # type: ignore[union-attr]
     t = inputs.shape[0]
     x = inputs.to(dtype)
     w = _stacked_cols(weights, dtype)[meta.lo * r : (meta.lo + meta.n) * r]  # (n*r, o)

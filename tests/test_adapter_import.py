@@ -229,8 +229,8 @@ def test_bad_archives_are_refused_naming_the_member_and_leave_nothing(
 
 def peft_adapter_for_other_shapes(tmp_path: Path) -> Path:
     """A LoRA adapter whose tensors name this model's layers but with another hidden size."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     directory = tmp_path / "other-shapes"
     directory.mkdir()

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import tomllib
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,7 +36,7 @@ from serving import lora_cpu_plugin as fast  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SLOTS, RANK, HIDDEN = 4, 8, 64
 SLICES = (64, 32, 32)  # a q/k/v-like split of one output
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 2e-2}}
 
 
 # --------------------------------------------------------------------------- batches
@@ -163,7 +163,7 @@ def test_expand_slice_matches_stock(kind, seqs, add_inputs, dtype):
     def run(op_for, weights):
         y = y0.clone()
         offset = 2
-        for x, w, size in zip(xs, weights, SLICES):
+        for x, w, size in zip(xs, weights, SLICES, strict=False):
             if kind == "sgmv":
                 op_for(x, w, y, *sgmv_meta(idx), offset, size, add_inputs)
             else:
@@ -376,7 +376,7 @@ def test_not_patched_off_cpu(monkeypatch):
     monkeypatch.setenv(fast.ENV_FLAG, "1")
     monkeypatch.setattr(fast, "_on_cpu_platform", lambda: False)
     assert fast.register() is False
-    assert getattr(punica_cpu, "bgmv_shrink") is stock.bgmv_shrink
+    assert punica_cpu.bgmv_shrink is stock.bgmv_shrink
 
 
 def test_entry_point_declared():

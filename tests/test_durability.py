@@ -30,8 +30,8 @@ from core.db import get_engine, session_scope
 from core.models import (
     DEFAULT_TENANT_ID,
     Adapter,
-    Dataset,
     AdapterOperation,
+    Dataset,
     Evaluation,
     Job,
     JobStatus,
@@ -40,10 +40,10 @@ from core.models import (
 )
 from core.queue import TASKS
 from core.reconcile import reconcile_once
-from core.sweeper import message_record
 from core.repository import jobs as jobs_repo
 from core.repository import leases
 from core.storage import Store
+from core.sweeper import message_record
 from tests.conftest import (
     ROOT,
     Stack,
@@ -54,8 +54,8 @@ from tests.conftest import (
     mint_api_key,
     running_stack,
 )
-from tests.test_adapter_import import peft_adapter, tar_gz, files_of
-from tests.test_faults import FAST_RECOVERY, TRAIN, _assert_succeeded_once, _events, _submit, _training_children, _wait
+from tests.test_adapter_import import files_of, peft_adapter, tar_gz
+from tests.test_faults import FAST_RECOVERY, TRAIN, _assert_succeeded_once, _submit, _training_children, _wait
 
 DURABLE = {**FAST_RECOVERY, "sweep_min_age_seconds": 2, "sweep_interval_seconds": 1.0}
 
@@ -398,7 +398,7 @@ def test_a_long_database_outage_stops_the_child_before_the_lease_expires(worker_
     children = _training_children(job_id)
     proxy.cut_for(12)  # longer than the lease: the supervisor must have stopped its child by now
     assert not any(_alive(pid) for pid in children), "the child outlived its supervisor's lease"
-    events = _assert_succeeded_once(stack, job_id, attempts=2)
+    _assert_succeeded_once(stack, job_id, attempts=2)
     counter.stopped.set()
     assert counter.most == 1, "two attempts trained at once"
     _assert_adapter_files_match_sql(stack, job_id)

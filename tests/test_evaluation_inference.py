@@ -71,8 +71,8 @@ def test_reference_loss_does_not_depend_on_the_batch(model_dir: Path, tokenizer:
     together = reference_losses(base, tokenizer, conversations, batch_size=len(conversations), max_length=512)
     alone = reference_losses(base, tokenizer, conversations, batch_size=1, max_length=512)
     # Only the assistant turn counts: "positive"/"negative" plus the end-of-turn tokens.
-    assert all(0 < l.tokens <= 4 for l in together)
-    assert [l.tokens for l in together] == [l.tokens for l in alone]
+    assert all(0 < r.tokens <= 4 for r in together)
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
     for a, b in zip(together, alone, strict=True):
         assert a.nll == pytest.approx(b.nll, rel=1e-4)
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from core.db import session_scope
-from core.repository import jobs as jobs_repo
 from core.models import DEFAULT_TENANT_ID
+from core.repository import jobs as jobs_repo
 from tests.conftest import ROOT, Stack
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

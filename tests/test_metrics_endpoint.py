@@ -142,9 +142,10 @@ def test_scrapes_and_probes_share_one_reading_per_cache_window(
 ) -> None:
     """With metrics_cache_seconds, SQL and the broker are asked once however many scrapes and probes come
     (also when they come together: the others wait for the one reading)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import api.metrics
     import api.services.health
-    from concurrent.futures import ThreadPoolExecutor
 
     settings = Settings(
         data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0, metrics_cache_seconds=60

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from core.demo_data import (  # noqa: E402
+from core.demo_data import (
     DEMO_VOCABULARY,
     NEGATIVE_WORDS,
     POSITIVE_WORDS,
@@ -18,7 +18,7 @@ from core.demo_data import (  # noqa: E402
     user_prompt,
     write_demo_dataset,
 )
-from core.modelzoo import IM_END, PRESETS, build_model  # noqa: E402
+from core.modelzoo import IM_END, PRESETS, build_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Any
 from core.jobspec import Distributed, Hyperparameters
 
 
-def deepspeed_config(d: Distributed, hp: Hyperparameters) -> dict[str, Any]:
+def deepspeed_config(d: Distributed) -> dict[str, Any]:
     """A DeepSpeed config for ZeRO stage 1, 2 or 3, with optional CPU offload; "auto" defers to the Trainer."""
     zero: dict[str, Any] = {
         "stage": d.zero_stage,
@@ -78,7 +78,7 @@ def trainer_distributed_arguments(hp: Hyperparameters) -> dict[str, Any]:
     if d is None or d.strategy == "ddp":
         return {}
     if d.strategy == "deepspeed":
-        config = deepspeed_config(d, hp)
+        config = deepspeed_config(d)
         problems = validate_deepspeed_config(config)
         if problems:
             raise ValueError("; ".join(problems))

@@ -138,7 +138,7 @@ def evaluate(run: EvaluationRun) -> None:
         if text_metrics:
             base_done = done_scales * len(conversations)
 
-            def progress(done: int) -> None:
+            def progress(done: int, base_done: int = base_done) -> None:
                 run.write(done_examples=base_done + done)
 
             tokens = generate_greedy(
@@ -261,7 +261,7 @@ def run_canary(settings: Settings, op: AdapterOperation, source: Adapter | None,
         healthy, reason = canary_verdict(settings, verified_adapter_dir(Store(settings), source))
     except TrainingError as e:
         healthy, reason = False, f"canary failed: {e.message}"
-    except Exception as e:  # noqa: BLE001 - PEFT or transformers refused it: unhealthy, with the reason
+    except Exception as e:
         log.warning("canary of %s could not load it", source.name, exc_info=True)
         healthy, reason = False, redact_paths(f"canary failed: it does not load: {type(e).__name__}: {str(e)[:300]}")
     with session_scope(settings.database_url) as s:
@@ -359,7 +359,7 @@ def run(kind: str, record_id: str, owner: str) -> int:
     except MemoryError as e:
         log.warning("%s %s: out of memory: %s", kind, record_id, e)
         return EXIT_TRANSIENT
-    except Exception as e:  # noqa: BLE001 - the user gets the reason instead of a silent crash
+    except Exception as e:
         log.exception("%s %s failed", kind, record_id)
         error = (f"{kind}_error", redact_paths(f"{type(e).__name__}: {e}"), None)
     with session_scope(settings.database_url) as s:

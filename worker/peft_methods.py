@@ -19,7 +19,7 @@ class Servability:
     reason: str | None = None
 
 
-def servability(method: str, hp: Hyperparameters, target_modules: list[str]) -> Servability:
+def servability(method: str, target_modules: list[str]) -> Servability:
     if method == "dora":
         return Servability(False, "vLLM cannot serve DoRA adapters (use_dora); evaluate or merge it instead")
     if method in ("prompt_tuning", "p_tuning", "prefix_tuning"):

@@ -16,11 +16,11 @@ import sys
 import time
 from typing import Any
 
-from core.chat import IGNORE_INDEX, encode_for_training
-from core.checkpoints import checkpoints_dir, latest_complete, mark_complete
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from core.chat import IGNORE_INDEX, encode_for_training
+from core.checkpoints import checkpoints_dir, latest_complete, mark_complete
 from core.db import session_scope
 from core.errors import TrainingError
 from core.job_evaluations import plan_job_evaluations
@@ -33,8 +33,8 @@ from core.settings import Settings, get_settings
 from core.storage import Store, hash_dir
 from worker.collators import PackingCollator, PaddingCollator
 from worker.distributed import trainer_distributed_arguments
-from worker.publishing import LeaseLost, publish_under_lease
 from worker.peft_methods import load_base_model, servability, trained_target_modules, wrap_for_method
+from worker.publishing import LeaseLost, publish_under_lease
 
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
 log = logging.getLogger("tuneserve.training")
@@ -366,7 +366,7 @@ def publish_adapter(
     store = Store(settings)
     name = adapter_name_for(job)
     target_modules = trained_target_modules(model, job.method)
-    serve = servability(job.method, hp, target_modules)
+    serve = servability(job.method, target_modules)
     lora = job.method in ("lora", "qlora", "dora")
     with store.staging_dir() as staged:
         model.save_pretrained(str(staged), safe_serialization=True)
@@ -438,7 +438,7 @@ def run(job_id: str, owner: str) -> int:
     except MemoryError as e:
         attempt.event(f"out of memory: {e}", level="warning")
         return EXIT_TRANSIENT
-    except Exception as e:  # noqa: BLE001 - the user gets the reason instead of a silent crash
+    except Exception as e:
         if "out of memory" in str(e).lower():
             attempt.event(f"out of memory: {e}", level="warning")
             return EXIT_TRANSIENT

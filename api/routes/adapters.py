@@ -9,8 +9,8 @@ from api.deps import SessionDep, SettingsDep, TenantDep
 from api.routing import StrictJSONRoute
 from api.schemas import AdapterOperationOut, AdapterOut, ErrorResponse, ListResponse
 from api.services import adapter_imports as imports_service
-from api.services import adapters as adapters_service
 from api.services import adapter_operations as operations_service
+from api.services import adapters as adapters_service
 from api.services.serving_client import ServingClient, get_serving_client
 from core.adapter_ops import MAX_SCALE, MIN_SCALE
 from core.errors import NotFound

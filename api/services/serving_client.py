@@ -124,5 +124,5 @@ async def close_serving_client(state: object) -> None:
     client: ServingClient | None = getattr(state, "serving_client", None)
     if client is not None:
         # Forget it too: an app whose lifespan starts again (a second TestClient) must make a new one.
-        setattr(state, "serving_client", None)
+        state.serving_client = None
         await client.aclose()

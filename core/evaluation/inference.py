@@ -154,10 +154,10 @@ def reference_losses(
 
 def corpus_loss(losses: Sequence[ReferenceLoss]) -> tuple[float | None, float | None]:
     """Token-weighted mean loss over all references, and its perplexity."""
-    tokens = sum(l.tokens for l in losses)
+    tokens = sum(r.tokens for r in losses)
     if not tokens:
         return None, None
-    loss = sum(l.nll for l in losses) / tokens
+    loss = sum(r.nll for r in losses) / tokens
     return loss, math.exp(min(loss, 700.0))
 
 

@@ -13,7 +13,7 @@ T = TypeVar("T")
 def get_owned(session: Session, model: type[T], tenant_id: str, ident: str) -> T | None:
     """The row with primary key `ident` if `tenant_id` owns it; another tenant's row is as good as absent."""
     row = session.get(model, ident)
-    return row if row is not None and getattr(row, "tenant_id") == tenant_id else None
+    return row if row is not None and row.tenant_id == tenant_id else None
 
 
 def newest_first_page(
@@ -24,8 +24,8 @@ def newest_first_page(
     The cursor is tenant-scoped like the query: an id of a tenant whose rows the query does not list (another
     tenant's, guessed or leaked) is ignored as if unknown, so the page it gives tells nothing about that row.
     """
-    created: Any = getattr(model, "created_at")
-    ident: Any = getattr(model, "id")
+    created: Any = model.created_at
+    ident: Any = model.id
     if after is not None:
         anchor_query = select(created, ident).where(ident == after)
         tenant: Any = getattr(model, "tenant_id", None)

@@ -42,7 +42,7 @@ def count_by_status(session: Session) -> dict[JobStatus, int]:
     """Jobs per status (every status present, zero when none)."""
     rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
     counts = dict.fromkeys(JobStatus, 0)
-    counts.update({status: n for status, n in rows})
+    counts.update(dict(rows))
     return counts
 
 
