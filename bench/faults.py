@@ -25,6 +25,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -372,6 +373,8 @@ def main() -> None:
             result = bench.run(args.jobs, args.faults, args.deadline)
         finally:
             bench.stop()
+            # The processes' logs outlive the run, for reading what a failed job went through.
+            shutil.copytree(Path(tmp) / "logs", args.out.parent / "faults-logs", dirs_exist_ok=True)
     result["seed"] = args.seed
     print(
         f"{args.jobs} jobs, {result['faults']} faults in {result['seconds']} s; jobs by status: {result['by_status']}"

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from core.chat import IGNORE_INDEX, encode_for_training
 from core.checkpoints import checkpoints_dir, latest_complete, mark_complete
@@ -438,6 +438,10 @@ def run(job_id: str, owner: str) -> int:
     except MemoryError as e:
         attempt.event(f"out of memory: {e}", level="warning")
         return EXIT_TRANSIENT
+    except OperationalError:
+        # The database went away (a dropped connection, a restart): another attempt may well succeed.
+        log.warning("job %s: database error; leaving the job to a retry", job_id, exc_info=True)
+        return EXIT_TRANSIENT
     except Exception as e:
         if "out of memory" in str(e).lower():
             attempt.event(f"out of memory: {e}", level="warning")
@@ -450,7 +454,13 @@ def run(job_id: str, owner: str) -> int:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.exit(run(sys.argv[1], sys.argv[2]))
+    try:
+        code = run(sys.argv[1], sys.argv[2])
+    except OperationalError:
+        # Reading the job, or writing its end, failed on the database: transient, the supervisor retries.
+        log.warning("job %s: database error; leaving the job to a retry", sys.argv[1], exc_info=True)
+        code = EXIT_TRANSIENT
+    sys.exit(code)
 
 
 if __name__ == "__main__":
