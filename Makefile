@@ -1,10 +1,11 @@
-# One command sets up and runs each thing: `make demo` (the embedded demo) and `make test` (the test suite).
+# One command sets up and runs each thing: `make demo` (the embedded demo), `make test` (the test suite),
+# `make test-fast` (the tests that need no broker, worker, vLLM engine or training run) and `make lint`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test test-fast demo bench clean
 
 install: $(VENV)/.installed
 
@@ -17,8 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	touch $@
 
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 test: install
 	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not stack and not serving and not training and not slow"
 
 demo: install
 	$(PY) -m scripts.demo

@@ -309,9 +309,11 @@ class Bench:
 
         store = Path(self.env["TUNESERVE_DATA_DIR"]) / "store"
         with psycopg.connect(self._pg_url()) as conn:
-            jobs = dict(conn.execute("SELECT id, status FROM jobs WHERE id = ANY(%s)", (job_ids,)).fetchall())
+            jobs: dict[str, Any] = dict(
+                conn.execute("SELECT id, status FROM jobs WHERE id = ANY(%s)", (job_ids,)).fetchall()
+            )
             adapters = conn.execute("SELECT job_id, path, files FROM adapters").fetchall()
-            successes = dict(
+            successes: dict[str, int] = dict(
                 conn.execute(
                     "SELECT job_id, count(*) FROM job_events WHERE message LIKE 'job succeeded%%' GROUP BY job_id"
                 ).fetchall()

@@ -291,7 +291,7 @@ class Sampler(threading.Thread):
                     "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s GROUP BY 1",
                     (self.db_name,),
                 ).fetchall()
-                by_app = dict(rows)
+                by_app: dict[str, Any] = dict(rows)
                 self.samples.append(
                     {
                         "phase": self.phase,
@@ -1199,7 +1199,9 @@ class Bench:
 
     def audit(self, accepted: set[str], datasets: set[str]) -> dict[str, Any]:
         with psycopg.connect(self.pg_url) as conn:
-            found = dict(conn.execute("SELECT id, status FROM jobs WHERE id = ANY(%s)", (list(accepted),)).fetchall())
+            found: dict[str, Any] = dict(
+                conn.execute("SELECT id, status FROM jobs WHERE id = ANY(%s)", (list(accepted),)).fetchall()
+            )
             found_ds = {r[0] for r in conn.execute("SELECT id FROM datasets WHERE id = ANY(%s)", (list(datasets),))}
             errors = conn.execute("SELECT id, error_code, error_message FROM jobs WHERE status = 'failed'").fetchall()
         by_status: dict[str, int] = {}

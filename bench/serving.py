@@ -44,10 +44,10 @@ def build_prompts(model_dir: Path, n: int, seed: int) -> list[str]:
     from core.demo_data import demo_rows
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    prompts = []
+    prompts: list[str] = []
     for row in demo_rows(n, seed):
         messages = [m for m in row["messages"] if m["role"] != "assistant"]
-        prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        prompts.append(str(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)))
     return prompts
 
 

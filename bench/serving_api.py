@@ -79,7 +79,7 @@ def make_adapter(settings: Any, name: str) -> None:
     )
     store = Store(settings)
     relative = store.adapter_dir(name)
-    model.save_pretrained(store.resolve(relative))
+    model.save_pretrained(str(store.resolve(relative)))
     files, size = hash_dir(store.resolve(relative))
     with session_scope(settings.database_url) as session:
         adapters_repo.add_adapter(

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
     "reference (HF Trainer + PEFT, padding)": ("reference", {}),
@@ -86,7 +87,7 @@ def run_one(
         checkpoint_every_steps=10**6,
         seed=0,
         **knobs,
-    )  # type: ignore[arg-type]
+    )
     examples, _ = encode_rows(tokenizer, ROWS[rows](steps * batch_size, seed=0), hp)
     with tempfile.TemporaryDirectory() as out:
         if method == "reference":
@@ -117,7 +118,7 @@ def run_one(
     }
 
 
-def reference_trainer(model_dir, tokenizer, examples, hp, out):  # type: ignore[no-untyped-def]
+def reference_trainer(model_dir, tokenizer, examples, hp, out):
     """The plain script a user would write: HF Trainer + PEFT LoRA + DataCollatorForSeq2Seq padding."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -125,14 +126,14 @@ def reference_trainer(model_dir, tokenizer, examples, hp, out):  # type: ignore[
     class CountingCollator(DataCollatorForSeq2Seq):
         real_tokens = 0
 
-        def __call__(self, features, return_tensors=None):  # type: ignore[no-untyped-def]
+        def __call__(self, features, return_tensors=None):
             CountingCollator.real_tokens += sum(len(f["input_ids"]) for f in features)
             return super().__call__(features, return_tensors)
 
     import torch
 
     torch.manual_seed(hp.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(
         model,
         LoraConfig(

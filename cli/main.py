@@ -382,8 +382,8 @@ def jobs_watch(
             f"(final loss {fmt_number(job['last_loss'])})"
         )
     else:
-        e = job.get("error") or {}
-        reason = escape(f": {e.get('code')}: {e.get('message')}") if e else ""
+        error = job.get("error") or {}
+        reason = escape(f": {error.get('code')}: {error.get('message')}") if error else ""
         state.out.print(f"job {job['id']} {styled(job['status'])}{reason}")
     raise typer.Exit(0 if job["status"] == "succeeded" else 1)
 

@@ -22,7 +22,8 @@ class LossCurve:
 
 def loss_curve(job: dict[str, Any], events: list[dict[str, Any]], report: dict[str, Any] | None) -> LossCurve:
     """Pick the points from the job, its events (oldest first) and its report (None if there is none)."""
-    train, evaluation = [], []
+    train: list[tuple[int, float]] = []
+    evaluation: list[tuple[int, float]] = []
     for e in events:
         if e.get("loss") is None or e.get("step") is None:
             continue

@@ -17,6 +17,7 @@ clock limit (adapter_unpack_timeout_seconds).
 
 from __future__ import annotations
 
+import functools
 import json
 import lzma
 import math
@@ -184,7 +185,7 @@ def _zip_members(archive: zipfile.ZipFile, tally: _Tally) -> Iterator[tuple[str,
             kind = "dir"
         else:
             kind = "file"
-        yield info.filename, kind, lambda info=info: archive.open(info)
+        yield info.filename, kind, functools.partial(archive.open, info)
 
 
 @contextmanager
@@ -197,11 +198,11 @@ def open_archive(path: Path, limits: UnpackLimits) -> Iterator[list[Member]]:
             yield _checked(_zip_members(archive, tally))
         return
     try:
-        archive = tarfile.open(path, mode="r:*")
+        tar = tarfile.open(path, mode="r:*")
     except (tarfile.TarError, OSError):
         raise ArchiveRefused("file is not a .tar, .tar.gz or .zip archive") from None
-    with archive:
-        yield _checked(_tar_members(archive, tally))
+    with tar:
+        yield _checked(_tar_members(tar, tally))
 
 
 def _safe_name(name: str) -> str:
@@ -350,7 +351,7 @@ def _child_main(argv: list[str]) -> int:
     except TuneserveError as e:
         outcome = {"status": e.status_code, **e.to_dict()}
     except MemoryError:
-        error = ArchiveTooLarge(
+        error: TuneserveError = ArchiveTooLarge(
             f"unpacking the archive needs more than {int(memory)} bytes of memory", "adapter_unpack_memory_bytes"
         )
         outcome = {"status": error.status_code, **error.to_dict()}

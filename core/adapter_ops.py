@@ -72,7 +72,8 @@ def load_base_model(base_model: str) -> Any:
     """The base model as every worker-side path loads it: its own dtype, no remote code, eval mode."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(base_model, dtype="auto", trust_remote_code=False).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto", trust_remote_code=False)
+    return model.eval()
 
 
 def load_adapter(base: Any, adapter_dir: Path) -> Any:

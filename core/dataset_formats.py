@@ -64,11 +64,11 @@ def _allow_exception_runtime_attrs(cls: type[T]) -> type[T]:
 
     def __setattr__(self: Any, name: str, value: Any) -> None:
         if name in _EXCEPTION_RUNTIME_ATTRS:
-            super(cls, self).__setattr__(name, value)  # type: ignore[misc, arg-type]
+            super(cls, self).__setattr__(name, value)
         else:
             frozen_setattr(self, name, value)
 
-    cls.__setattr__ = __setattr__  # type: ignore[method-assign, assignment]
+    cls.__setattr__ = __setattr__  # type: ignore[method-assign]
     return cls
 
 

@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 SYSTEM_PROMPT = "Answer positive or negative."
 USER_PREFIX = "Classify the sentiment:"
@@ -94,7 +95,7 @@ DEMO_VOCABULARY: list[str] = sorted(
 _TEST_SEED_OFFSET = 1_000_003
 
 
-def _row(prompt: str, label: str) -> dict:
+def _row(prompt: str, label: str) -> dict[str, Any]:
     """Build one chat-format row."""
     return {
         "messages": [
@@ -115,10 +116,10 @@ def _prompts(rng: random.Random) -> Iterator[tuple[str, str]]:
         yield f"{USER_PREFIX} {' '.join(words)}", label
 
 
-def _unique_rows(rng: random.Random, n: int, exclude: set[str]) -> list[dict]:
+def _unique_rows(rng: random.Random, n: int, exclude: set[str]) -> list[dict[str, Any]]:
     """Take n rows whose prompts are distinct and not in exclude."""
     seen = set(exclude)
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for prompt, label in _prompts(rng):
         if len(rows) == n:
             break
@@ -129,17 +130,17 @@ def _unique_rows(rng: random.Random, n: int, exclude: set[str]) -> list[dict]:
     return rows
 
 
-def demo_rows(n: int, seed: int) -> list[dict]:
+def demo_rows(n: int, seed: int) -> list[dict[str, Any]]:
     """Return n deterministic rows with distinct user prompts in OpenAI chat format."""
     return _unique_rows(random.Random(seed), n, set())
 
 
-def user_prompt(row: dict) -> str:
+def user_prompt(row: dict[str, Any]) -> str:
     """Return the user message of a row."""
-    return next(m["content"] for m in row["messages"] if m["role"] == "user")
+    return str(next(m["content"] for m in row["messages"] if m["role"] == "user"))
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write rows one JSON object per line."""
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 

@@ -10,7 +10,7 @@ import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.demo_data import DEMO_VOCABULARY, demo_rows
 
@@ -206,8 +206,8 @@ def _write_model(out_dir: Path, preset: ModelPreset, seed: int) -> None:
     hf_logging.disable_progress_bar()
 
     tokenizer = build_tokenizer(preset.vocab_size, preset.max_position_embeddings)
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    endoftext = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    im_end = int(tokenizer.convert_tokens_to_ids(IM_END))  # type: ignore[arg-type]  # one token: an int
+    endoftext = int(tokenizer.convert_tokens_to_ids(ENDOFTEXT))  # type: ignore[arg-type]
     # Embedding rows without a token would let a random model emit ids no tokenizer can decode.
     if len(tokenizer) != preset.vocab_size:
         raise RuntimeError(f"tokenizer corpus yields {len(tokenizer)} tokens, preset wants {preset.vocab_size}")
@@ -229,7 +229,8 @@ def _write_model(out_dir: Path, preset: ModelPreset, seed: int) -> None:
         architectures=["Qwen2ForCausalLM"],
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model: Any = Qwen2ForCausalLM(config)
+    model = model.to(torch.float32)
     model.generation_config = GenerationConfig(
         do_sample=False, bos_token_id=endoftext, eos_token_id=im_end, pad_token_id=endoftext
     )

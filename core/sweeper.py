@@ -189,7 +189,7 @@ def purge_finished_messages(settings: Settings) -> list[str]:
                 dead.append(message_id)  # not ours or unreadable: delivered already, never delivered again
                 continue
             model, record_id = record
-            status = s.scalar(select(model.status).where(model.id == record_id))  # type: ignore[attr-defined]
+            status: Any = s.scalar(select(model.status).where(model.id == record_id))
             if status is None or status.is_terminal:
                 dead.append(message_id)
     if dead:

@@ -74,7 +74,7 @@ def managed(log_dir: Path) -> Iterator[Processes]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def wait_until(check, *, timeout: float, processes: Processes, what: str):  # type: ignore[no-untyped-def]
+def wait_until(check, *, timeout: float, processes: Processes, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         processes.check_alive()
@@ -173,7 +173,7 @@ def run_story(client: httpx.Client, processes: Processes, train_file: Path, test
         f"== job {job['id']} {job['status']}: lora r={DEMO_HYPERPARAMETERS['lora_r']}, {DEMO_HYPERPARAMETERS['max_steps']} steps"
     )
 
-    def finished():  # type: ignore[no-untyped-def]
+    def finished():
         current = client.get(f"/jobs/{job['id']}").json()
         progress = current["progress"]
         loss = current["last_loss"]
@@ -198,7 +198,7 @@ def run_story(client: httpx.Client, processes: Processes, train_file: Path, test
 
     print("\n== before / after on the held-out test split (the worker evaluates base and adapter)")
 
-    def evaluated():  # type: ignore[no-untyped-def]
+    def evaluated():
         report = client.get(f"/jobs/{job['id']}/report").json()
         return report if report["evaluation"]["status"] in ("succeeded", "failed", "none") else None
 

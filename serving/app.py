@@ -75,7 +75,7 @@ def create_app(settings: Settings, engine: Any = None) -> FastAPI:
     metrics.install(app)
 
     def generation(request: Request) -> Generation:
-        return request.app.state.generation  # type: ignore[no-any-return]
+        return request.app.state.generation
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -100,7 +100,7 @@ def create_app(settings: Settings, engine: Any = None) -> FastAPI:
                     yield sse(chunk.model_dump_json())
             except Exception as e:
                 log.exception("stream %s failed", prepared.request_id)
-                error = ServiceUnavailable("generation failed in the engine", code="engine_error")
+                error: TuneserveError = ServiceUnavailable("generation failed in the engine", code="engine_error")
                 if isinstance(e, TuneserveError):
                     error = e
                 yield sse(json.dumps(error.to_dict()))

@@ -28,12 +28,12 @@ def engine_args(settings: Settings) -> Any:
         model=settings.base_model,
         served_model_name=[settings.served_model_name],
         enable_lora=True,
-        max_lora_rank=settings.max_lora_rank,
+        max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]  # vLLM refuses other ranks at startup
         max_loras=settings.serving_max_loras,
         max_cpu_loras=settings.serving_max_cpu_loras,
         max_model_len=settings.serving_max_model_len,
         max_num_seqs=settings.serving_max_num_seqs,
-        dtype=settings.serving_dtype,
+        dtype=settings.serving_dtype,  # type: ignore[arg-type]  # likewise: vLLM checks the name
         tensor_parallel_size=settings.serving_tensor_parallel_size,
         enforce_eager=settings.serving_enforce_eager,
         gpu_memory_utilization=settings.serving_gpu_memory_utilization,

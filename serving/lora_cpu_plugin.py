@@ -29,6 +29,7 @@ the six op names in the ``punica_cpu`` module namespace (that module did ``from 
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections.abc import Callable
@@ -109,6 +110,11 @@ _wcache: dict[tuple[int, str, torch.dtype], tuple[Any, int, int, torch.Tensor]] 
 _WCACHE_MAX = 4096
 
 
+def _forget(key: tuple[int, str, torch.dtype], _ref: Any) -> None:
+    """A cached tensor's weights were freed: drop its entry."""
+    _wcache.pop(key, None)
+
+
 def _cached(weights: torch.Tensor, kind: str, dtype: torch.dtype, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     try:
         version = weights._version
@@ -122,7 +128,7 @@ def _cached(weights: torch.Tensor, kind: str, dtype: torch.dtype, build: Callabl
     if len(_wcache) >= _WCACHE_MAX:
         _wcache.clear()
     try:
-        ref = weakref.ref(weights, lambda _r, k=key: _wcache.pop(k, None))
+        ref = weakref.ref(weights, functools.partial(_forget, key))
     except TypeError:  # pragma: no cover - tensors support weak references
         return prepared
     _wcache[key] = (ref, version, weights.data_ptr(), prepared)
@@ -191,9 +197,9 @@ def _shrink_rows(
     if meta.n == 1:
         out = full
     else:
-        out = full.view(t, meta.n, o)[meta.rows, meta.local.clamp(max=meta.n - 1)]
+        out = full.view(t, meta.n, o)[meta.rows, meta.local.clamp(max=meta.n - 1)]  # type: ignore[union-attr]
     if meta.has_neg:
-        out = out.masked_fill(meta.neg_mask, 0)
+        out = out.masked_fill(meta.neg_mask, 0)  # type: ignore[arg-type]  # set whenever has_neg
     return out
 
 
@@ -213,7 +219,7 @@ def _expand_rows(
         return x @ w
     width = meta.n + 1 if meta.has_neg else meta.n  # extra slot n collects the no-LoRA rows
     z = x.new_zeros((t * width, r))
-    z.index_copy_(0, meta.scatter_idx, x)
+    z.index_copy_(0, meta.scatter_idx, x)  # type: ignore[arg-type]  # set whenever n > 1 or has_neg
     z = z.view(t, width, r)[:, : meta.n].reshape(t, meta.n * r)
     return z @ w
 

@@ -40,7 +40,7 @@ def peft_adapter(base_model: str, directory: Path, *, trained: bool, rank: int =
     return directory
 
 
-def tar_gz(members: dict[str, bytes], *, links: dict[str, tuple[str, bytes]] | None = None) -> bytes:
+def tar_gz(members: dict[str, bytes], *, links: dict[str, tuple[bytes, bytes]] | None = None) -> bytes:
     """A .tar.gz of name -> bytes, plus link members name -> (kind SYMTYPE/LNKTYPE, target)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
@@ -50,7 +50,8 @@ def tar_gz(members: dict[str, bytes], *, links: dict[str, tuple[str, bytes]] | N
             archive.addfile(info, io.BytesIO(data))
         for name, (kind, target) in (links or {}).items():
             info = tarfile.TarInfo(name)
-            info.type, info.linkname = kind, target.decode()
+            info.type = kind
+            info.linkname = target.decode()
             archive.addfile(info)
     return buffer.getvalue()
 

@@ -31,7 +31,7 @@ PROJECT_SERVICES = ("migrate", "api", "worker", "serving")
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def env_example() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def scripts() -> dict[str, str]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]  # type: ignore[no-any-return]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
 def command(compose: dict[str, Any], service: str) -> list[str]:
@@ -229,15 +229,15 @@ def test_env_example_lists_every_setting_with_valid_values(
 
     # Its placeholders are public, so a deployment that kept one is refused at startup, naming the setting.
     with pytest.raises(ValidationError, match="serving_token still holds the .env.example placeholder"):
-        Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
+        Settings(_env_file=ROOT / ".env.example")
     user, password = env_example["POSTGRES_USER"], env_example["POSTGRES_PASSWORD"]
     assert password.startswith(PLACEHOLDER_SECRET) and env_example["TUNESERVE_SERVING_TOKEN"].startswith(
         PLACEHOLDER_SECRET
     )
     with pytest.raises(ValidationError, match="database_url still holds"):
-        Settings(_env_file=ROOT / ".env.example", serving_token="s3cret")  # type: ignore[call-arg]
+        Settings(_env_file=ROOT / ".env.example", serving_token="s3cret")
     real_url = env_example["TUNESERVE_DATABASE_URL"].replace(password, "s3cret")
-    settings = Settings(_env_file=ROOT / ".env.example", serving_token="s3cret", database_url=real_url)  # type: ignore[call-arg]
+    settings = Settings(_env_file=ROOT / ".env.example", serving_token="s3cret", database_url=real_url)
     assert settings.database_url.startswith("postgresql+psycopg://") and "@postgres:" in settings.database_url
     assert settings.broker_url.startswith("redis://redis:")
     assert settings.serving_url == "http://serving:8100"

@@ -22,21 +22,26 @@ import logging
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
-from vllm.lora.ops import torch_ops as stock  # noqa: E402
-from vllm.lora.punica_wrapper.utils import compute_meta  # noqa: E402
+import torch
+from vllm.lora.ops import torch_ops as stock
+from vllm.lora.punica_wrapper.utils import compute_meta
 
-from serving import lora_cpu_plugin as fast  # noqa: E402
+from serving import lora_cpu_plugin as fast
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOTS, RANK, HIDDEN = 4, 8, 64
 SLICES = (64, 32, 32)  # a q/k/v-like split of one output
-TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 2e-2}}
+TOL: dict[torch.dtype, dict[str, Any]] = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 2e-2},
+}
 
 
 # --------------------------------------------------------------------------- batches
@@ -294,7 +299,7 @@ def test_add_lora_linear_through_punica_cpu_wrapper(monkeypatch):
     # module pulls in the model executor: seconds for nothing here). The v1 model runner always
     # sets is_prefill=True, so vLLM 0.32 serves every step through the sgmv ops.
     mapping = SimpleNamespace(index_mapping=tuple(ids), prompt_mapping=tuple(prompt_ids), is_prefill=True)
-    wrapper.update_metadata(mapping, [1, 2, 3, 4], SLOTS + 1, 1000)  # slot s holds LoRA id s+1
+    wrapper.update_metadata(mapping, [1, 2, 3, 4], SLOTS + 1, 1000)  # type: ignore[arg-type]  # duck-typed  # slot s holds LoRA id s+1
     t = len(ids)
     idx = token_indices(seqs)
     assert torch.equal(wrapper.token_lora_indices, idx)
@@ -339,7 +344,7 @@ def test_register_patches_punica_cpu_and_logs(monkeypatch):
     logger = logging.getLogger("vllm.tuneserve_cpu_lora")
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append  # type: ignore[method-assign, assignment]
     logger.addHandler(handler)  # vLLM's "vllm" logger does not propagate to the root
     old_level = logger.level
     logger.setLevel(logging.INFO)
@@ -376,7 +381,7 @@ def test_not_patched_off_cpu(monkeypatch):
     monkeypatch.setenv(fast.ENV_FLAG, "1")
     monkeypatch.setattr(fast, "_on_cpu_platform", lambda: False)
     assert fast.register() is False
-    assert punica_cpu.bgmv_shrink is stock.bgmv_shrink
+    assert punica_cpu.bgmv_shrink is stock.bgmv_shrink  # type: ignore[attr-defined]  # vLLM imports it there
 
 
 def test_entry_point_declared():

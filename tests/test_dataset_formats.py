@@ -341,7 +341,7 @@ def test_error_str_pickle_and_immutability() -> None:
 def test_error_survives_contextmanager_and_notes() -> None:
     # contextlib assigns exc.__traceback__, which a plain frozen dataclass would refuse.
     @contextlib.contextmanager
-    def scope():  # type: ignore[no-untyped-def]
+    def scope():
         yield
 
     with pytest.raises(DatasetLineError) as info:

@@ -21,7 +21,7 @@ from worker.distributed import (
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("offload", ["none", "cpu"])
 def test_deepspeed_configs_are_valid_json_for_every_stage(stage: int, offload: str) -> None:
-    d = Distributed(strategy="deepspeed", zero_stage=stage, offload=offload, num_processes=2)  # type: ignore[arg-type]
+    d = Distributed(strategy="deepspeed", zero_stage=stage, offload=offload, num_processes=2)
     config = json.loads(json.dumps(deepspeed_config(d)))
     assert validate_deepspeed_config(config) == []
     zero = config["zero_optimization"]

@@ -206,7 +206,8 @@ def test_a_cancel_between_the_supervisors_read_and_its_retry_ends_cancelled(dura
     with session_scope(stack.settings.database_url) as s:
         assert leases.release_for_retry(s, model, record_id, owner="w1", reason="child died") == "cancelled"
     with session_scope(stack.settings.database_url) as s:
-        row = s.get(model, record_id)
+        row = leases.get(s, model, record_id)
+        assert row is not None
         assert row.status.value == "cancelled" and row.lease_owner is None
         assert not leases.claim(s, model, record_id, owner="w2", lease_seconds=60)
 
@@ -225,7 +226,8 @@ def test_cancel_requested_work_whose_lease_expired_is_settled_cancelled(durable_
         assert record_id not in due  # never re-sent: nobody may run it
         assert leases.settle_cancelled(s, model, now=utcnow()) == [record_id]
     with session_scope(stack.settings.database_url) as s:
-        assert s.get(model, record_id).status.value == "cancelled"
+        cancelled = leases.get(s, model, record_id)
+        assert cancelled is not None and cancelled.status.value == "cancelled"
 
 
 def _queued_record(s: Any, stack: Stack, model: Any) -> str:
@@ -534,7 +536,7 @@ def _delivered_messages_of_ended_work(stack: Stack) -> list[Any]:
         return [
             record
             for record in delivered
-            if record is None or s.get(record[0], record[1]) is None or s.get(record[0], record[1]).status.is_terminal
+            if record is None or (row := leases.get(s, record[0], record[1])) is None or row.status.is_terminal
         ]
 
 
@@ -546,7 +548,9 @@ def test_redispatch_backs_off_so_duplicates_stay_bounded(durable_stack: Stack) -
         job_id = _submit(stack, max_steps=1)
         time.sleep(20)
         with session_scope(stack.settings.database_url) as s:
-            sends = s.get(Job, job_id).dispatch_count
+            job = s.get(Job, job_id)
+            assert job is not None
+            sends = job.dispatch_count
         # 1 + sends at 3, 6, 12 s after the first: at most 4 in 20 s (the old rule: about 7).
         assert 1 <= sends <= 4, sends
     finally:

@@ -8,9 +8,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
-
 from tests.conftest import Stack
+from tests.support.http import Response
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 NO_EVAL = {"enabled": False}
@@ -33,7 +32,7 @@ def _dataset_state(stack: Stack) -> tuple[set[str], set[str]]:
     return rows, {p.name for p in (stack.settings.store / "datasets").iterdir()}
 
 
-def _post_job(stack: Stack, body: dict[str, Any], key: str) -> httpx.Response:
+def _post_job(stack: Stack, body: dict[str, Any], key: str) -> Response:
     return stack.client.post("/jobs", json=body, headers={"Idempotency-Key": key})
 
 
@@ -145,7 +144,7 @@ def test_concurrent_duplicate_uploads_make_one_dataset(paused_stack: Stack) -> N
     before = _dataset_state(stack)
     payload = _jsonl(*[CHAT] * 50)
 
-    def upload(i: int) -> httpx.Response:
+    def upload(i: int) -> Response:
         # Half the requests differ (another seed): whichever body wins, the others are replays or 422.
         return stack.client.post(
             "/datasets",

@@ -30,7 +30,7 @@ def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     }
 
 
-def sample(samples: dict, name: str, **labels: str) -> float | None:  # type: ignore[type-arg]
+def sample(samples: dict, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
@@ -144,8 +144,8 @@ def test_scrapes_and_probes_share_one_reading_per_cache_window(
     (also when they come together: the others wait for the one reading)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import api.metrics
     import api.services.health
+    import core.repository.jobs as jobs_repo  # the module api.metrics calls
 
     settings = Settings(
         data_dir=tmp_path, base_model=str(model_dir), reconcile_interval_seconds=0, metrics_cache_seconds=60
@@ -153,17 +153,17 @@ def test_scrapes_and_probes_share_one_reading_per_cache_window(
     settings.ensure_dirs()
     upgrade(settings.database_url)
     calls = {"jobs": 0, "ready": 0}
-    count_by_status, readiness_checks = api.metrics.jobs_repo.count_by_status, api.services.health.readiness_checks
+    count_by_status, readiness_checks = jobs_repo.count_by_status, api.services.health.readiness_checks
 
-    def counting_jobs(session):  # type: ignore[no-untyped-def]
+    def counting_jobs(session):
         calls["jobs"] += 1
         return count_by_status(session)
 
-    def counting_ready(s):  # type: ignore[no-untyped-def]
+    def counting_ready(s):
         calls["ready"] += 1
         return readiness_checks(s)
 
-    monkeypatch.setattr(api.metrics.jobs_repo, "count_by_status", counting_jobs)
+    monkeypatch.setattr(jobs_repo, "count_by_status", counting_jobs)
     monkeypatch.setattr(api.services.health, "readiness_checks", counting_ready)
     with TestClient(create_app(settings)) as client:
         with ThreadPoolExecutor(8) as pool:

@@ -29,7 +29,13 @@ from tests.conftest import Stack, bearer, mint_api_key
 
 NO_EVAL = {"enabled": False}
 SAMPLE_CHARS = 64  # the worker of this module cuts stored sample texts to this
-SWEEP = {"scales": [0.0, 1.0], "max_examples": 3, "metrics": ["exact_match"], "max_new_tokens": 4, "batch_size": 4}
+SWEEP: dict[str, Any] = {
+    "scales": [0.0, 1.0],
+    "max_examples": 3,
+    "metrics": ["exact_match"],
+    "max_new_tokens": 4,
+    "batch_size": 4,
+}
 
 
 def tenant_client(stack: Stack, name: str) -> tuple[str, TestClient]:
@@ -102,14 +108,14 @@ def owner(stack: Stack, demo_files: tuple[Path, Path]) -> Iterator[dict[str, Any
         train, test = demo_files
         dataset = client.post("/datasets", files={"file": train.read_bytes(), "test_file": test.read_bytes()})
         assert dataset.status_code == 201, dataset.text
-        job = client.post(
+        job: Any = client.post(
             "/jobs",
             json={"dataset_id": dataset.json()["id"], "hyperparameters": {"max_steps": 2}, "evaluation": NO_EVAL},
         )
         assert job.status_code == 201, job.text
         job = wait_for(client, f"/jobs/{job.json()['id']}", lambda j: j["status"] in ("succeeded", "failed"))
         assert job["status"] == "succeeded", job
-        sweep = client.post(
+        sweep: Any = client.post(
             "/evaluations", json={"dataset_id": dataset.json()["id"], "adapter": job["fine_tuned_model"], **SWEEP}
         )
         assert sweep.status_code == 201, sweep.text
@@ -483,5 +489,5 @@ def test_long_prompts_keep_their_last_tokens(model_dir: Path) -> None:
     ids = tokenizer(long_prompt, add_special_tokens=False)["input_ids"]
     assert len(ids) > 40
     cut = generate_greedy(model, tokenizer, [long_prompt], batch_size=1, max_new_tokens=4, max_prompt_tokens=40)
-    tail = generate_greedy(model, tokenizer, [tokenizer.decode(ids[-40:])], batch_size=1, max_new_tokens=4)
+    tail = generate_greedy(model, tokenizer, [str(tokenizer.decode(ids[-40:]))], batch_size=1, max_new_tokens=4)
     assert cut == tail

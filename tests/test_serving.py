@@ -31,6 +31,7 @@ from core.models import DEFAULT_TENANT_ID, Adapter, AdapterStatus
 from core.repository import adapters as adapters_repo
 from core.storage import Store, hash_dir
 from tests.conftest import Stack, _free_port, bearer
+from tests.support.http import Response
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_NEW = 6
@@ -101,7 +102,7 @@ def make_adapter(stack: Stack, reference: Reference, name: str, *, seed: int, ra
     store = Store(stack.settings)
     relative = store.adapter_dir(name)
     directory = store.resolve(relative)
-    model.save_pretrained(directory)
+    model.save_pretrained(str(directory))
     for extra in directory.iterdir():  # only what serving needs; README.md is PEFT's model card
         if extra.name not in ("adapter_config.json", "adapter_model.safetensors"):
             extra.unlink()
@@ -173,13 +174,13 @@ def api_url(serving_stack: Stack) -> Iterator[str]:
     thread.join(timeout=10)
 
 
-def generate(stack: Stack, request: dict[str, Any], adapter: str | None = None, **kw: Any) -> httpx.Response:
+def generate(stack: Stack, request: dict[str, Any], adapter: str | None = None, **kw: Any) -> Response:
     params = {"adapter": adapter} if adapter else {}
     body = {"temperature": 0, "max_tokens": MAX_NEW, **request, **kw}
     return stack.client.post("/generate", params=params, json=body)
 
 
-def assert_error(response: httpx.Response, status: int, param: str | None, code: str | None = None) -> dict:
+def assert_error(response: Response, status: int, param: str | None, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"type", "code", "message", "param"}
@@ -222,7 +223,7 @@ def test_many_adapters_concurrently_each_equals_its_reference(
     dirs = {name: make_adapter(serving_stack, reference, name, seed=100 + i) for i, name in enumerate(names)}
     jobs = [(name, request) for request in PROMPTS[:2] for name in names] + [(None, r) for r in PROMPTS[:2]]
 
-    async def run_all() -> list[httpx.Response]:
+    async def run_all() -> list[Response]:
         async with httpx.AsyncClient(base_url=api_url, timeout=120, headers=bearer(serving_stack.api_key)) as client:
             return await asyncio.gather(
                 *(
@@ -299,7 +300,7 @@ def test_broken_adapters_fail_alone_while_others_keep_answering(
     names[tampered] = "sha256"
     request = PROMPTS[1]
 
-    async def run_all() -> list[httpx.Response]:
+    async def run_all() -> list[Response]:
         async with httpx.AsyncClient(base_url=api_url, timeout=120, headers=bearer(serving_stack.api_key)) as client:
             return await asyncio.gather(
                 *(
@@ -327,7 +328,7 @@ def test_broken_adapters_fail_alone_while_others_keep_answering(
     assert generate(serving_stack, request).json()["token_ids"] == reference.greedy(None, request)
 
 
-def _events(response: httpx.Response) -> list[Any]:
+def _events(response: Response) -> list[Any]:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
@@ -377,7 +378,7 @@ def test_openai_client_models_completions_chat_and_streaming(
     assert chat.object == "chat.completion" and chat.model == name
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].message.content == plain["text"]
-    assert chat.usage.completion_tokens == len(expected)
+    assert chat.usage is not None and chat.usage.completion_tokens == len(expected)
 
     stream = client.chat.completions.create(
         model=name,

@@ -16,7 +16,7 @@ from tests.conftest import Stack
 FAST = {"max_steps": 30, "learning_rate": 3e-3, "batch_size": 16, "lora_r": 8, "lora_alpha": 16, "seed": 1}
 
 
-def _greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:  # type: ignore[no-untyped-def]
+def _greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
     outputs = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)

@@ -26,11 +26,11 @@ NO_EVAL = {"enabled": False}  # the before/after evaluation has its own tests
 sqlite_only = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 
 
-def _prompts(tokenizer) -> list[str]:  # type: ignore[no-untyped-def]
+def _prompts(tokenizer) -> list[str]:
     return [prompt_text(tokenizer, split_prompt_reference(r["messages"])[0]) for r in demo_rows(3, seed=5)]
 
 
-def _next_token_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _next_token_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     rows = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)

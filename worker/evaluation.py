@@ -340,7 +340,7 @@ def run(kind: str, record_id: str, owner: str) -> int:
     settings = get_settings()
     model: type[Evaluation] | type[AdapterOperation] = Evaluation if kind == "evaluation" else AdapterOperation
     with session_scope(settings.database_url) as s:
-        row = s.get(model, record_id)
+        row = leases.get(s, model, record_id)
         if row is None or row.lease_owner != owner or row.status != WorkStatus.running:
             return 0
     try:

@@ -74,7 +74,7 @@ def wrap_for_method(model: Any, method: str, hp: Hyperparameters) -> Any:
     if method in ("lora", "qlora", "dora"):
         config: Any = LoraConfig(
             r=hp.lora_r,
-            lora_alpha=hp.lora_alpha,
+            lora_alpha=hp.lora_alpha,  # type: ignore[arg-type]  # PEFT scales by any number; its annotation says int
             lora_dropout=hp.lora_dropout,
             target_modules=hp.resolved_target_modules(),
             use_rslora=hp.use_rslora,

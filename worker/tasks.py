@@ -95,7 +95,7 @@ def run_leased(settings: Settings, kind: WorkKind, record_id: str) -> None:
             if not leases.claim(s, kind.model, record_id, owner=owner, lease_seconds=settings.lease_seconds):
                 log.info("%s: not claimable (finished, cancelled or held elsewhere); skipping", label)
                 return
-            row = s.get(kind.model, record_id)
+            row = leases.get(s, kind.model, record_id)
             assert row is not None
             attempt = row.attempt_count
             limit = time_limit(settings, row)
@@ -275,7 +275,7 @@ def retry(
     failed, or cancelled when a cancel was asked. Nothing happens if another attempt holds the lease now."""
     try:
         with session_scope(settings.database_url) as s:
-            row = s.get(model, record_id)
+            row = leases.get(s, model, record_id)
             if row is None or row.lease_owner != owner or row.status.is_terminal:
                 return
             if transient and row.attempt_count < row.max_attempts:

@@ -169,19 +169,19 @@ def _agree_on_stop(flag: int) -> int:
     return int(tensor.item())
 
 
-def _make_callback(attempt: Attempt):  # type: ignore[no-untyped-def]
+def _make_callback(attempt: Attempt):
     from transformers import TrainerCallback
 
-    class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    class ProgressCallback(TrainerCallback):
         """Loss events every few steps, the cancel flag every step, checkpoints marked complete."""
 
         stop_reason = 0
         pending_flag = 0
 
-        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        def on_train_begin(self, args, state, control, **kwargs):
             attempt.progress(state.global_step, state.max_steps, None)
 
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        def on_step_end(self, args, state, control, **kwargs):
             flag = self.pending_flag | (STOP_CANCEL if attempt.cancel_requested() else 0)
             flag = _agree_on_stop(flag)
             if flag:
@@ -190,7 +190,7 @@ def _make_callback(attempt: Attempt):  # type: ignore[no-untyped-def]
                 control.should_save = False
             return control
 
-        def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        def on_save(self, args, state, control, **kwargs):
             if attempt.main:
                 mark_complete(
                     checkpoints_dir(attempt.settings, attempt.job_id) / f"checkpoint-{state.global_step}",
@@ -198,7 +198,7 @@ def _make_callback(attempt: Attempt):  # type: ignore[no-untyped-def]
                 )
                 attempt.event(f"checkpoint saved at step {state.global_step}", step=state.global_step)
 
-        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is None or not attempt.main:
                 return
@@ -292,7 +292,7 @@ def build_trainer(
         use_cpu=use_cpu,
         distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks or [])  # type: ignore[arg-type]
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks or [])
     return trainer, collator
 
 

@@ -89,5 +89,5 @@ def list_job_checkpoints(
     session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: str
 ) -> ListResponse[CheckpointOut]:
     service.get_job_or_404(session, tenant, job_id)
-    rows = [CheckpointOut(**c.to_public()) for c in list_checkpoints(settings, job_id)]  # type: ignore[arg-type]
+    rows = [CheckpointOut(**c.to_public()) for c in list_checkpoints(settings, job_id)]
     return ListResponse[CheckpointOut](data=rows, has_more=False)

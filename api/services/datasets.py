@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import UploadFile
 from sqlalchemy.orm import Session
@@ -131,7 +132,7 @@ def store_dataset(
         return get_dataset_or_404(session, tenant_id, earlier), True
     options = upload.options
     train = _parse(upload.train, split="train", settings=settings)
-    test_rows: list = []
+    test_rows: list[Any] = []
     split_source = "none"
     if upload.test is not None:
         test = _parse(upload.test, split="test", settings=settings)

@@ -124,7 +124,7 @@ def samples_out(
     session: Session, evaluation: Evaluation, rows: Sequence[EvaluationSample]
 ) -> list[EvaluationSampleOut]:
     """The samples with their prompt and reference, which the worker stores once, with the first scale's samples."""
-    first = (evaluation.scales or [None])[0]
+    first = evaluation.scales[0] if evaluation.scales else None
     later = [r.example_index for r in rows if r.scale != first]
     shared = evaluations_repo.shared_texts(session, evaluation.id, first, later) if later else {}
     return [EvaluationSampleOut.of(r, shared.get(r.example_index) if r.scale != first else None) for r in rows]
@@ -216,7 +216,7 @@ def job_report(session: Session, job: Job) -> JobReport:
         adapter=job.adapter_name,
         dataset_id=job.dataset_id,
         split="test",
-        n_examples=(tuned or base).n_examples if (tuned or base) else None,
+        n_examples=shown.n_examples if (shown := tuned or base) else None,
         evaluation=summary,
         metrics=metrics,
         adapter_scale=tuned_result.scale if tuned_result else None,

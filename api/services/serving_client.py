@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from fastapi import Request
@@ -120,7 +121,7 @@ async def get_serving_client(request: Request) -> ServingClient:
     return client
 
 
-async def close_serving_client(state: object) -> None:
+async def close_serving_client(state: Any) -> None:
     client: ServingClient | None = getattr(state, "serving_client", None)
     if client is not None:
         # Forget it too: an app whose lifespan starts again (a second TestClient) must make a new one.

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Select, select
+from sqlalchemy import CursorResult, Result, Select, select
 from sqlalchemy.orm import Session
 
 T = TypeVar("T")
@@ -13,19 +13,26 @@ T = TypeVar("T")
 def get_owned(session: Session, model: type[T], tenant_id: str, ident: str) -> T | None:
     """The row with primary key `ident` if `tenant_id` owns it; another tenant's row is as good as absent."""
     row = session.get(model, ident)
-    return row if row is not None and row.tenant_id == tenant_id else None
+    owned: Any = row
+    return row if row is not None and owned.tenant_id == tenant_id else None
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched: Session.execute is typed as Result, DML gives a CursorResult."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def newest_first_page(
-    session: Session, model: type[T], query: Select[tuple[T]], *, limit: int, after: str | None
+    session: Session, model: type[T], query: Select[T], *, limit: int, after: str | None
 ) -> tuple[list[T], bool]:
     """Keyset page, newest first, continuing after the row with id `after` (OpenAI's `after` cursor).
 
     The cursor is tenant-scoped like the query: an id of a tenant whose rows the query does not list (another
     tenant's, guessed or leaked) is ignored as if unknown, so the page it gives tells nothing about that row.
     """
-    created: Any = model.created_at
-    ident: Any = model.id
+    columns: Any = model
+    created: Any = columns.created_at
+    ident: Any = columns.id
     if after is not None:
         anchor_query = select(created, ident).where(ident == after)
         tenant: Any = getattr(model, "tenant_id", None)

@@ -8,12 +8,13 @@ retry, lease loss and abandonment are the same for every kind of work, so they l
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.models import AdapterOperation, Evaluation, Job, JobEvent, utcnow
+from core.repository import rowcount
 
 W = TypeVar("W", Job, Evaluation, AdapterOperation)
 Leased = type[Job] | type[Evaluation] | type[AdapterOperation]
@@ -23,9 +24,15 @@ Leased = type[Job] | type[Evaluation] | type[AdapterOperation]
 MAX_BACKOFF_EXPONENT = 6
 
 
+def get(session: Session, model: Leased, record_id: str) -> Job | Evaluation | AdapterOperation | None:
+    """The record by id (Session.get types a union of models as their common base)."""
+    return cast(Job | Evaluation | AdapterOperation | None, session.get(model, record_id))
+
+
 def status(model: Leased, name: str) -> Any:
     """The model's own status member called `name` (jobs and the other work share the names)."""
-    return model.__table__.c.status.type.enum_class[name]  # type: ignore[union-attr]
+    status_type: Any = model.__table__.c.status.type
+    return status_type.enum_class[name]
 
 
 def note(
@@ -65,7 +72,7 @@ def claim(session: Session, model: Leased, record_id: str, *, owner: str, lease_
             updated_at=now,
         )
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def owned_running(model: Leased, record_id: str, owner: str) -> Any:
@@ -82,7 +89,7 @@ def renew(session: Session, model: Leased, record_id: str, *, owner: str, lease_
         )
     )
     cancel = bool(session.scalar(select(m.cancel_requested).where(m.id == record_id)))
-    return result.rowcount == 1, cancel
+    return rowcount(result) == 1, cancel
 
 
 def lock_owned(session: Session, model: Leased, record_id: str, *, owner: str) -> bool:
@@ -92,7 +99,7 @@ def lock_owned(session: Session, model: Leased, record_id: str, *, owner: str) -
     commit (publishing files, registering an adapter) is done by the lease holder alone.
     """
     result = session.execute(_update(model, owned_running(model, record_id, owner)).values(updated_at=utcnow()))
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def update_owned(session: Session, model: Leased, record_id: str, *, owner: str, **values: Any) -> bool:
@@ -100,7 +107,7 @@ def update_owned(session: Session, model: Leased, record_id: str, *, owner: str,
     result = session.execute(
         _update(model, owned_running(model, record_id, owner)).values(updated_at=utcnow(), **values)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def finish(
@@ -148,7 +155,7 @@ def release_for_retry(session: Session, model: Leased, record_id: str, *, owner:
             error_param=None,
         )
     )
-    if requeued.rowcount == 1:
+    if rowcount(requeued) == 1:
         return "queued"
     if finish(session, model, record_id, owner=owner, status_name="cancelled"):
         return "cancelled"
@@ -259,6 +266,6 @@ def claim_redispatch(session: Session, model: Leased, *, now: datetime, requeue_
         result = session.execute(
             _update(model, m.id == record_id, where).values(dispatch_count=m.dispatch_count + 1, dispatched_at=now)
         )
-        if result.rowcount == 1:
+        if rowcount(result) == 1:
             claimed.append(record_id)
     return claimed

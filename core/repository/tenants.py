@@ -6,6 +6,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core.models import ApiKey, Tenant, utcnow
+from core.repository import rowcount
 
 
 def get_tenant_by_name(session: Session, name: str) -> Tenant | None:
@@ -41,4 +42,4 @@ def revoke_key(session: Session, key_id: str) -> bool:
         .values(revoked_at=utcnow())
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1

@@ -7,8 +7,9 @@ Counted inside the admitting transaction, after the new row is inserted and unde
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from core.models import Adapter, AdapterOperation, AdapterStatus, Dataset, Evaluation, Job, WorkStatus
@@ -20,8 +21,8 @@ PRODUCING_OPERATIONS = ("derive", "merge")
 MERGED_METHOD = "merged"
 
 
-def _count(session: Session, query: object) -> int:
-    return int(session.scalar(query) or 0)  # type: ignore[arg-type]
+def _count(session: Session, query: Select[Any]) -> int:
+    return int(session.scalar(query) or 0)
 
 
 def active_jobs(session: Session, tenant_id: str) -> int:

@@ -19,7 +19,7 @@ _GZIP_MIB_OF_ZEROS = gzip.compress(b"\0" * MiB, compresslevel=9)
 def tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE, fmt: int = tarfile.GNU_FORMAT) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.type = size, kind
-    return info.tobuf(format=fmt)
+    return info.tobuf(format=fmt)  # type: ignore[arg-type]  # one of tarfile's *_FORMAT ints
 
 
 def many_empty_members(n: int = 100_000, *, compress: str = "gz") -> bytes:

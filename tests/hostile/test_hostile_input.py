@@ -28,6 +28,7 @@ from core.migrate import upgrade
 from core.settings import Settings
 from tests.conftest import bearer, mint_api_key
 from tests.hostile import archives
+from tests.support.http import Response
 
 SERVING_ROUTES = {"/generate", "/v1/completions", "/v1/chat/completions"}
 PLACEHOLDER = "__hostile__"
@@ -178,7 +179,7 @@ class Verdicts:
         self.bad: list[str] = []
         self.count = 0
 
-    def check(self, label: str, response: httpx.Response, path: str) -> None:
+    def check(self, label: str, response: Response, path: str) -> None:
         self.count += 1
         status = response.status_code
         if status >= 500:
@@ -212,7 +213,7 @@ class Verdicts:
 def _routes(client: TestClient) -> list[tuple[str, str, APIRoute]]:
     return [
         (method, route.path, route)
-        for route in client.app.routes
+        for route in client.app.routes  # type: ignore[attr-defined]  # a FastAPI app
         if isinstance(route, APIRoute)
         for method in sorted(route.methods or ())
     ]
@@ -462,14 +463,14 @@ def test_hostile_dataset_uploads(hostile: dict[str, Any]) -> None:
     }
     for field, values in form_cases.items():
         for value in values:
-            data = {field: value, **({"test_fraction": "0.5"} if field == "seed" else {})}
+            form = {field: value, **({"test_fraction": "0.5"} if field == "seed" else {})}
             verdicts.send(
                 client,
                 f"datasets {field}={value[:20]}",
                 "POST",
                 "/datasets",
                 files={"file": ("f.jsonl", good)},
-                data=data,
+                data=form,
             )
     for filename in ("x" * 10_000, "../../etc/passwd", "a\x00b", "é𝄞.jsonl", ""):
         verdicts.send(

@@ -46,7 +46,7 @@ def test_serving_reasons_carry_no_server_paths() -> None:
 
 
 @pytest.mark.parametrize("field", ["serving_token", "metrics_token"])
-def test_placeholder_secrets_are_refused_at_startup(field: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_placeholder_secrets_are_refused_at_startup(field: str, tmp_path) -> None:
     with pytest.raises(ValidationError, match=f"{field} still holds the .env.example placeholder"):
-        Settings(data_dir=tmp_path, **{field: f"{PLACEHOLDER_SECRET}-serving-token"})
-    Settings(data_dir=tmp_path, **{field: "a-real-secret"})
+        Settings(data_dir=tmp_path, **{field: f"{PLACEHOLDER_SECRET}-serving-token"})  # type: ignore[arg-type]
+    Settings(data_dir=tmp_path, **{field: "a-real-secret"})  # type: ignore[arg-type]
