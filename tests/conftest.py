@@ -23,12 +23,19 @@ from core.demo_data import write_demo_dataset
 from core.migrate import upgrade
 from core.modelzoo import build_model
 from core.settings import Settings
+from tests.support.markers import apply_fixture_markers, requires
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TUNESERVE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TUNESERVE_TEST_REDIS", "redis://127.0.0.1:6379/15")
 TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers by fixture (tests/support/markers.py): a test using a stack fixture is marked `stack`, and so on."""
+    for item in items:
+        apply_fixture_markers(item)
 
 
 @pytest.fixture(scope="session")
@@ -226,6 +233,7 @@ def running_stack(kind: str, data_dir: Path, model_dir: Path, **overrides: Any) 
 
 
 @pytest.fixture(scope="session", params=["postgres", "sqlite"])
+@requires("stack")
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
     """A full deployment: (a) Postgres + Redis, (b) SQLite + Celery over SQLite."""
     kind = request.param
@@ -327,6 +335,7 @@ SERVING_TEST_SETTINGS: dict[str, Any] = {
 
 
 @pytest.fixture(scope="session")
+@requires("stack", "serving")
 def serving_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
     """The embedded stack (SQLite, Celery over SQLite; worker started on demand) plus one serving process.
 

@@ -27,6 +27,7 @@ from api.main import create_app
 from core.migrate import upgrade
 from core.settings import Settings
 from tests.conftest import bearer, mint_api_key
+from tests.support.markers import requires
 
 SERVING_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
 
@@ -48,6 +49,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(APP_SETTINGS
 
 
 @pytest.fixture(scope="module", autouse=True)
+@requires("stack")
 def deployment(model_dir: Path, demo_files: tuple[Path, Path]) -> Iterator[Settings]:
     APP_SETTINGS.base_model, APP_SETTINGS.served_model_name = str(model_dir), model_dir.name
     upgrade(APP_SETTINGS.database_url)

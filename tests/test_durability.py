@@ -54,6 +54,7 @@ from tests.conftest import (
     mint_api_key,
     running_stack,
 )
+from tests.support.markers import requires
 from tests.test_adapter_import import files_of, peft_adapter, tar_gz
 from tests.test_faults import FAST_RECOVERY, TRAIN, _assert_succeeded_once, _submit, _training_children, _wait
 
@@ -61,6 +62,7 @@ DURABLE = {**FAST_RECOVERY, "sweep_min_age_seconds": 2, "sweep_interval_seconds"
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
+@requires("stack")
 def durable_stack(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,

@@ -31,6 +31,7 @@ from core.queue import send
 from core.repository import jobs as jobs_repo
 from core.repository import leases
 from tests.conftest import Stack, _free_port, _stop_process_group, bearer, die_with_parent, running_stack
+from tests.support.markers import requires
 
 FAST_RECOVERY = {
     "lease_seconds": 6,  # a dead worker's job is claimable again after this
@@ -42,6 +43,7 @@ TRAIN = {"learning_rate": 3e-3, "batch_size": 8, "seed": 3}
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
+@requires("stack")
 def fault_stack(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
@@ -268,6 +270,7 @@ class RedisServer:
 
 
 @pytest.fixture
+@requires("stack")
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(port=_free_port(), log=tmp_path / "redis.log")
     server.start()

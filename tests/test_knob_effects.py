@@ -16,6 +16,9 @@ import pytest
 from core.modelzoo import build_model
 from tests.conftest import ROOT
 
+# Both tests train (bench.train in a child process).
+pytestmark = pytest.mark.training
+
 
 @pytest.fixture(scope="module")
 def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -21,6 +21,7 @@ from core.db import session_scope
 from core.models import DEFAULT_TENANT_ID
 from core.repository import jobs as jobs_repo
 from tests.conftest import ROOT, Stack
+from tests.support.markers import requires
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -151,6 +152,7 @@ def _dataset_ids(stack: Stack) -> set[str]:
 
 
 @pytest.fixture(scope="module")
+@requires("stack")
 def live_api(
     tmp_path_factory: pytest.TempPathFactory, model_dir: Path
 ) -> Iterator[tuple[int, subprocess.Popen[bytes], str]]:

@@ -16,6 +16,7 @@ from api.main import create_app
 from core.migrate import upgrade
 from core.settings import Settings
 from tests.conftest import REDIS_URL, bearer, mint_api_key
+from tests.support.markers import requires
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -35,6 +36,7 @@ def sample(samples: dict, name: str, **labels: str) -> float | None:
 
 
 @pytest.fixture(params=["sqlite", "redis"])
+@requires("stack")
 def api(request: pytest.FixtureRequest, tmp_path: Path, model_dir: Path) -> Iterator[tuple[TestClient, Settings]]:
     """The API on SQLite with either broker, and no worker: a job sent stays in the queue."""
     # metrics_cache_seconds 0: each scrape reads SQL and the broker afresh, so a test sees its own changes at once

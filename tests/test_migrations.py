@@ -10,6 +10,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from core.migrate import check, downgrade, upgrade
 from tests.conftest import create_pg_database, drop_pg_database, pg_url
+from tests.support.markers import requires
 
 TABLES = {
     "datasets",
@@ -26,6 +27,7 @@ TABLES = {
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
+@requires("stack")
 def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'migrations.db'}"

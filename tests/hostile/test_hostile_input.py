@@ -29,6 +29,7 @@ from core.settings import Settings
 from tests.conftest import bearer, mint_api_key
 from tests.hostile import archives
 from tests.support.http import Response
+from tests.support.markers import requires
 
 SERVING_ROUTES = {"/generate", "/v1/completions", "/v1/chat/completions"}
 PLACEHOLDER = "__hostile__"
@@ -124,6 +125,7 @@ BACKENDS = ["sqlite", *(["postgres"] if os.environ.get("TUNESERVE_HOSTILE_DB") =
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
+@requires("stack")
 def hostile(request: pytest.FixtureRequest, model_dir: Path, demo_files: tuple[Path, Path]) -> Iterator[dict[str, Any]]:
     """The embedded deployment (auth on, no worker, serving down) with one of each resource to aim at."""
     data_dir = Path(tempfile.mkdtemp(prefix="tuneserve-hostile-"))
@@ -540,6 +542,7 @@ def test_archive_bombs_and_odd_archives(hostile: dict[str, Any]) -> None:
 
 
 # Was a 500: "inf" strings passed pydantic's lax float parsing and Postgres' JSON column refused the Infinity.
+@pytest.mark.stack  # its own Postgres database and Redis
 def test_job_floats_sent_as_inf_strings_on_postgres(model_dir: Path, demo_files: tuple[Path, Path]) -> None:
     import redis
 
