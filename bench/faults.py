@@ -379,7 +379,7 @@ def main() -> None:
             shutil.copytree(Path(tmp) / "logs", args.out.parent / "faults-logs", dirs_exist_ok=True)
     result["seed"] = args.seed
     print(
-        f"{args.jobs} jobs, {result['faults']} faults in {result['seconds']} s; jobs by status: {result['by_status']}"
+        f"{result['jobs']} jobs, {result['faults']} faults in {result['seconds']} s; jobs by status: {result['by_status']}"
     )
     print("faults injected: " + ", ".join(f"{f['fault']}@{f['at_s']}s" for f in result["injected"]))
     print(f"{'count':<20}{'value':>6}")

@@ -117,7 +117,8 @@ def sweep_checkpoints(settings: Settings) -> list[str]:
     if not names:
         return []
     with session_scope(settings.database_url) as s:
-        statuses: dict[str, Any] = dict(s.execute(select(Job.id, Job.status).where(Job.id.in_(names))))
+        # .all(): a Result has .keys(), so dict() would take it for a mapping.
+        statuses: dict[str, Any] = dict(s.execute(select(Job.id, Job.status).where(Job.id.in_(names))).all())
     removed = []
     for name in names:
         path = jobs_root / name
