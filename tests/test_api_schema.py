@@ -26,8 +26,8 @@ from schemathesis.core.parameters import ParameterLocation
 from api.main import create_app
 from core.migrate import upgrade
 from core.settings import Settings
-from tests.conftest import bearer, mint_api_key
 from tests.support.markers import requires
+from tests.support.stack import bearer, mint_api_key
 
 SERVING_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
 

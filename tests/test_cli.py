@@ -17,10 +17,10 @@ from PIL import Image
 from typer.testing import CliRunner, Result
 
 from cli.main import app
-from tests.conftest import ROOT, Stack, _free_port, _stop_process_group
+from tests.support.paths import API_SCRIPT, ROOT
+from tests.support.processes import free_port, stop_process_group
+from tests.support.stack import Stack
 
-# The console script docker-compose.yml runs as the api service (tests/test_compose.py checks both).
-API_SCRIPT = "tuneserve-api"
 FAST = {"max_steps": 12, "learning_rate": 3e-3, "batch_size": 8, "lora_r": 8, "lora_alpha": 16, "seed": 1}
 # A small before/after evaluation, so `eval report` and the plot's test-loss points have data.
 FAST_EVALUATION = {"max_examples": 4, "max_new_tokens": 4, "batch_size": 4, "metrics": ["exact_match", "loss"]}
@@ -35,13 +35,13 @@ def console_script_argv(name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def api_url(stack: Stack) -> Iterator[str]:
     """`tuneserve-api` (uvicorn) on a loopback port with the stack's settings; serving points at a closed port."""
-    port = _free_port()
+    port = free_port()
     env = dict(
         stack.env,
         TUNESERVE_API_HOST="127.0.0.1",
         TUNESERVE_API_PORT=str(port),
         TUNESERVE_RECONCILE_INTERVAL_SECONDS="0",  # the stack's in-process API already reconciles
-        TUNESERVE_SERVING_URL=f"http://127.0.0.1:{_free_port()}",
+        TUNESERVE_SERVING_URL=f"http://127.0.0.1:{free_port()}",
     )
     log_path = stack.settings.data_dir / "cli-api.log"
     with log_path.open("ab") as log:
@@ -69,7 +69,7 @@ def api_url(stack: Stack) -> Iterator[str]:
             time.sleep(0.3)
         yield url
     finally:
-        _stop_process_group(process)
+        stop_process_group(process)
 
 
 @pytest.fixture

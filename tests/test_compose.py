@@ -104,7 +104,7 @@ def test_project_commands_are_real_entrypoints(compose: dict[str, Any], scripts:
     assert command(compose, "api") == ["tuneserve-api"]
     module, func = scripts["tuneserve-api"].split(":")
     assert callable(getattr(importlib.import_module(module), func))
-    from tests.test_cli import API_SCRIPT
+    from tests.support.paths import API_SCRIPT
 
     assert API_SCRIPT == "tuneserve-api"
 
@@ -114,7 +114,7 @@ def test_project_commands_are_real_entrypoints(compose: dict[str, Any], scripts:
     assert command(compose, "serving") == ["python", "-m", "serving"]
     assert importlib.util.find_spec("serving.__main__") is not None and has_main_guard("serving.__main__")
     assert scripts["tuneserve-serving"] == "serving.__main__:main"
-    assert ["-m", "serving"] in [lst[-2:] for lst in string_lists(ROOT / "tests/conftest.py")], (
+    assert ["-m", "serving"] in [lst[-2:] for lst in string_lists(ROOT / "tests/support/serving.py")], (
         "the serving test fixture starts `python -m serving`"
     )
 
@@ -123,7 +123,7 @@ def test_project_commands_are_real_entrypoints(compose: dict[str, Any], scripts:
     assert worker[:3] == ["celery", "-A", "worker.app"]
     queue_at = worker.index("-Q")
     celery_args = worker[1:queue_at]
-    for source in (ROOT / "tests/conftest.py", ROOT / "scripts/demo.py"):
+    for source in (ROOT / "tests/support/stack.py", ROOT / "scripts/demo.py"):
         started = [lst for lst in string_lists(source) if "worker.app" in lst]
         assert started, f"{source.name} starts no celery worker"
         assert any(lst[lst.index("-A") : lst.index("-A") + len(celery_args)] == celery_args for lst in started), (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack
+from tests.support.stack import Stack
 
 
 def _jsonl(*rows: object) -> bytes:

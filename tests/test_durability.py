@@ -44,19 +44,12 @@ from core.repository import jobs as jobs_repo
 from core.repository import leases
 from core.storage import Store
 from core.sweeper import message_record
-from tests.conftest import (
-    ROOT,
-    Stack,
-    _free_port,
-    _stop_process_group,
-    bearer,
-    die_with_parent,
-    mint_api_key,
-    running_stack,
-)
+from tests.support.adapters import files_of, peft_adapter, tar_gz
+from tests.support.jobs import FAST_RECOVERY, TRAIN, assert_succeeded_once, submit_job, training_children, wait_until
 from tests.support.markers import requires
-from tests.test_adapter_import import files_of, peft_adapter, tar_gz
-from tests.test_faults import FAST_RECOVERY, TRAIN, _assert_succeeded_once, _submit, _training_children, _wait
+from tests.support.paths import ROOT
+from tests.support.processes import die_with_parent, free_port, stop_process_group
+from tests.support.stack import Stack, bearer, mint_api_key, running_stack
 
 DURABLE = {**FAST_RECOVERY, "sweep_min_age_seconds": 2, "sweep_interval_seconds": 1.0}
 
@@ -94,7 +87,7 @@ def api_server(durable_stack: Stack, tmp_path: Path) -> Iterator[httpx.Client]:
     """The API as a real uvicorn process on the stack's settings: the race lives between the server sending a
     response and running what follows it, which the in-process TestClient does not show."""
     stack = durable_stack
-    port = _free_port()
+    port = free_port()
     env = {**stack.env, "TUNESERVE_RECONCILE_INTERVAL_SECONDS": "0"}
     with (tmp_path / "api.log").open("ab") as log:
         server = subprocess.Popen(
@@ -126,11 +119,11 @@ def api_server(durable_stack: Stack, tmp_path: Path) -> Iterator[httpx.Client]:
             return False
 
     try:
-        _wait(answers, timeout=60, what="uvicorn")
+        wait_until(answers, timeout=60, what="uvicorn")
         yield client
     finally:
         client.close()
-        _stop_process_group(server)
+        stop_process_group(server)
 
 
 def test_create_then_read_at_once_never_misses(
@@ -276,10 +269,10 @@ def _queued_record(s: Any, stack: Stack, model: Any) -> str:
 def test_a_cancelled_job_whose_worker_was_sigkilled_ends_cancelled(durable_stack: Stack) -> None:
     """Before: `running, cancel_requested` for good, re-sent every round, counted against the active-job limit."""
     stack = durable_stack
-    job_id = _submit(stack, max_steps=400)
+    job_id = submit_job(stack, max_steps=400)
     stack.wait_for_job(job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 1, timeout=120)
     stack.stop_worker(signal.SIGKILL)
-    _wait(lambda: not _training_children(job_id), timeout=20, what="the child to die with its worker")
+    wait_until(lambda: not training_children(job_id), timeout=20, what="the child to die with its worker")
     response = stack.client.post(f"/jobs/{job_id}/cancel")
     assert response.status_code == 200 and response.json()["status"] == "running"
     stack.start_worker()
@@ -290,7 +283,9 @@ def test_a_cancelled_job_whose_worker_was_sigkilled_ends_cancelled(durable_stack
             j.id for j in jobs_repo.list_jobs(s, DEFAULT_TENANT_ID, limit=100, after=None, status=JobStatus.running)[0]
         ]
         assert s.scalar(select(func.count()).select_from(Adapter).where(Adapter.job_id == job_id)) == 0
-    _wait(lambda: not Store(stack.settings).job_dir(job_id).exists(), timeout=10, what="its checkpoints to be freed")
+    wait_until(
+        lambda: not Store(stack.settings).job_dir(job_id).exists(), timeout=10, what="its checkpoints to be freed"
+    )
 
 
 # --- a database that vanishes under the heartbeat ----------------------------------------------------------
@@ -382,27 +377,27 @@ class ChildCounter:
 
     def _run(self) -> None:
         while not self.stopped.wait(0.2):
-            self.most = max(self.most, len(_training_children(self.job_id)))
+            self.most = max(self.most, len(training_children(self.job_id)))
 
 
 def test_a_brief_database_outage_under_the_heartbeat_does_not_end_the_attempt(worker_behind_proxy: Any) -> None:
     stack, proxy = worker_behind_proxy
-    job_id = _submit(stack, max_steps=60)
+    job_id = submit_job(stack, max_steps=60)
     stack.wait_for_job(job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 2, timeout=120)
     proxy.cut_for(1.5)  # the supervisor tolerates up to the lease (6 s) less two heartbeats since its last renewal
-    _assert_succeeded_once(stack, job_id, attempts=1)
+    assert_succeeded_once(stack, job_id, attempts=1)
 
 
 def test_a_long_database_outage_stops_the_child_before_the_lease_expires(worker_behind_proxy: Any) -> None:
     """Before: renew() raised, the task ended and its child trained on as an orphan beside the next attempt."""
     stack, proxy = worker_behind_proxy
-    job_id = _submit(stack, max_steps=80)
+    job_id = submit_job(stack, max_steps=80)
     stack.wait_for_job(job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 2, timeout=120)
     counter = ChildCounter(job_id)
-    children = _training_children(job_id)
+    children = training_children(job_id)
     proxy.cut_for(12)  # longer than the lease: the supervisor must have stopped its child by now
     assert not any(_alive(pid) for pid in children), "the child outlived its supervisor's lease"
-    _assert_succeeded_once(stack, job_id, attempts=2)
+    assert_succeeded_once(stack, job_id, attempts=2)
     counter.stopped.set()
     assert counter.most == 1, "two attempts trained at once"
     _assert_adapter_files_match_sql(stack, job_id)
@@ -444,13 +439,13 @@ def test_a_worker_killed_right_after_a_jobs_success_still_gets_its_evaluations_r
         evaluations = list(s.scalars(select(Evaluation).where(Evaluation.job_id == job_id)))
     assert {e.role for e in evaluations} == {"base", "adapter"}  # committed with the success itself
     stack.start_worker()
-    _wait(lambda: _evaluation_statuses(stack, job_id) == {"succeeded"}, timeout=240, what="both evaluations")
+    wait_until(lambda: _evaluation_statuses(stack, job_id) == {"succeeded"}, timeout=240, what="both evaluations")
 
 
 def test_the_sweeper_starts_the_evaluations_a_succeeded_job_never_got(durable_stack: Stack) -> None:
     """A job that succeeded before evaluations were planned in its success (or whose rows were lost)."""
     stack = durable_stack
-    job_id = _submit(stack, max_steps=2)
+    job_id = submit_job(stack, max_steps=2)
     stack.wait_for_job(job_id, until={"succeeded"}, timeout=180)
     with session_scope(stack.settings.database_url) as s:
         s.execute(
@@ -465,7 +460,7 @@ def test_the_sweeper_starts_the_evaluations_a_succeeded_job_never_got(durable_st
                 finished_at=utcnow() - timedelta(seconds=60),
             )
         )
-    _wait(lambda: _evaluation_statuses(stack, job_id) == {"succeeded"}, timeout=240, what="the swept evaluations")
+    wait_until(lambda: _evaluation_statuses(stack, job_id) == {"succeeded"}, timeout=240, what="the swept evaluations")
     assert len(_evaluations_of(stack, job_id)) == 2
 
 
@@ -517,11 +512,11 @@ def test_sqlite_broker_messages_of_finished_work_are_purged(durable_stack: Stack
     stack = durable_stack
     if not stack.settings.broker_url.startswith("sqla+"):
         pytest.skip("Redis deletes a message when it is acked")
-    job_id = _submit(stack, max_steps=30)
+    job_id = submit_job(stack, max_steps=30)
     stack.wait_for_job(job_id, condition=lambda j: j["status"] == "running", timeout=120)
     assert (Job, job_id) in _delivered_messages(stack)  # kept while its job runs
     stack.wait_for_job(job_id, until={"succeeded"}, timeout=120)
-    _wait(lambda: _delivered_messages_of_ended_work(stack) == [], timeout=15, what="the sweeper to purge them")
+    wait_until(lambda: _delivered_messages_of_ended_work(stack) == [], timeout=15, what="the sweeper to purge them")
 
 
 def _delivered_messages(stack: Stack) -> list[Any]:
@@ -547,7 +542,7 @@ def test_redispatch_backs_off_so_duplicates_stay_bounded(durable_stack: Stack) -
     stack = durable_stack
     stack.stop_worker()
     try:
-        job_id = _submit(stack, max_steps=1)
+        job_id = submit_job(stack, max_steps=1)
         time.sleep(20)
         with session_scope(stack.settings.database_url) as s:
             job = s.get(Job, job_id)
@@ -618,8 +613,8 @@ def test_an_attempt_past_its_time_limit_is_stopped_and_fails(durable_stack: Stac
     )
     assert over.status_code == 422 and over.json()["error"]["param"] == "hyperparameters.time_limit_seconds"
     assert "TUNESERVE_MAX_RUNTIME_SECONDS" in over.json()["error"]["message"]
-    job_id = _submit(stack, max_steps=100_000, time_limit_seconds=8)
+    job_id = submit_job(stack, max_steps=100_000, time_limit_seconds=8)
     job = stack.wait_for_job(job_id, timeout=120)
     assert job["status"] == "failed" and job["error"]["code"] == "time_limit", job
     assert job["attempts"] == 1  # a time limit is not retried
-    _wait(lambda: not _training_children(job_id), timeout=10, what="the child to be gone")
+    wait_until(lambda: not training_children(job_id), timeout=10, what="the child to be gone")

@@ -16,7 +16,7 @@ from core.adapter_ops import LoraScaler, load_adapter, load_base_model
 from core.demo_data import user_prompt
 from core.evaluation.inference import chat_prompts, generate_greedy
 from core.storage import sha256_file
-from tests.conftest import Stack
+from tests.support.stack import Stack
 
 # What scripts/demo.py found to take the tiny model from 0% to ~100% on the demo task.
 DEMO = {

@@ -13,12 +13,10 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -30,16 +28,19 @@ from core.models import DEFAULT_TENANT_ID, Job, JobEvent, JobStatus
 from core.queue import send
 from core.repository import jobs as jobs_repo
 from core.repository import leases
-from tests.conftest import Stack, _free_port, _stop_process_group, bearer, die_with_parent, running_stack
+from tests.support.jobs import (
+    FAST_RECOVERY,
+    TRAIN,
+    assert_succeeded_once,
+    job_events,
+    submit_job,
+    training_children,
+    upload_dataset,
+    wait_until,
+)
 from tests.support.markers import requires
-
-FAST_RECOVERY = {
-    "lease_seconds": 6,  # a dead worker's job is claimable again after this
-    "heartbeat_seconds": 1.0,
-    "reconcile_interval_seconds": 1.0,
-    "requeue_after_seconds": 3,  # a queued job nobody claimed is sent again after this
-}
-TRAIN = {"learning_rate": 3e-3, "batch_size": 8, "seed": 3}
+from tests.support.processes import die_with_parent, free_port, stop_process_group
+from tests.support.stack import Stack, bearer, running_stack
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
@@ -52,59 +53,8 @@ def fault_stack(
 ) -> Iterator[Stack]:
     kind = request.param
     with running_stack(kind, tmp_path_factory.mktemp(f"faults-{kind}"), model_dir, **FAST_RECOVERY) as stack:
-        _upload_dataset(stack, demo_files)
+        upload_dataset(stack, demo_files)
         yield stack
-
-
-def _upload_dataset(stack: Stack, demo_files: tuple[Path, Path]) -> None:
-    train, _ = demo_files
-    with train.open("rb") as f:
-        response = stack.client.post("/datasets", files={"file": ("train.jsonl", f)})
-    assert response.status_code == 201, response.text
-    stack.extra["dataset_id"] = response.json()["id"]
-
-
-def _submit(stack: Stack, **hp: Any) -> str:
-    body = {
-        "dataset_id": stack.extra["dataset_id"],
-        "hyperparameters": {**TRAIN, **hp},
-        "evaluation": {"enabled": False},
-    }
-    response = stack.client.post("/jobs", json=body)
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
-def _events(stack: Stack, job_id: str) -> list[dict[str, Any]]:
-    return stack.client.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
-
-
-def _assert_succeeded_once(stack: Stack, job_id: str, *, attempts: int) -> list[dict[str, Any]]:
-    """Succeeded, after `attempts` attempts each started once, with one success event and one adapter."""
-    job = stack.wait_for_job(job_id, timeout=120)
-    assert job["status"] == "succeeded", job
-    assert job["attempts"] == attempts
-    events = _events(stack, job_id)
-    messages = [e["message"] for e in events]
-    for attempt in range(1, attempts + 1):
-        assert messages.count(f"attempt {attempt} started") == 1, messages
-    assert sum(m.startswith("job succeeded") for m in messages) == 1, messages
-    adapters = [a for a in stack.client.get("/adapters", params={"limit": 100}).json()["data"] if a["job_id"] == job_id]
-    assert len(adapters) == 1 and adapters[0]["name"] == job["fine_tuned_model"]
-    return events
-
-
-def _training_children(job_id: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"worker.training {job_id}"], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
-
-
-def _wait(predicate: Any, *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.25)
 
 
 def _closed_port() -> int:
@@ -115,19 +65,19 @@ def _closed_port() -> int:
 
 def test_sigkilled_worker_job_resumes_from_its_checkpoint_on_a_new_worker(fault_stack: Stack) -> None:
     stack = fault_stack
-    job_id = _submit(stack, max_steps=24, checkpoint_every_steps=8, keep_checkpoints=2)
+    job_id = submit_job(stack, max_steps=24, checkpoint_every_steps=8, keep_checkpoints=2)
     stack.wait_for_job(job_id, condition=lambda j: j["progress"]["step"] >= 10, timeout=90)
-    assert _training_children(job_id)
+    assert training_children(job_id)
 
     stack.stop_worker(signal.SIGKILL)  # the worker's whole process group, mid-training
     # PR_SET_PDEATHSIG: the training child (its own session) dies with the worker, it is not orphaned.
-    _wait(lambda: not _training_children(job_id), timeout=15, what="the training child to die with its worker")
+    wait_until(lambda: not training_children(job_id), timeout=15, what="the training child to die with its worker")
     assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "running"  # until the lease expires
 
     # The broker still holds the dead worker's unacked message (Redis: until the visibility timeout;
     # SQLite: for good). The reconciler re-sends the job once its lease has expired.
     stack.start_worker()
-    events = _assert_succeeded_once(stack, job_id, attempts=2)
+    events = assert_succeeded_once(stack, job_id, attempts=2)
     resumed = [e for e in events if e["message"].startswith("resuming from checkpoint")]
     assert len(resumed) == 1 and resumed[0]["attempt"] == 2 and resumed[0]["step"] in (8, 16)
     second_attempt_steps = [e["step"] for e in events if e["type"] == "metrics" and e["attempt"] == 2]
@@ -155,7 +105,7 @@ def test_job_submitted_while_the_broker_is_down_runs_when_it_is_back(fault_stack
     job = response.json()
     assert job["status"] == "queued"
     # The broker "comes back": the API that can reach it re-sends the queued job from SQL.
-    _assert_succeeded_once(stack, job["id"], attempts=1)
+    assert_succeeded_once(stack, job["id"], attempts=1)
 
 
 def test_job_committed_but_never_sent_is_dispatched_by_the_reconciler(fault_stack: Stack) -> None:
@@ -181,7 +131,7 @@ def test_job_committed_but_never_sent_is_dispatched_by_the_reconciler(fault_stac
         jobs_repo.add_event(s, JobEvent(job_id=job.id, kind="status", message="job queued"))
         leases.mark_dispatched(s, Job, job.id)  # as commit_and_send does before its commit
         job_id = job.id
-    _assert_succeeded_once(stack, job_id, attempts=1)
+    assert_succeeded_once(stack, job_id, attempts=1)
 
 
 def test_duplicate_delivery_is_turned_away_by_the_lease(fault_stack: Stack) -> None:
@@ -191,12 +141,12 @@ def test_duplicate_delivery_is_turned_away_by_the_lease(fault_stack: Stack) -> N
     logs = (stack.worker_log, dup_log)
     dup = stack.spawn_worker(dup_log, name="dup")
     try:
-        _wait(
+        wait_until(
             lambda: "dup@" in dup_log.read_text() and " ready." in dup_log.read_text(),
             timeout=60,
             what="the second worker to be ready",
         )
-        job_id = _submit(stack, max_steps=40)
+        job_id = submit_job(stack, max_steps=40)
         stack.wait_for_job(
             job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 1, timeout=90
         )
@@ -208,10 +158,10 @@ def test_duplicate_delivery_is_turned_away_by_the_lease(fault_stack: Stack) -> N
         send(stack.settings, Job, job_id)
         send(stack.settings, Job, job_id)
         # The idle worker takes both messages while the first attempt trains, and finds the lease held.
-        _wait(lambda: turned_away() >= already + 2, timeout=60, what="both duplicates to be turned away")
+        wait_until(lambda: turned_away() >= already + 2, timeout=60, what="both duplicates to be turned away")
         assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "running"
-        _assert_succeeded_once(stack, job_id, attempts=1)
-        assert not any("resuming from checkpoint" in e["message"] for e in _events(stack, job_id))
+        assert_succeeded_once(stack, job_id, attempts=1)
+        assert not any("resuming from checkpoint" in e["message"] for e in job_events(stack, job_id))
     finally:
         dup.send_signal(signal.SIGTERM)
         try:
@@ -253,7 +203,7 @@ class RedisServer:
                 return False
 
         try:
-            _wait(answers, timeout=15, what="redis-server to answer PING")
+            wait_until(answers, timeout=15, what="redis-server to answer PING")
         finally:
             client.close()
 
@@ -272,7 +222,7 @@ class RedisServer:
 @pytest.fixture
 @requires("stack")
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(port=_free_port(), log=tmp_path / "redis.log")
+    server = RedisServer(port=free_port(), log=tmp_path / "redis.log")
     server.start()
     try:
         yield server
@@ -286,8 +236,8 @@ def test_redis_restarted_mid_job_the_job_completes_once_and_the_worker_reconnect
     with running_stack(
         "postgres", tmp_path / "stack", model_dir, broker_url=private_redis.url, **FAST_RECOVERY
     ) as stack:
-        _upload_dataset(stack, demo_files)
-        job_id = _submit(stack, max_steps=60)  # about 5 s of training left after the restart below
+        upload_dataset(stack, demo_files)
+        job_id = submit_job(stack, max_steps=60)  # about 5 s of training left after the restart below
         stack.wait_for_job(
             job_id, condition=lambda j: j["status"] == "running" and j["progress"]["step"] >= 2, timeout=90
         )
@@ -296,11 +246,11 @@ def test_redis_restarted_mid_job_the_job_completes_once_and_the_worker_reconnect
         private_redis.kill()
         private_redis.start()
         assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "running"
-        _assert_succeeded_once(stack, job_id, attempts=1)
+        assert_succeeded_once(stack, job_id, attempts=1)
 
         # The same worker process consumes from the new Redis.
         assert stack.worker is not None and stack.worker.poll() is None
-        _assert_succeeded_once(stack, _submit(stack, max_steps=4), attempts=1)
+        assert_succeeded_once(stack, submit_job(stack, max_steps=4), attempts=1)
 
 
 _RECEIVED = re.compile(
@@ -330,7 +280,7 @@ def test_a_redelivery_after_the_visibility_timeout_is_turned_away_by_the_lease(
     # sends is the only way its id reaches the workers, so a second delivery can only be the broker's.
     overrides = {**FAST_RECOVERY, "requeue_after_seconds": 60, "broker_visibility_timeout_seconds": timeout}
     with running_stack("postgres", tmp_path / "stack", model_dir, broker_url=private_redis.url, **overrides) as stack:
-        _upload_dataset(stack, demo_files)
+        upload_dataset(stack, demo_files)
         # settings_env does not forward the setting: restart running_stack's worker with it, and add a second one.
         assert stack.worker_log is not None
         stack.stop_worker()
@@ -342,12 +292,12 @@ def test_a_redelivery_after_the_visibility_timeout_is_turned_away_by_the_lease(
         logs = (stack.worker_log, other_log)
         try:
             for log in logs:
-                _wait(
+                wait_until(
                     lambda log=log: log.exists() and " ready." in log.read_text(),
                     timeout=60,
                     what=f"{log.name}'s worker to be ready",
                 )
-            job_id = _submit(stack, max_steps=60)
+            job_id = submit_job(stack, max_steps=60)
 
             def turned_away(log: Path) -> int:
                 return log.read_text().count(f"job {job_id}: not claimable")
@@ -355,7 +305,7 @@ def test_a_redelivery_after_the_visibility_timeout_is_turned_away_by_the_lease(
             # Both workers idle on the queue; one takes the message and claims the job. The other sweeps the unacked
             # index every second (unacked_restore_interval 1, throttle 1) and, once the message is older than the
             # timeout, Redis gives it the same message again.
-            _wait(
+            wait_until(
                 lambda: sum(map(turned_away, logs)) >= 1,
                 timeout=60,
                 what="Redis to re-deliver the training worker's message to the idle worker",
@@ -363,8 +313,8 @@ def test_a_redelivery_after_the_visibility_timeout_is_turned_away_by_the_lease(
             job = stack.client.get(f"/jobs/{job_id}").json()
             assert job["status"] == "running" and job["progress"]["step"] < 60, job  # the first attempt still trains
 
-            _assert_succeeded_once(stack, job_id, attempts=1)
-            assert not any("resuming from checkpoint" in e["message"] for e in _events(stack, job_id))
+            assert_succeeded_once(stack, job_id, attempts=1)
+            assert not any("resuming from checkpoint" in e["message"] for e in job_events(stack, job_id))
             # Exactly one redelivery: the worker that got it acked it, so nothing was left to restore after.
             assert sorted(map(turned_away, logs)) == [0, 1], [log.read_text() for log in logs]
             trained, redelivered = sorted(logs, key=turned_away)
@@ -381,4 +331,4 @@ def test_a_redelivery_after_the_visibility_timeout_is_turned_away_by_the_lease(
             finally:
                 broker.close()
         finally:
-            _stop_process_group(other)
+            stop_process_group(other)

@@ -8,8 +8,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tests.conftest import Stack
 from tests.support.http import Response
+from tests.support.stack import Stack
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 NO_EVAL = {"enabled": False}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from core.modelzoo import build_model
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 # Both tests train (bench.train in a child process).
 pytestmark = pytest.mark.training

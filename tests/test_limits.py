@@ -20,8 +20,9 @@ import pytest
 from core.db import session_scope
 from core.models import DEFAULT_TENANT_ID
 from core.repository import jobs as jobs_repo
-from tests.conftest import ROOT, Stack
 from tests.support.markers import requires
+from tests.support.paths import ROOT
+from tests.support.stack import Stack
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -159,7 +160,7 @@ def live_api(
     """`tuneserve-api` (uvicorn, auth on) on the embedded stack: (port, process, a tenant key). No worker is needed."""
     from core.migrate import upgrade
     from core.settings import Settings
-    from tests.conftest import mint_api_key, settings_env
+    from tests.support.stack import mint_api_key, settings_env
 
     data_dir = tmp_path_factory.mktemp("live-api")
     settings = Settings(data_dir=data_dir, base_model=str(model_dir), reconcile_interval_seconds=0)

@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.main import create_app
 from core.migrate import upgrade
 from core.settings import Settings
-from tests.conftest import REDIS_URL, bearer, mint_api_key
 from tests.support.markers import requires
+from tests.support.paths import REDIS_URL
+from tests.support.stack import bearer, mint_api_key
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

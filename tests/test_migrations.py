@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from core.migrate import check, downgrade, upgrade
-from tests.conftest import create_pg_database, drop_pg_database, pg_url
+from tests.support.databases import create_pg_database, drop_pg_database, pg_url
 from tests.support.markers import requires
 
 TABLES = {

@@ -25,7 +25,7 @@ from core.evaluation.samples import clip
 from core.jobspec import Hyperparameters
 from core.models import Adapter, AdapterOperation, AdapterStatus, Dataset, Evaluation, EvaluationSample, Job
 from core.settings import Settings
-from tests.conftest import Stack, bearer, mint_api_key
+from tests.support.stack import Stack, bearer, mint_api_key
 
 NO_EVAL = {"enabled": False}
 SAMPLE_CHARS = 64  # the worker of this module cuts stored sample texts to this

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ServingProcess, Stack
-from tests.test_serving import PROMPTS, Reference, generate, make_adapter, unique
+from tests.support.generation import PROMPTS, Reference, generate, make_adapter, unique
+from tests.support.serving import ServingProcess
+from tests.support.stack import Stack
 
 
 def _greedy(stack: Stack, adapter: str | None) -> list[int]:

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import ROOT, Stack, bearer, mint_api_key
+from tests.support.paths import ROOT
+from tests.support.stack import Stack, bearer, mint_api_key
 
 NO_EVAL = {"enabled": False}
 

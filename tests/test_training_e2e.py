@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core.chat import prompt_text, split_prompt_reference
 from core.demo_data import demo_rows
 from core.storage import sha256_file
-from tests.conftest import Stack
+from tests.support.stack import Stack
 
 FAST = {"max_steps": 30, "learning_rate": 3e-3, "batch_size": 16, "lora_r": 8, "lora_alpha": 16, "seed": 1}
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.chat import prompt_text, split_prompt_reference
 from core.demo_data import demo_rows
-from tests.conftest import Stack
+from tests.support.stack import Stack
 
 QUICK = {"max_steps": 6, "learning_rate": 3e-3, "batch_size": 8, "seed": 3}
 NO_EVAL = {"enabled": False}  # the before/after evaluation has its own tests

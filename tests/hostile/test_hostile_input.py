@@ -26,10 +26,10 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from core.migrate import upgrade
 from core.settings import Settings
-from tests.conftest import bearer, mint_api_key
 from tests.hostile import archives
 from tests.support.http import Response
 from tests.support.markers import requires
+from tests.support.stack import bearer, mint_api_key
 
 SERVING_ROUTES = {"/generate", "/v1/completions", "/v1/chat/completions"}
 PLACEHOLDER = "__hostile__"
@@ -131,7 +131,8 @@ def hostile(request: pytest.FixtureRequest, model_dir: Path, demo_files: tuple[P
     data_dir = Path(tempfile.mkdtemp(prefix="tuneserve-hostile-"))
     databases: dict[str, Any] = {}
     if request.param == "postgres":
-        from tests.conftest import REDIS_URL, create_pg_database, pg_url
+        from tests.support.databases import create_pg_database, pg_url
+        from tests.support.paths import REDIS_URL
 
         databases = {"name": create_pg_database()}
         databases.update(database_url=pg_url(databases["name"]), broker_url=REDIS_URL)
@@ -168,7 +169,7 @@ def hostile(request: pytest.FixtureRequest, model_dir: Path, demo_files: tuple[P
     if databases:
         import redis
 
-        from tests.conftest import drop_pg_database
+        from tests.support.databases import drop_pg_database
 
         redis.Redis.from_url(databases["broker_url"]).delete(settings.queue_name)
         drop_pg_database(databases["name"])
@@ -546,7 +547,8 @@ def test_archive_bombs_and_odd_archives(hostile: dict[str, Any]) -> None:
 def test_job_floats_sent_as_inf_strings_on_postgres(model_dir: Path, demo_files: tuple[Path, Path]) -> None:
     import redis
 
-    from tests.conftest import REDIS_URL, create_pg_database, drop_pg_database, pg_url
+    from tests.support.databases import create_pg_database, drop_pg_database, pg_url
+    from tests.support.paths import REDIS_URL
 
     name = create_pg_database()
     settings = Settings(

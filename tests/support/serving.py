@@ -1,0 +1,68 @@
+"""`python -m serving` as the tests run it: one vLLM engine per session, small enough for 2 CPU cores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.paths import ROOT
+from tests.support.processes import stop_process_group
+
+
+@dataclass
+class ServingProcess:
+    """`python -m serving` started on a stack's settings: the one vLLM engine of a test session."""
+
+    url: str
+    token: str
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> None:
+        """Spawn serving (its own process group) and return once /health answers: the port opens after the engine."""
+        import httpx
+
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "serving"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        headers, deadline = {"X-Tuneserve-Serving-Token": self.token}, time.monotonic() + 300
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serving exited with {self.process.returncode}; log: {self.log}")
+            try:
+                if httpx.get(f"{self.url}/health", headers=headers).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"serving not ready in 300 s; log: {self.log}")
+            time.sleep(0.5)
+
+    def restart(self) -> None:
+        """Stop serving (SIGTERM, as a deploy does) and start a fresh engine on the same port and settings."""
+        stop_process_group(self.process)
+        self.start()
+
+
+SERVING_TEST_SETTINGS: dict[str, Any] = {
+    "max_lora_rank": 8,
+    "serving_max_loras": 2,
+    "serving_max_cpu_loras": 4,
+    "serving_max_model_len": 512,
+    "serving_max_prompt_tokens": 384,
+    "serving_max_tokens": 64,
+    "serving_max_num_seqs": 32,
+    "serving_kv_cache_gib": 1,
+    "serving_dtype": "float32",
+}
