@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +14,7 @@ from api.middleware import RequestGuard
 from api.routes import adapters, datasets, evaluations, generation, health, jobs, openai_compat, usage
 from api.schemas import ErrorResponse
 from api.services.serving_client import close_serving_client
+from core.logs import setup_logging
 from core.reconcile import ReconcilerThread
 from core.settings import Settings, get_settings
 
@@ -72,9 +72,6 @@ def run() -> None:
     """`tuneserve-api`: serve the app with uvicorn."""
     import uvicorn
 
-    uvicorn.run(
-        "api.main:create_app",
-        factory=True,
-        host=os.environ.get("TUNESERVE_API_HOST", "127.0.0.1"),
-        port=int(os.environ.get("TUNESERVE_API_PORT", "8000")),
-    )
+    setup_logging()
+    settings = get_settings()
+    uvicorn.run("api.main:create_app", factory=True, host=settings.api_host, port=settings.api_port)

@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     )
     event_every_steps: int = Field(5, ge=1, description="Write a loss event every N optimizer steps")
 
+    # The API process (`tuneserve-api`).
+    api_host: str = Field("127.0.0.1", description="tuneserve-api binds here (0.0.0.0 inside its container)")
+    api_port: int = Field(8000, gt=0, lt=65536, description="tuneserve-api listens on this port")
+
     # Serving: one vLLM engine (enable_lora) in its own process, reachable only from the API.
     serving_host: str = Field("127.0.0.1", description="Serving binds here: loopback or an internal network only")
     serving_port: int = Field(8100, gt=0, lt=65536)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-
 
 def main() -> None:
     import uvicorn
 
+    from core.logs import setup_logging
     from core.settings import get_settings
     from serving.app import check_bind_address, create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     settings = get_settings()
     check_bind_address(settings)
     uvicorn.run(create_app(settings), host=settings.serving_host, port=settings.serving_port, log_level="info")

@@ -37,6 +37,7 @@ from core.evaluation.inference import (
     reference_losses,
 )
 from core.evaluation.metrics import LOSS_METRICS, TEXT_METRICS, mean_scores, score_example
+from core.logs import setup_logging
 from core.models import Adapter, AdapterOperation, AdapterStatus, Evaluation, EvaluationSample, WorkStatus
 from core.repository import adapters as adapters_repo
 from core.repository import evaluations as evaluations_repo
@@ -368,7 +369,7 @@ def run(kind: str, record_id: str, owner: str) -> int:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.exit(run(sys.argv[1], sys.argv[2], sys.argv[3]))
 

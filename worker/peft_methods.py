@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import TrainingError
-from core.jobspec import Hyperparameters
+from core.jobspec import LORA_METHODS, Hyperparameters
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -71,7 +71,7 @@ def wrap_for_method(model: Any, method: str, hp: Hyperparameters) -> Any:
         return model
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hp.gradient_checkpointing)
-    if method in ("lora", "qlora", "dora"):
+    if method in LORA_METHODS:
         config: Any = LoraConfig(
             r=hp.lora_r,
             lora_alpha=hp.lora_alpha,  # type: ignore[arg-type]  # PEFT scales by any number; its annotation says int
@@ -101,6 +101,6 @@ def wrap_for_method(model: Any, method: str, hp: Hyperparameters) -> Any:
 
 def trained_target_modules(model: Any, method: str) -> list[str]:
     """The layer names users know (q_proj, ...); PEFT expands "all-linear" to full module paths."""
-    if method not in ("lora", "qlora", "dora"):
+    if method not in LORA_METHODS:
         return []
     return sorted({m.rsplit(".", 1)[-1] for m in model.peft_config["default"].target_modules})

@@ -24,7 +24,8 @@ from core.checkpoints import checkpoints_dir, latest_complete, mark_complete
 from core.db import session_scope
 from core.errors import TrainingError
 from core.job_evaluations import plan_job_evaluations
-from core.jobspec import Hyperparameters
+from core.jobspec import LORA_METHODS, Hyperparameters
+from core.logs import setup_logging
 from core.models import Adapter, AdapterStatus, Job, JobEvent, JobStatus
 from core.repository import adapters as adapters_repo
 from core.repository import jobs as jobs_repo
@@ -367,7 +368,7 @@ def publish_adapter(
     name = adapter_name_for(job)
     target_modules = trained_target_modules(model, job.method)
     serve = servability(job.method, target_modules)
-    lora = job.method in ("lora", "qlora", "dora")
+    lora = job.method in LORA_METHODS
     with store.staging_dir() as staged:
         model.save_pretrained(str(staged), safe_serialization=True)
         if job.method == "full":
@@ -452,7 +453,7 @@ def run(job_id: str, owner: str) -> int:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         code = run(sys.argv[1], sys.argv[2])
