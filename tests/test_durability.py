@@ -623,20 +623,29 @@ def test_an_attempt_past_its_time_limit_is_stopped_and_fails(durable_stack: Stac
 def test_a_running_evaluation_is_cancelled_and_its_child_stopped(durable_stack: Stack) -> None:
     """Evaluations could not be cancelled at all; now the supervisor stops the child after the grace period."""
     stack = durable_stack
-    response = stack.client.post("/evaluations", json={"dataset_id": stack.extra["dataset_id"], "split": "train",
-                                                       "batch_size": 1, "max_new_tokens": 512})
+    response = stack.client.post(
+        "/evaluations",
+        json={"dataset_id": stack.extra["dataset_id"], "split": "train", "batch_size": 1, "max_new_tokens": 512},
+    )
     assert response.status_code == 201, response.text
     evaluation_id = response.json()["id"]
-    _wait(lambda: stack.client.get(f"/evaluations/{evaluation_id}").json()["status"] == "running", timeout=120,
-          what="the evaluation to start")
+    wait_until(
+        lambda: stack.client.get(f"/evaluations/{evaluation_id}").json()["status"] == "running",
+        timeout=120,
+        what="the evaluation to start",
+    )
     cancelled = stack.client.post(f"/evaluations/{evaluation_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"] is True
-    _wait(lambda: stack.client.get(f"/evaluations/{evaluation_id}").json()["status"] == "cancelled",
-          timeout=stack.settings.cancel_grace_seconds + 30, what="the evaluation to be cancelled")
-    _wait(lambda: not _evaluation_children(evaluation_id), timeout=10, what="its child to be gone")
+    wait_until(
+        lambda: stack.client.get(f"/evaluations/{evaluation_id}").json()["status"] == "cancelled",
+        timeout=stack.settings.cancel_grace_seconds + 30,
+        what="the evaluation to be cancelled",
+    )
+    wait_until(lambda: not _evaluation_children(evaluation_id), timeout=10, what="its child to be gone")
 
 
 def _evaluation_children(evaluation_id: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"worker.evaluation evaluation {evaluation_id}"], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["pgrep", "-f", f"worker.evaluation evaluation {evaluation_id}"], capture_output=True, text=True
+    ).stdout
     return [int(pid) for pid in out.split()]
