@@ -7,7 +7,18 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
-from core.models import Adapter, AdapterOperation, Dataset, Evaluation, EvaluationSample, Job, JobEvent, utcnow
+from core.models import (
+    Adapter,
+    AdapterOperation,
+    Dataset,
+    Evaluation,
+    EvaluationSample,
+    Job,
+    JobEvent,
+    JobStatus,
+    WorkStatus,
+    utcnow,
+)
 
 T = TypeVar("T")
 
@@ -100,11 +111,11 @@ class JobOut(BaseModel):
         percent = eta = None
         if job.total_steps:
             percent = round(100.0 * job.step / job.total_steps, 1)
-            if job.status.value == "running" and job.started_at is not None and job.step > 0:
+            if job.status == JobStatus.running and job.started_at is not None and job.step > 0:
                 elapsed = utcnow().timestamp() - (unix(job.started_at) or 0)
                 eta = round(elapsed / job.step * (job.total_steps - job.step), 1)
         error = None
-        if job.status.value == "failed" and job.error_code:
+        if job.status == JobStatus.failed and job.error_code:
             error = ErrorBody(
                 type="job_error", code=job.error_code, message=job.error_message or "", param=job.error_param
             )
@@ -213,7 +224,7 @@ class HealthOut(BaseModel):
 
 
 def _work_error(row: Evaluation | AdapterOperation) -> ErrorBody | None:
-    if row.status.value != "failed" or not row.error_code:
+    if row.status != WorkStatus.failed or not row.error_code:
         return None
     return ErrorBody(type="worker_error", code=row.error_code, message=row.error_message or "", param=row.error_param)
 
@@ -376,7 +387,7 @@ class AdapterOperationOut(BaseModel):
     def of(cls, o: AdapterOperation) -> AdapterOperationOut:
         return cls(
             id=o.id,
-            kind=o.kind,
+            kind=o.kind.value,
             status=o.status.value,
             source_adapter=o.source_adapter,
             scale=o.scale,

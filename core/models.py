@@ -53,9 +53,17 @@ class AdapterStatus(str, enum.Enum):
     deleted = "deleted"
 
 
-def _enum(cls: type[enum.Enum]) -> Enum:
+class OperationKind(str, enum.Enum):
+    """What an adapter operation does."""
+
+    derive = "derive"  # a new adapter with B x scale
+    merge = "merge"  # a full model W0 + scale x BA
+    canary = "canary"  # an imported adapter's health check
+
+
+def _enum(cls: type[enum.Enum], length: int = 32) -> Enum:
     # Stored as plain strings (no native enum type) so new states never need an ALTER TYPE.
-    return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
+    return Enum(cls, native_enum=False, length=length, values_callable=lambda e: [m.value for m in e])
 
 
 # The tenant every resource belongs to when auth is off (the embedded demo); created by migration 0004.
@@ -268,7 +276,7 @@ class AdapterOperation(LeasedWork, Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("adop"))
     tenant_id: Mapped[str] = tenant_column()
-    kind: Mapped[str] = mapped_column(String(16), doc="derive | merge | canary")
+    kind: Mapped[OperationKind] = mapped_column(_enum(OperationKind, length=16))
     source_adapter: Mapped[str] = mapped_column(String(128))
     scale: Mapped[float] = mapped_column(Float)
     result_name: Mapped[str | None] = mapped_column(String(128), nullable=True)

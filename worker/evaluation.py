@@ -38,7 +38,15 @@ from core.evaluation.inference import (
 )
 from core.evaluation.metrics import LOSS_METRICS, TEXT_METRICS, mean_scores, score_example
 from core.logs import setup_logging
-from core.models import Adapter, AdapterOperation, AdapterStatus, Evaluation, EvaluationSample, WorkStatus
+from core.models import (
+    Adapter,
+    AdapterOperation,
+    AdapterStatus,
+    Evaluation,
+    EvaluationSample,
+    OperationKind,
+    WorkStatus,
+)
 from core.repository import adapters as adapters_repo
 from core.repository import evaluations as evaluations_repo
 from core.repository import leases
@@ -208,10 +216,10 @@ def evaluate(run: EvaluationRun) -> None:
             raise LeaseLost(ev.id)
 
 
-def derived_name(source: str, kind: str, scale: float, operation_id: str) -> str:
+def derived_name(source: str, kind: OperationKind, scale: float, operation_id: str) -> str:
     """A new unique adapter name from the source, the scale and the operation (stable across retries)."""
     scale_text = f"{scale:g}".replace("+", "")
-    tag = "x" if kind == "derive" else "merged-x"
+    tag = "x" if kind == OperationKind.derive else "merged-x"
     return f"{source[:80]}-{tag}{scale_text}-{operation_id.split('-', 1)[1][:8]}"
 
 
@@ -277,7 +285,7 @@ def run_adapter_operation(settings: Settings, operation_id: str, owner: str) -> 
         op = s.get(AdapterOperation, operation_id)
         assert op is not None
         source = adapters_repo.get_adapter_by_name(s, op.source_adapter)
-    if op.kind == "canary":
+    if op.kind == OperationKind.canary:
         run_canary(settings, op, source, owner)
         return
     if source is None or source.status != AdapterStatus.ready or source.method not in SCALABLE_METHODS:
@@ -287,12 +295,12 @@ def run_adapter_operation(settings: Settings, operation_id: str, owner: str) -> 
     source_dir = verified_adapter_dir(store, source)
     name = derived_name(source.name, op.kind, op.scale, op.id)
     with store.staging_dir() as staged:
-        if op.kind == "derive":
+        if op.kind == OperationKind.derive:
             derive_adapter(source_dir, staged, op.scale)
         else:
             merge_adapter(settings.base_model, source_dir, staged, op.scale)
         files, size = hash_dir(staged)
-        merged = op.kind == "merge"
+        merged = op.kind == OperationKind.merge
         # One transaction under the operation's lease: publish, register, finish (invariant 4).
         with session_scope(settings.database_url) as s:
             relative = publish_under_lease(s, store, AdapterOperation, op.id, owner, staged, name)

@@ -14,6 +14,7 @@ from api.services import adapters as adapters_service
 from api.services.serving_client import ServingClient, get_serving_client
 from core.adapter_ops import MAX_SCALE, MIN_SCALE
 from core.errors import NotFound
+from core.models import AdapterStatus, OperationKind
 from core.repository import adapters as adapters_repo
 
 router = APIRouter(prefix="/adapters", tags=["adapters"], route_class=StrictJSONRoute)
@@ -67,7 +68,7 @@ def list_adapters(
 @router.get("/{name}", response_model=AdapterOut)
 def get_adapter(session: SessionDep, tenant: TenantDep, name: str) -> AdapterOut:
     adapter = adapters_repo.get_owned_adapter(session, tenant, name)
-    if adapter is None or adapter.status.value == "deleted":
+    if adapter is None or adapter.status == AdapterStatus.deleted:
         raise NotFound(f"no adapter named {name!r}", param="name")
     return AdapterOut.of(adapter)
 
@@ -78,7 +79,7 @@ def derive_adapter(
 ) -> AdapterOperationOut:
     """A new immutable adapter with B times scale, made by a worker; poll /adapter-operations/{id}."""
     operation = operations_service.create_operation(
-        session, settings, tenant, name=name, kind="derive", scale=body.scale
+        session, settings, tenant, name=name, kind=OperationKind.derive, scale=body.scale
     )
     return AdapterOperationOut.of(operation)
 
@@ -89,7 +90,7 @@ def merge_adapter(
 ) -> AdapterOperationOut:
     """A full model W0 + scale·(alpha/r)·BA, made by a worker; poll /adapter-operations/{id}."""
     operation = operations_service.create_operation(
-        session, settings, tenant, name=name, kind="merge", scale=body.scale
+        session, settings, tenant, name=name, kind=OperationKind.merge, scale=body.scale
     )
     return AdapterOperationOut.of(operation)
 

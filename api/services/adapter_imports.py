@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from api.services import usage as usage_service
 from core.adapter_import import check_unpacked, unpack_adapter
 from core.errors import PayloadTooLarge
-from core.models import Adapter, AdapterOperation, AdapterStatus, WorkStatus
+from core.models import Adapter, AdapterOperation, AdapterStatus, OperationKind, WorkStatus
 from core.queue import commit_and_send
 from core.repository import adapter_operations as operations_repo
 from core.repository import adapters as adapters_repo
@@ -87,7 +87,7 @@ def _unpack_and_record(
         session,
         AdapterOperation(
             tenant_id=tenant_id,
-            kind="canary",
+            kind=OperationKind.canary,
             source_adapter=name,
             scale=1.0,
             status=WorkStatus.queued,

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from api.services import usage as usage_service
 from core.adapter_ops import SCALABLE_METHODS
 from core.errors import Conflict, InvalidInput, NotFound
-from core.models import AdapterOperation, AdapterStatus, WorkStatus
+from core.models import AdapterOperation, AdapterStatus, OperationKind, WorkStatus
 from core.queue import commit_and_send
 from core.repository import adapter_operations as operations_repo
 from core.repository import adapters as adapters_repo
@@ -16,7 +16,7 @@ from core.settings import Settings
 
 
 def create_operation(
-    session: Session, settings: Settings, tenant_id: str, *, name: str, kind: str, scale: float
+    session: Session, settings: Settings, tenant_id: str, *, name: str, kind: OperationKind, scale: float
 ) -> AdapterOperation:
     adapter = adapters_repo.get_owned_adapter(session, tenant_id, name)
     if adapter is None or adapter.status == AdapterStatus.deleted:
@@ -38,7 +38,7 @@ def create_operation(
             max_attempts=settings.max_attempts,
         ),
     )
-    usage_service.admit(session, settings, tenant_id, kind)  # type: ignore[arg-type]
+    usage_service.admit(session, settings, tenant_id, "derive" if kind == OperationKind.derive else "merge")
     commit_and_send(session, settings, AdapterOperation, operation.id)
     return operation
 
@@ -65,7 +65,7 @@ def cancel_operation(session: Session, tenant_id: str, operation_id: str) -> Ada
         )
     leases.request_cancel(session, AdapterOperation, operation_id)
     operation = get_operation_or_404(session, tenant_id, operation_id)
-    if operation.kind == "canary" and operation.status == WorkStatus.cancelled:
+    if operation.kind == OperationKind.canary and operation.status == WorkStatus.cancelled:
         adapters_repo.set_health(
             session,
             operation.source_adapter,

@@ -14,10 +14,5 @@ def add_operation(session: Session, operation: AdapterOperation) -> AdapterOpera
     return operation
 
 
-def get_operation(session: Session, operation_id: str) -> AdapterOperation | None:
-    """Any tenant's operation: for workers."""
-    return session.get(AdapterOperation, operation_id)
-
-
 def get_owned_operation(session: Session, tenant_id: str, operation_id: str) -> AdapterOperation | None:
     return get_owned(session, AdapterOperation, tenant_id, operation_id)

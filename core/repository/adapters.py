@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.models import Adapter, AdapterOperation, AdapterStatus, Evaluation, WorkStatus
+from core.models import Adapter, AdapterOperation, AdapterStatus, Evaluation, OperationKind, WorkStatus
 from core.repository import newest_first_page
 
 
@@ -19,10 +19,6 @@ def get_adapter_by_name(session: Session, name: str) -> Adapter | None:
 def get_owned_adapter(session: Session, tenant_id: str, name: str) -> Adapter | None:
     """The tenant's adapter named `name`, deleted or not."""
     return session.scalar(select(Adapter).where(Adapter.name == name, Adapter.tenant_id == tenant_id))
-
-
-def get_adapter_for_job(session: Session, job_id: str) -> Adapter | None:
-    return session.scalar(select(Adapter).where(Adapter.job_id == job_id))
 
 
 def list_adapters(session: Session, tenant_id: str, *, limit: int, after: str | None) -> tuple[list[Adapter], bool]:
@@ -66,7 +62,8 @@ def settle_failed_canaries(session: Session) -> list[str]:
     query = (
         select(Adapter, AdapterOperation)
         .join(
-            AdapterOperation, and_(AdapterOperation.source_adapter == Adapter.name, AdapterOperation.kind == "canary")
+            AdapterOperation,
+            and_(AdapterOperation.source_adapter == Adapter.name, AdapterOperation.kind == OperationKind.canary),
         )
         .where(
             Adapter.status == AdapterStatus.validating,
