@@ -53,6 +53,18 @@ class AdapterStatus(str, enum.Enum):
     deleted = "deleted"
 
 
+class TrainingMethod(str, enum.Enum):
+    """How a job trains (the API's core.jobspec.Method names the same values; tests/test_models.py checks)."""
+
+    lora = "lora"
+    qlora = "qlora"
+    dora = "dora"
+    prompt_tuning = "prompt_tuning"
+    p_tuning = "p_tuning"
+    prefix_tuning = "prefix_tuning"
+    full = "full"
+
+
 class OperationKind(str, enum.Enum):
     """What an adapter operation does."""
 
@@ -125,7 +137,7 @@ class Job(Base):
     tenant_id: Mapped[str] = tenant_column()
     base_model: Mapped[str] = mapped_column(String(512))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
-    method: Mapped[str] = mapped_column(String(32))
+    method: Mapped[TrainingMethod] = mapped_column(_enum(TrainingMethod))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), index=True, default=JobStatus.queued)

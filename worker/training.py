@@ -51,7 +51,7 @@ STOP_CANCEL, STOP_LEASE_LOST = 1, 2
 
 
 def adapter_name_for(job: Job) -> str:
-    return f"ft-{job.suffix or job.method.replace('_', '-')}-{job.id.split('-', 1)[1]}"
+    return f"ft-{job.suffix or job.method.value.replace('_', '-')}-{job.id.split('-', 1)[1]}"
 
 
 def is_main_process() -> bool:
@@ -323,7 +323,7 @@ def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
     callback = _make_callback(attempt)
     trainer, collator = build_trainer(
         base_model=settings.base_model,
-        method=job.method,
+        method=job.method.value,
         hp=hp,
         examples=examples,
         pad_token_id=tokenizer.pad_token_id,
@@ -366,12 +366,12 @@ def publish_adapter(
     settings = attempt.settings
     store = Store(settings)
     name = adapter_name_for(job)
-    target_modules = trained_target_modules(model, job.method)
-    serve = servability(job.method, target_modules)
-    lora = job.method in LORA_METHODS
+    target_modules = trained_target_modules(model, job.method.value)
+    serve = servability(job.method.value, target_modules)
+    lora = job.method.value in LORA_METHODS
     with store.staging_dir() as staged:
         model.save_pretrained(str(staged), safe_serialization=True)
-        if job.method == "full":
+        if job.method.value == "full":
             tokenizer.save_pretrained(str(staged))  # a full model must stand on its own
         files, size = hash_dir(staged)
         try:
@@ -393,7 +393,7 @@ def publish_adapter(
                         tenant_id=job.tenant_id,
                         job_id=job.id,
                         base_model=job.base_model,
-                        method=job.method,
+                        method=job.method.value,
                         rank=hp.lora_r if lora else None,
                         alpha=hp.lora_alpha if lora else None,
                         target_modules=target_modules,

@@ -10,7 +10,7 @@ from api.services.datasets import get_dataset_or_404
 from core.errors import Conflict, InvalidInput, NotFound
 from core.jobspec import JobSpec
 from core.model_info import check_target_modules
-from core.models import Job, JobEvent, JobStatus, new_id
+from core.models import Job, JobEvent, JobStatus, TrainingMethod, new_id
 from core.queue import commit_and_send
 from core.repository import jobs as jobs_repo
 from core.repository import leases
@@ -57,7 +57,7 @@ def create_job(
             tenant_id=tenant_id,
             base_model=base_model,
             dataset_id=spec.dataset_id,
-            method=spec.method,
+            method=TrainingMethod(spec.method),
             hyperparameters=spec.hyperparameters.model_dump(mode="json"),
             suffix=spec.suffix,
             evaluation=spec.evaluation.model_dump(mode="json"),
