@@ -97,7 +97,7 @@ def succeeded_without_evaluations(
     and have no evaluation rows (the sweeper's input).
 
     New jobs get theirs in the transaction that marks them succeeded; this finds what predates that or was lost.
-    Every condition is in SQL, so a round reads only real candidates.
+    Every condition is in SQL, so a round reads only real candidates. The rows stay locked until the caller commits.
     """
     has_evaluation = select(Evaluation.id).where(Evaluation.job_id == Job.id).exists()
     query = (
@@ -112,5 +112,8 @@ def succeeded_without_evaluations(
             Dataset.test_rows > 0,
             ~has_evaluation,
         )
+        # Every API process runs a sweeper: a job one of them is planning is skipped by the others (Postgres; SQLite
+        # has one writer at a time, and a second planner's stale snapshot cannot write).
+        .with_for_update(skip_locked=True, of=Job)
     )
     return list(session.scalars(query))
