@@ -24,10 +24,8 @@ import argparse
 import json
 import os
 import random
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,44 +37,21 @@ from typing import Any
 import httpx
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = os.environ.get("TUNESERVE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+from bench.processes import (
+    PG_ADMIN_URL,
+    ROOT,
+    Proc,
+    api_command,
+    create_database,
+    drop_database,
+    free_port,
+    redis_command,
+    sqlalchemy_url,
+    worker_command,
+)
+
 FAULTS = ("kill_worker", "kill_child", "kill_api", "restart_redis", "drop_db_connections")
 TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Proc:
-    """A restartable child process in its own process group, logging to a file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.argv, self.env, self.log = name, argv, env, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
 
 
 class Bench:
@@ -89,11 +64,8 @@ class Bench:
         self.rng = random.Random(seed)
         model = build_model(work / "model", preset="tiny", seed=0)
         self.train_file, _ = write_demo_dataset(work / "demo", n_train=128, n_test=16, seed=0)
-        self.db_name = f"tuneserve_faults_{secrets.token_hex(4)}"
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.db_name}"')
-        base = PG_ADMIN_URL.rsplit("/", 1)[0]
-        self.database_url = f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{self.db_name}"
+        self.db_name, self.pg_url = create_database("tuneserve_faults")
+        self.database_url = sqlalchemy_url(self.pg_url)
         self.redis_port, self.api_port = free_port(), free_port()
         self.env = {
             **os.environ,
@@ -118,48 +90,9 @@ class Bench:
         upgrade(self.database_url)
         logs = work / "logs"
         logs.mkdir()
-        self.redis = Proc(
-            "redis",
-            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            self.env,
-            logs / "redis.log",
-        )
-        self.api = Proc(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "api.main:create_app",
-                "--factory",
-                "--port",
-                str(self.api_port),
-                "--log-level",
-                "warning",
-            ],
-            self.env,
-            logs / "api.log",
-        )
-        self.worker = Proc(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--pool=solo",
-                "--concurrency=1",
-                "-Q",
-                "faults",
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            self.env,
-            logs / "worker.log",
-        )
+        self.redis = Proc("redis", redis_command(self.redis_port), self.env, logs / "redis.log")
+        self.api = Proc("api", api_command(self.api_port), self.env, logs / "api.log")
+        self.worker = Proc("worker", worker_command("faults"), self.env, logs / "worker.log")
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
         self.injected: list[dict[str, Any]] = []
 
@@ -191,8 +124,7 @@ class Bench:
         for proc in (self.worker, self.api, self.redis):
             proc.kill(signal.SIGTERM)
         self.client.close()
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        drop_database(self.db_name)
 
     @staticmethod
     def wait(predicate: Any, timeout: float, what: str) -> None:
@@ -246,7 +178,7 @@ class Bench:
     def inject(self, fault: str) -> None:
         started = time.monotonic()
         if fault == "kill_worker":
-            self.worker.kill()
+            self.worker.kill(signal.SIGKILL)
             time.sleep(0.5)
             self.worker.start()
         elif fault == "kill_child":
@@ -261,10 +193,10 @@ class Bench:
                 except ProcessLookupError:
                     pass
         elif fault == "kill_api":
-            self.api.kill()
+            self.api.kill(signal.SIGKILL)
             self.start_api()
         elif fault == "restart_redis":
-            self.redis.kill()
+            self.redis.kill(signal.SIGKILL)
             self.redis.start()
         elif fault == "drop_db_connections":
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
@@ -302,7 +234,7 @@ class Bench:
         return dict(rows)
 
     def _pg_url(self) -> str:
-        return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{self.db_name}"
+        return self.pg_url
 
     def audit(self, job_ids: list[str]) -> dict[str, Any]:
         from core.storage import hash_dir

@@ -42,7 +42,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,8 +57,19 @@ from typing import Any
 import httpx
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = os.environ.get("TUNESERVE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+from bench.processes import (
+    PG_ADMIN_URL,
+    ROOT,
+    Proc,
+    api_command,
+    create_database,
+    drop_database,
+    free_port,
+    redis_command,
+    sqlalchemy_url,
+    worker_command,
+)
+
 SERVING_TOKEN_HEADER = "X-Tuneserve-Serving-Token"
 APP_NAMES = {"api": "tuneserve-load-api", "worker": "tuneserve-load-worker", "serving": "tuneserve-load-serving"}
 TENANTS = ("load-a", "load-b")
@@ -80,12 +90,6 @@ SERVING_SETTINGS = {
     "serving_dtype": "float32",
 }
 KEEPALIVE_EXPIRY_S = 3.0  # below uvicorn's --timeout-keep-alive (5 s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -111,42 +115,6 @@ def status_class(status: int | None) -> str:
     if status == 429:
         return "429"
     return f"{status // 100}xx"
-
-
-class Proc:
-    """A child process in its own process group, logging to a file (as bench/faults.py)."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.argv, self.env, self.log = name, argv, env, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
 
 
 # ---------------------------------------------------------------- recording
@@ -1013,12 +981,8 @@ class Bench:
         model = build_model(work / "models" / "tiny", preset="tiny", seed=0)
         self.served_model_name = model.name
         self.train_file, _ = write_demo_dataset(work / "demo", n_train=64, n_test=8, seed=0)
-        self.db_name = f"tuneserve_load_{secrets.token_hex(4)}"
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.db_name}"')
-        base = PG_ADMIN_URL.rsplit("/", 1)[0]
-        self.pg_url = f"{base}/{self.db_name}"
-        self.database_url = self.pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
+        self.db_name, self.pg_url = create_database("tuneserve_load")
+        self.database_url = sqlalchemy_url(self.pg_url)
         self.redis_port, self.api_port, self.serving_port = free_port(), free_port(), free_port()
         self.serving_token = secrets.token_hex(8)
         self.api_url = f"http://127.0.0.1:{self.api_port}"
@@ -1058,51 +1022,10 @@ class Bench:
         def with_app(name: str) -> dict[str, str]:
             return {**env, "PGAPPNAME": APP_NAMES[name]}
 
-        self.redis = Proc(
-            "redis",
-            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            env,
-            logs / "redis.log",
-        )
+        self.redis = Proc("redis", redis_command(self.redis_port), env, logs / "redis.log")
         self.serving = Proc("serving", [sys.executable, "-m", "serving"], with_app("serving"), logs / "serving.log")
-        self.api = Proc(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "api.main:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.api_port),
-                "--log-level",
-                "warning",
-            ],
-            with_app("api"),
-            logs / "api.log",
-        )
-        self.worker = Proc(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--pool=solo",
-                "--concurrency=1",
-                "-Q",
-                "load",
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            with_app("worker"),
-            logs / "worker.log",
-        )
+        self.api = Proc("api", api_command(self.api_port), with_app("api"), logs / "api.log")
+        self.worker = Proc("worker", worker_command("load"), with_app("worker"), logs / "worker.log")
 
     def make_tenants(self) -> list[Tenant]:
         from core.auth import create_tenant, mint_key
@@ -1163,8 +1086,7 @@ class Bench:
     def stop(self) -> None:
         for proc in (self.worker, self.api, self.serving, self.redis):
             proc.kill(signal.SIGTERM)
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        drop_database(self.db_name)
 
     def seed_work(self, load: Load) -> None:
         """One dataset and one job per tenant before the load, so adapters exist by the time it starts."""
