@@ -9,7 +9,6 @@ deleting the files of a deleted adapter never pulls them from under work that ma
 from __future__ import annotations
 
 import logging
-import shutil
 
 from core.db import session_scope
 from core.models import Adapter
@@ -22,11 +21,7 @@ log = logging.getLogger("tuneserve.cleanup")
 
 def delete_adapter_files(settings: Settings, adapter: Adapter) -> bool:
     """Remove the adapter's directory (inside the store); False when there was none."""
-    path = Store(settings).resolve(adapter.path)
-    if not path.exists():
-        return False
-    shutil.rmtree(path, ignore_errors=True)
-    return True
+    return Store(settings).remove(adapter.path)
 
 
 def purge_deleted_adapter_files(settings: Settings) -> list[str]:

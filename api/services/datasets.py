@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,7 +180,7 @@ def store_dataset(
     try:
         usage_service.admit(session, settings, tenant_id, "dataset", new_bytes=dataset.bytes)  # 413 past the quota
     except Exception:
-        shutil.rmtree(store.resolve(relative), ignore_errors=True)  # the rollback drops the row; the files go too
+        store.remove(relative)  # the rollback drops the row; the files go too
         raise
     return dataset, False
 
