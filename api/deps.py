@@ -61,7 +61,11 @@ def current_tenant(
         raise Unauthenticated(
             "send an API key: Authorization: Bearer <key>", param="Authorization", code="missing_api_key"
         )
-    return tenant_for_key(session, credentials.credentials)
+    tenant_id = tenant_for_key(session, credentials.credentials)
+    # End the read's transaction: its connection goes back to the pool instead of being held while the route
+    # reads an upload from a slow client or waits on serving (invariant 6). The route's own queries take one again.
+    session.commit()
+    return tenant_id
 
 
 TenantDep = Annotated[str, Depends(current_tenant)]

@@ -42,6 +42,8 @@ async def resolve_adapter(
     if name is None or name in (settings.served_model_name, settings.base_model):
         return None
     adapter = await run_in_threadpool(_servable_adapter, session, tenant_id, name, param=param)
+    # The lookup's connection goes back to the pool before the route waits on serving, which may take minutes.
+    await run_in_threadpool(session.commit)
     return adapter.name
 
 
