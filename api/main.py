@@ -11,9 +11,12 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
 from api.middleware import RequestGuard
-from api.routes import adapters, datasets, evaluations, generation, health, jobs, openai_compat, usage
+from api.routes import adapters, datasets, evaluations, events, generation, health, jobs, openai_compat, usage
 from api.schemas import ErrorResponse
 from api.services.serving_client import close_serving_client
+from api.ui import install_console, install_docs
+from api.ui.assets import CONSOLE_PREFIX
+from api.ui.docs import DOCS_URL, OAUTH2_REDIRECT_URL
 from core.logs import setup_logging
 from core.reconcile import ReconcilerThread
 from core.settings import Settings, get_settings
@@ -44,6 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Fine-tune LoRA adapters and serve them hot-swapped",
         lifespan=lifespan,
+        # /docs is served by api/ui/docs.py from vendored files (FastAPI's loads them from CDNs); no ReDoc.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
@@ -53,18 +59,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/healthz",
         "/readyz",
         "/metrics",
-        app.docs_url,
-        app.redoc_url,
+        DOCS_URL,
         app.openapi_url,
-        app.swagger_ui_oauth2_redirect_url,
+        OAUTH2_REDIRECT_URL,
+        CONSOLE_PREFIX,
     )
-    app.add_middleware(RequestGuard, settings=settings, open_paths=[p for p in open_paths if p])
+    # The console's pages and files hold no tenant data (the browser fetches that with the key): no key for them.
+    open_prefixes = (CONSOLE_PREFIX,) if settings.console_enabled else ()
+    app.add_middleware(
+        RequestGuard, settings=settings, open_paths=[p for p in open_paths if p], open_prefixes=open_prefixes
+    )
     install_metrics(app, settings)
     for router in (
-        *(m.router for m in (health, datasets, jobs, adapters, evaluations, generation, openai_compat, usage)),
+        *(m.router for m in (health, datasets, jobs, events, adapters, evaluations, generation, openai_compat, usage)),
         adapters.operations_router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
+    install_docs(app)
+    if settings.console_enabled:
+        install_console(app)
     return app
 
 

@@ -79,10 +79,14 @@ def _nul_in_url(scope: Scope) -> str | None:
 class RequestGuard:
     """Pure ASGI middleware (no body buffering): authentication, then the body-size cap."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, open_paths: Iterable[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: Settings, open_paths: Iterable[str], open_prefixes: Iterable[str] = ()
+    ) -> None:
         self.app = app
         self.settings = settings
         self.open_paths = frozenset(p.rstrip("/") or "/" for p in open_paths)
+        # Whole trees without a key (the console's pages and static files, which hold no tenant data), each "/x/".
+        self.open_prefixes = tuple(p.rstrip("/") + "/" for p in open_prefixes)
         self._valid_keys: dict[str, float] = {}  # sha256 of a key -> monotonic time it is trusted until
 
     def body_limit(self, method: str, path: str) -> tuple[int, str, str | None]:
@@ -97,7 +101,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path, method = _route_path(scope), scope.get("method", "GET")
-        if self.settings.auth_enabled and path not in self.open_paths:
+        if self.settings.auth_enabled and path not in self.open_paths and not path.startswith(self.open_prefixes):
             refusal = await self._authenticate(scope)
             if refusal is not None:
                 await _send_error(send, refusal)

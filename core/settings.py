@@ -166,6 +166,15 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="tuneserve-api binds here (0.0.0.0 inside its container)")
     api_port: int = Field(8000, gt=0, lt=65536, description="tuneserve-api listens on this port")
 
+    # The web console (/ui) and its live job stream (GET /jobs/{id}/events/stream).
+    console_enabled: bool = Field(True, description="Serve the web console at /ui (static pages; data via the API)")
+    event_stream_poll_seconds: float = Field(
+        1.0, gt=0, le=60, description="How often a job's event stream reads SQL (a short session per read)"
+    )
+    event_stream_max_seconds: float = Field(
+        600.0, gt=0, description="A job's event stream ends after this; the client reconnects with ?after="
+    )
+
     # Serving: one vLLM engine (enable_lora) in its own process, reachable only from the API.
     serving_host: str = Field("127.0.0.1", description="Serving binds here: loopback or an internal network only")
     serving_port: int = Field(8100, gt=0, lt=65536)
