@@ -175,10 +175,16 @@ class Settings(BaseSettings):
         600.0, gt=0, description="A job's event stream ends after this; the client reconnects with ?after="
     )
 
-    # Serving: one vLLM engine (enable_lora) in its own process, reachable only from the API.
+    # Serving: vLLM's OpenAI server (enable_lora, the registry resolver) in its own process per replica, reachable
+    # only from the API.
     serving_host: str = Field("127.0.0.1", description="Serving binds here: loopback or an internal network only")
     serving_port: int = Field(8100, gt=0, lt=65536)
     serving_url: str = Field("", description="Where the API reaches serving; default http://serving_host:serving_port")
+    serving_urls: str = Field(
+        "",
+        description="Serving replicas, comma-separated (each request goes to its adapter's replica: rendezvous "
+        "hashing, failover to the next); empty: the one serving_url",
+    )
     serving_token: str = Field("", description="Shared secret the API sends to serving; required off loopback")
     serving_max_loras: int = Field(4, ge=1, description="Distinct adapters batched together in one engine step")
     serving_max_cpu_loras: int = Field(8, ge=1, description="Adapters kept loaded (LRU cache); >= serving_max_loras")
@@ -190,7 +196,10 @@ class Settings(BaseSettings):
     serving_tensor_parallel_size: int = Field(1, ge=1)
     serving_enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (faster start)")
     serving_max_tokens: int = Field(1024, gt=0, description="Highest max_tokens a request may ask for")
-    serving_max_prompt_tokens: int = Field(0, ge=0, description="Longest prompt in tokens; 0: max_model_len - 1")
+    max_concurrent_generations_per_tenant: int = Field(
+        32, ge=1, description="Generations one tenant may have running at once, per API process (429 beyond)"
+    )
+    max_choices_per_request: int = Field(8, ge=1, le=128, description="Highest `n` a generation request may ask for")
     serving_timeout_seconds: float = Field(600.0, gt=0, description="The API's read timeout on a serving call")
     serving_retry_after_seconds: int = Field(5, ge=1, description="Retry-After sent while serving is unreachable")
 
@@ -212,10 +221,8 @@ class Settings(BaseSettings):
             self.serving_url = f"http://{self.serving_host}:{self.serving_port}"
         if self.serving_max_cpu_loras < self.serving_max_loras:
             raise ValueError("serving_max_cpu_loras must be >= serving_max_loras")
-        if not self.serving_max_prompt_tokens:
-            self.serving_max_prompt_tokens = self.serving_max_model_len - 1
-        if self.serving_max_prompt_tokens >= self.serving_max_model_len:
-            raise ValueError("serving_max_prompt_tokens must be < serving_max_model_len")
+        if self.serving_max_tokens >= self.serving_max_model_len:
+            raise ValueError("serving_max_tokens must be < serving_max_model_len (a prompt needs room too)")
         # .env.example's placeholders are public: a deployment that kept one has no secret at all.
         for name in ("serving_token", "metrics_token", "database_url"):
             if PLACEHOLDER_SECRET in getattr(self, name):
@@ -224,6 +231,12 @@ class Settings(BaseSettings):
                     "set a real secret, e.g. `openssl rand -hex 32`"
                 )
         return self
+
+    @property
+    def serving_url_list(self) -> list[str]:
+        """The replicas the API sends generations to (at least one)."""
+        urls = [u.strip().rstrip("/") for u in self.serving_urls.split(",") if u.strip()]
+        return urls or [self.serving_url.rstrip("/")]
 
     @property
     def allowed_lora_ranks(self) -> tuple[int, ...]:

@@ -95,7 +95,7 @@ def serving_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> 
     serving_values = dict(
         SERVING_TEST_SETTINGS, serving_port=port, serving_token=token, serving_url=f"http://127.0.0.1:{port}"
     )
-    settings = Settings(**{**base.model_dump(exclude={"serving_url", "serving_max_prompt_tokens"}), **serving_values})
+    settings = Settings(**{**base.model_dump(exclude={"serving_url"}), **serving_values})
     settings.ensure_dirs()
     upgrade(settings.database_url)
     env = settings_env(settings)

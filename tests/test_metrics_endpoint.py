@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -195,53 +194,3 @@ def test_metrics_token(tmp_path: Path, model_dir: Path) -> None:
             assert "TUNESERVE_METRICS_TOKEN" in error["message"]
         assert client.get("/metrics", headers=bearer("scrape-secret")).status_code == 200
         assert client.get("/healthz").status_code == 200  # the probes stay open
-
-
-def test_serving_metrics_module() -> None:
-    from serving import metrics
-
-    app = FastAPI()
-    metrics.install(app)
-    client = TestClient(app)
-
-    def now(name: str, **labels: str) -> float:
-        return sample(scrape(client), name, **labels) or 0.0
-
-    adapter = f"ft-metrics-{secrets.token_hex(3)}"
-    tokens_before = now("tuneserve_serving_generated_tokens_total", adapter=adapter)
-    base_before = now("tuneserve_serving_generated_tokens_total", adapter=metrics.BASE_MODEL_LABEL)
-    failures_before = now("tuneserve_serving_adapter_load_failures_total", reason="checksum")
-    metrics.record_generation(adapter, prompt_tokens=12, completion_tokens=30, seconds=0.5)
-    metrics.record_generation(adapter, prompt_tokens=12, completion_tokens=10, seconds=0.2)
-    metrics.record_generation(None, prompt_tokens=5, completion_tokens=7, seconds=0.1, outcome="aborted")
-    metrics.record_adapter_loaded(0.3)
-    metrics.record_adapter_load_failure("checksum")
-    metrics.set_adapters_loaded(3)
-
-    assert now("tuneserve_serving_generated_tokens_total", adapter=adapter) == tokens_before + 40
-    assert now("tuneserve_serving_generated_tokens_total", adapter=metrics.BASE_MODEL_LABEL) == base_before + 7
-    assert now("tuneserve_serving_requests_total", adapter=metrics.BASE_MODEL_LABEL, outcome="aborted") >= 1
-    assert now("tuneserve_serving_adapter_load_failures_total", reason="checksum") == failures_before + 1
-    assert now("tuneserve_serving_adapters_loaded") == 3
-    assert now("tuneserve_serving_tokens_per_second") >= 47 / metrics.THROUGHPUT_WINDOW_SECONDS
-
-    loaded = ["a", "b"]
-    metrics.track_adapters_loaded(lambda: len(loaded))
-    loaded.append("c")
-    loaded.append("d")
-    assert now("tuneserve_serving_adapters_loaded") == 4
-
-
-def test_throughput_window_decays_to_zero() -> None:
-    from serving.metrics import ThroughputWindow
-
-    clock = [100.0]
-    window = ThroughputWindow(window=10.0, clock=lambda: clock[0])
-    window.add(50)
-    clock[0] += 5
-    window.add(30)
-    assert window.rate() == 8.0
-    clock[0] += 6  # the first batch is now older than the window
-    assert window.rate() == 3.0
-    clock[0] += 10
-    assert window.rate() == 0.0

@@ -138,10 +138,10 @@ def test_many_adapters_concurrently_each_equals_its_reference(
     for (name, request), response in zip(jobs, responses, strict=True):
         assert response.status_code == 200, response.text
         assert response.json()["token_ids"] == reference.greedy(dirs.get(name) if name else None, request), name
-    # Concurrent first requests for a name load it once (one lock per name); LRU reloads are vLLM's own.
+    # Concurrent first requests for a name resolve and load it once (vLLM's lock per name); LRU reloads are vLLM's.
     log = serving_stack.extra["serving"].log.read_text()
     for name in names:
-        assert log.count(f"loaded adapter {name} as lora id") == 1, name
+        assert log.count(f"Resolved and loaded LoRA adapter '{name}'") == 1, name
 
 
 def test_job_adapter_is_served_right_after_the_job_succeeds(
@@ -174,7 +174,7 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "prefix": ({"edit": edit_config(peft_type="PREFIX_TUNING")}, "peft_type"),
     "rank-too-high": ({"rank": 16}, "max_lora_rank"),
     "wrong-shapes": ({"edit": wrong_shapes}, "does not fit"),
-    "engine-refuses": ({"edit": edit_config(bias="all")}, "the engine could not load it"),
+    "engine-refuses": ({"edit": edit_config(bias="all")}, "could not be loaded"),
 }
 
 
@@ -310,10 +310,13 @@ def test_openai_client_models_completions_chat_and_streaming(
 def test_limits_and_bad_input_name_the_field(serving_stack: Stack) -> None:
     settings = serving_stack.settings
     assert_error(generate(serving_stack, PROMPTS[0], max_tokens=settings.serving_max_tokens + 1), 422, "max_tokens")
-    long_prompt = {"prompt": " ".join(["word"] * (settings.serving_max_prompt_tokens + 10))}
-    assert_error(generate(serving_stack, long_prompt), 422, "prompt")
+    # Longer than the context: vLLM's own check (it alone has the tokenizer), its message in the one error shape.
+    long_prompt = {"prompt": " ".join(["word"] * (settings.serving_max_model_len + 10))}
+    assert "context length" in assert_error(generate(serving_stack, long_prompt), 400, "prompt")["message"]
     long_chat = {"messages": [{"role": "user", "content": long_prompt["prompt"]}]}
-    assert_error(generate(serving_stack, long_chat), 422, "messages")
+    assert "context length" in assert_error(generate(serving_stack, long_chat), 400, "messages")["message"]
+    too_long = {"prompt": "x" * (settings.max_prompt_chars + 1)}
+    assert_error(generate(serving_stack, too_long), 422, "prompt")
     assert_error(generate(serving_stack, PROMPTS[0], frobnicate=1), 422, "frobnicate")
     assert_error(generate(serving_stack, {**PROMPTS[0], **PROMPTS[1]}), 422, "prompt")
     assert_error(generate(serving_stack, {}), 422, "prompt")
@@ -321,11 +324,13 @@ def test_limits_and_bad_input_name_the_field(serving_stack: Stack) -> None:
     assert_error(generate(serving_stack, PROMPTS[0], adapter="no-such-adapter"), 404, "adapter")
     chat = serving_stack.client.post("/v1/chat/completions", json={"model": "nope", "messages": PROMPTS[1]["messages"]})
     assert_error(chat, 404, "model")
-    chat = serving_stack.client.post(
-        "/v1/chat/completions",
-        json={"model": settings.served_model_name, "messages": PROMPTS[1]["messages"], "tools": []},
-    )
-    assert_error(chat, 422, "tools")
+    base, messages = settings.served_model_name, PROMPTS[1]["messages"]
+    many = serving_stack.client.post("/v1/chat/completions", json={"model": base, "messages": messages, "n": 99})
+    assert_error(many, 422, "n", "too_many_choices")
+    internal = {"model": base, "messages": messages, "kv_transfer_params": {}}
+    assert_error(serving_stack.client.post("/v1/chat/completions", json=internal), 422, "kv_transfer_params")
+    bad_knob = serving_stack.client.post("/v1/chat/completions", json={"model": base, "messages": messages, "top_p": 7})
+    assert bad_knob.status_code == 400 and "top_p" in bad_knob.json()["error"]["message"]  # vLLM's own check
 
 
 def test_deleted_adapter_is_unloaded_and_never_served_again(serving_stack: Stack, reference: Reference) -> None:
@@ -333,25 +338,31 @@ def test_deleted_adapter_is_unloaded_and_never_served_again(serving_stack: Stack
     make_adapter(serving_stack, reference, name, seed=31)
     assert generate(serving_stack, PROMPTS[0], adapter=name).status_code == 200
     serving = serving_stack.extra["serving"]
-    headers = {"X-Tuneserve-Serving-Token": serving.token}
-    assert name in httpx.get(f"{serving.url}/health", headers=headers).json()["adapters"]
+    assert name in serving.loaded_adapters()
 
     deleted = serving_stack.client.delete(f"/adapters/{name}")
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
-    assert name not in httpx.get(f"{serving.url}/health", headers=headers).json()["adapters"]
+    assert name not in serving.loaded_adapters()
     assert_error(generate(serving_stack, PROMPTS[0], adapter=name), 404, "adapter")
     assert name not in [m["id"] for m in serving_stack.client.get("/v1/models").json()["data"]]
     assert_error(serving_stack.client.delete(f"/adapters/{name}"), 404, "name")
-    # Serving itself refuses the name from now on, whatever SQL says.
-    direct = httpx.post(f"{serving.url}/generate", headers=headers, json={"adapter": name, "prompt": "hi"})
+    # Serving itself refuses the name from now on: its resolver reads SQL again, and the row says deleted.
+    headers = {"X-Tuneserve-Serving-Token": serving.token}
+    direct = httpx.post(f"{serving.url}/v1/completions", headers=headers, json={"model": name, "prompt": "hi"})
     assert direct.status_code == 404
 
 
 def test_serving_is_internal_and_token_protected(serving_stack: Stack) -> None:
     serving = serving_stack.extra["serving"]
     assert serving.url.startswith("http://127.0.0.1:")
-    response = httpx.post(f"{serving.url}/generate", json={"prompt": "hi", "max_tokens": 1})
-    assert_error(response, 401, None, "invalid_serving_token")
+    body = {"model": serving_stack.settings.served_model_name, "prompt": "hi", "max_tokens": 1}
+    for path in ("/v1/completions", "/metrics", "/v1/models", "/health"):
+        assert_error(httpx.post(f"{serving.url}{path}", json=body), 401, None, "invalid_serving_token")
+    # Loading by path is refused even with the token: adapters come from the registry, verified.
+    headers = {"X-Tuneserve-Serving-Token": serving.token}
+    for path in ("/v1/load_lora_adapter", "/adapters"):
+        load = httpx.post(f"{serving.url}{path}", headers=headers, json={"lora_name": "x", "lora_path": "/tmp"})
+        assert_error(load, 404, None, "not_found")
 
 
 def test_serving_down_is_503_with_retry_after(serving_stack: Stack) -> None:
@@ -379,20 +390,28 @@ def test_serving_down_is_503_with_retry_after(serving_stack: Stack) -> None:
 
 def _serving_metric(serving_stack: Stack, line_prefix: str) -> float:
     serving = serving_stack.extra["serving"]
-    text = httpx.get(f"{serving.url}/metrics", headers={"X-Tuneserve-Serving-Token": serving.token}).text
+    text = httpx.get(f"{serving.url}/metrics", headers={"Authorization": f"Bearer {serving.token}"}).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix))
 
 
-def test_serving_metrics_count_tokens_and_adapter_loads(serving_stack: Stack, reference: Reference) -> None:
-    before_tokens = _serving_metric(serving_stack, "tuneserve_serving_generated_tokens_total")
-    before_loads = _serving_metric(serving_stack, "tuneserve_serving_adapter_loads_total")
-    name = unique("metrics")
+def test_serving_metrics_are_vllms_plus_the_resolvers(serving_stack: Stack, reference: Reference) -> None:
+    """One scrape of a replica: vLLM's own metrics (tokens, per-LoRA requests) and the resolver's refusals."""
+    before_tokens = _serving_metric(serving_stack, "vllm:generation_tokens_total")
+    before_verified = _serving_metric(serving_stack, 'tuneserve_serving_adapter_resolutions_total{outcome="verified"}')
+    before_sha = _serving_metric(serving_stack, "tuneserve_serving_sha256_refusals_total")
+    name, tampered = unique("metrics"), unique("metrics-bad")
     make_adapter(serving_stack, reference, name, seed=21)
+    tampered_dir = make_adapter(serving_stack, reference, tampered, seed=22)
+    (tampered_dir / "adapter_config.json").write_text((tampered_dir / "adapter_config.json").read_text() + " ")
     plain = generate(serving_stack, PROMPTS[0], adapter=name)
     assert plain.status_code == 200
     streamed = generate(serving_stack, PROMPTS[0], adapter=name, stream=True)
     assert streamed.status_code == 200 and "[DONE]" in streamed.text
+    assert_error(generate(serving_stack, PROMPTS[0], adapter=tampered), 422, "adapter", "adapter_not_servable")
     expected = before_tokens + 2 * plain.json()["usage"]["completion_tokens"]
-    assert _serving_metric(serving_stack, "tuneserve_serving_generated_tokens_total") == expected
-    assert _serving_metric(serving_stack, "tuneserve_serving_adapter_loads_total") == before_loads + 1
-    assert _serving_metric(serving_stack, "tuneserve_serving_adapters_loaded") >= 1
+    assert _serving_metric(serving_stack, "vllm:generation_tokens_total") == expected
+    verified = 'tuneserve_serving_adapter_resolutions_total{outcome="verified"}'
+    assert _serving_metric(serving_stack, verified) == before_verified + 1
+    assert _serving_metric(serving_stack, "tuneserve_serving_sha256_refusals_total") == before_sha + 1
+    assert _serving_metric(serving_stack, 'tuneserve_serving_adapter_load_failures_total{reason="sha256"}') >= 1
+    assert _serving_metric(serving_stack, "vllm:lora_requests_info") >= 1

@@ -38,11 +38,29 @@ def test_training_errors_carry_no_server_paths() -> None:
     assert error.message == "FileNotFoundError: [Errno 2] No such file: '.../ckpt-4'" and "/data" not in str(error)
 
 
-def test_serving_reasons_carry_no_server_paths() -> None:
-    from serving.adapters import _first_line
+def test_serving_errors_keep_vllms_message_in_the_one_error_shape() -> None:
+    """vLLM's errors (its own paths already cut by vLLM) come back with their status, message and param; the
+    resolver's refusal and the engine's are `adapter_not_servable` naming `model`."""
+    from api.services.serving_client import serving_error
+    from core.serving_contract import NOT_SERVABLE_PREFIX
 
-    reason = _first_line(RuntimeError("Loading lora /data/store/adapters/imp-x/adapter_model.safetensors failed\nmore"))
-    assert reason == "Loading lora .../adapter_model.safetensors failed"
+    refused = serving_error(
+        422,
+        {"error": {"message": f"{NOT_SERVABLE_PREFIX}adapter 'a' cannot be served: file x does not match its "
+                   "recorded sha256 (parameter=model)", "type": "UnprocessableEntityError", "param": "model", "code": 422}},
+    )  # fmt: skip
+    assert (refused.status_code, refused.code, refused.param) == (422, "adapter_not_servable", "model")
+    assert refused.message == "adapter 'a' cannot be served: file x does not match its recorded sha256"
+    engine = serving_error(400, {"error": {"message": "LoRA adapter 'a' was found but could not be loaded."}})
+    assert (engine.status_code, engine.code, engine.param) == (422, "adapter_not_servable", "model")
+    knob = serving_error(400, b'{"error": {"message": "top_p must be in (0, 1]", "param": "top_p", "code": 400}}')
+    assert (knob.status_code, knob.code, knob.param, knob.type) == (
+        400,
+        "invalid_request",
+        "top_p",
+        "invalid_request_error",
+    )
+    assert serving_error(400, b"not json").message == "serving answered 400"
 
 
 @pytest.mark.parametrize("field", ["serving_token", "metrics_token"])

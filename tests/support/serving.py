@@ -1,4 +1,4 @@
-"""`python -m serving` as the tests run it: one vLLM engine per session, small enough for 2 CPU cores."""
+"""`python -m serving` (vLLM's OpenAI server with tuneserve's resolver) as the tests run it: one engine per session, small enough for 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ class ServingProcess:
                 raise AssertionError(f"serving not ready in 300 s; log: {self.log}")
             time.sleep(0.5)
 
+    def loaded_adapters(self) -> list[str]:
+        """The adapters vLLM has resolved and holds now (its /v1/models lists them after the base model)."""
+        import httpx
+
+        models = httpx.get(f"{self.url}/v1/models", headers={"X-Tuneserve-Serving-Token": self.token}).json()
+        return [m["id"] for m in models["data"] if m.get("parent")]
+
     def restart(self) -> None:
         """Stop serving (SIGTERM, as a deploy does) and start a fresh engine on the same port and settings."""
         stop_process_group(self.process)
@@ -60,7 +67,6 @@ SERVING_TEST_SETTINGS: dict[str, Any] = {
     "serving_max_loras": 2,
     "serving_max_cpu_loras": 4,
     "serving_max_model_len": 512,
-    "serving_max_prompt_tokens": 384,
     "serving_max_tokens": 64,
     "serving_max_num_seqs": 32,
     "serving_kv_cache_gib": 1,

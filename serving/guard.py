@@ -1,0 +1,57 @@
+"""Serving's front door inside vLLM's OpenAI server (added with `--middleware serving.guard.ServingGuard`).
+
+Serving has no users of its own: only the API calls it, over loopback or an internal network. Every path needs the
+serving token (our header, or `Authorization: Bearer` for a Prometheus scrape), and vLLM's runtime load-by-path
+endpoint is refused outright, token or not: an adapter reaches the engine only through the registry resolver,
+verified. Only the paths in SERVING_PATHS are answered at all (vLLM's server has many more). Refusals use tuneserve's error shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from core.serving_contract import SERVING_PATHS, TOKEN_HEADER
+from core.settings import get_settings
+
+
+def _error(status: int, type_: str, code: str, message: str) -> tuple[int, bytes]:
+    body = {"error": {"type": type_, "code": code, "message": message, "param": None}}
+    return status, json.dumps(body).encode()
+
+
+class ServingGuard:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.token = get_settings().serving_token
+
+    def _authorized(self, headers: Headers) -> bool:
+        if not self.token:
+            return True  # loopback only: `python -m serving` refuses another bind address without a token
+        given = headers.get(TOKEN_HEADER)
+        if given is None:
+            scheme, _, param = headers.get("authorization", "").partition(" ")
+            given = param if scheme.lower() == "bearer" else ""
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = None
+        if not self._authorized(Headers(scope=scope)):
+            refusal = _error(401, "authentication_error", "invalid_serving_token", "missing or wrong serving token")
+        elif scope["path"] not in SERVING_PATHS:
+            refusal = _error(
+                404, "not_found_error", "not_found", "not a serving path (adapters load from the registry)"
+            )
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        status, body = refusal
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
