@@ -29,8 +29,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not stack and not serving and not training and not slow"
 
+# `make demo KEEP=1`: the stack stays up at the end (the web console at http://127.0.0.1:8765/ui) until Ctrl-C.
 demo: install
-	$(PY) -m scripts.demo
+	TUNESERVE_DEMO_KEEP=$(KEEP) $(PY) -m scripts.demo
 
 bench: install
 	$(PY) -m bench.train

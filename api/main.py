@@ -11,7 +11,18 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
 from api.middleware import RequestGuard
-from api.routes import adapters, datasets, evaluations, events, generation, health, jobs, openai_compat, usage
+from api.routes import (
+    adapters,
+    dataset_rows,
+    datasets,
+    evaluations,
+    events,
+    generation,
+    health,
+    jobs,
+    openai_compat,
+    usage,
+)
 from api.schemas import ErrorResponse
 from api.services.serving_client import close_serving_client
 from api.ui import install_console, install_docs
@@ -71,7 +82,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_metrics(app, settings)
     for router in (
-        *(m.router for m in (health, datasets, jobs, events, adapters, evaluations, generation, openai_compat, usage)),
+        *(
+            m.router
+            for m in (
+                health,
+                datasets,
+                dataset_rows,
+                jobs,
+                events,
+                adapters,
+                evaluations,
+                generation,
+                openai_compat,
+                usage,
+            )
+        ),
         adapters.operations_router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)

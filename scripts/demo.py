@@ -1,6 +1,7 @@
 """The embedded demo: a tiny model and a task, api + worker + serving on SQLite, fine-tune, evaluate, generate.
 
-Run with `make demo`. Every process it starts is stopped on success, failure or Ctrl-C.
+Run with `make demo`. Every process it starts is stopped on success, failure or Ctrl-C; with `make demo KEEP=1`
+(TUNESERVE_DEMO_KEEP=1) the stack stays up at the end, with the web console's URL printed, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 API_PORT = int(os.environ.get("TUNESERVE_DEMO_PORT", "8765"))
+API_URL = f"http://127.0.0.1:{API_PORT}"
+KEEP = os.environ.get("TUNESERVE_DEMO_KEEP", "") not in ("", "0", "false", "no")
 DEMO_HYPERPARAMETERS = {"max_steps": 300, "learning_rate": 3e-3, "batch_size": 16, "lora_r": 8, "lora_alpha": 16}
 
 
@@ -149,11 +152,26 @@ def main() -> int:
         )
         with httpx.Client(base_url=f"http://127.0.0.1:{API_PORT}", timeout=120) as client:
             wait_until(lambda: _ready(client), timeout=60, processes=processes, what="api readiness")
-            print(f"  api ready on http://127.0.0.1:{API_PORT} (docs at /docs); serving (vLLM) is starting")
+            print(f"  api ready on {API_URL} (docs at {API_URL}/docs); serving (vLLM) is starting")
+            print(f"  web console: {API_URL}/ui (auth is off in the demo: no key needed)")
             adapter = run_story(client, processes, train_file, test_file)
             wait_until(lambda: _serving_up(client), timeout=300, processes=processes, what="serving readiness")
             show_generations(client, adapter, test_file)
+            if KEEP:
+                keep_running(processes, adapter)
+            else:
+                print(f"\n(`make demo KEEP=1` keeps the stack up at the end, to open the console at {API_URL}/ui)")
     return 0
+
+
+def keep_running(processes: Processes, adapter: str) -> None:
+    """Leave api, worker and serving up for a person to look around in the console; Ctrl-C stops them."""
+    print(f"\n== the stack stays up (KEEP=1). Open the web console: {API_URL}/ui")
+    print(f"  the demo job and its before/after report are under Jobs; chat with {adapter} under Playground")
+    print(f"  API docs: {API_URL}/docs. Ctrl-C stops everything.")
+    while True:
+        processes.check_alive()
+        time.sleep(2)
 
 
 def run_story(client: httpx.Client, processes: Processes, train_file: Path, test_file: Path) -> str:

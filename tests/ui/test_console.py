@@ -181,3 +181,21 @@ def test_keyboard_and_phone(browser: Any, console_stack: ConsoleStack) -> None:
             assert overflow <= 1, (path, overflow)
         r.goto("/ui/jobs")
         r.screenshot("jobs-phone")
+
+
+def test_dataset_list_and_preview(browser: Any, console_stack: ConsoleStack) -> None:
+    job = queued_job(console_stack, console_stack.key_a)
+    with recorded_page(browser, console_stack.url) as r:
+        sign_in(r, console_stack.key_a)
+        r.goto("/ui/datasets")
+        row = r.page.get_by_test_id("datasets-table").locator("tr", has_text=job["dataset_id"])
+        assert "prompt_completion" in row.inner_text() or "prompt" in row.inner_text()
+        button = row.get_by_role("button", name="Preview")
+        button.click()
+        preview = r.page.get_by_test_id(f"preview-{job['dataset_id']}")
+        preview.wait_for(state="visible")
+        assert "train: first 3 rows" in preview.inner_text()
+        assert "Classify the sentiment" in preview.inner_text()
+        assert row.get_by_role("button", name="Hide rows").get_attribute("aria-expanded") == "true"
+        r.screenshot("datasets-preview")
+        assert_on_host(r)

@@ -309,13 +309,38 @@ function datasetsPage() {
         this.uploading = false;
       }
     },
+    // The first rows of each split, as the API stored them (GET /datasets/{id}/rows).
+    async togglePreview(d) {
+      if (this.preview[d.id]) {
+        const copy = Object.assign({}, this.preview);
+        delete copy[d.id];
+        this.preview = copy;
+        return;
+      }
+      const splits = Object.entries(d.splits || {}).filter(([, n]) => n > 0).map(([name]) => name);
+      const out = {};
+      try {
+        for (const split of splits) {
+          out[split] = (await api(`/datasets/${encodeURIComponent(d.id)}/rows?split=${split}&limit=3`)).data;
+        }
+      } catch (e) {
+        out.error = e.message;
+      }
+      this.preview = Object.assign({}, this.preview, { [d.id]: out });
+    },
+    previewText(row) {
+      return JSON.stringify(row, null, 1);
+    },
     splitsText(d) {
       return Object.entries(d.splits || {})
         .map(([k, v]) => `${k} ${v}`)
         .join(" · ");
     },
+    // Stats as the API gives them, whatever their keys: nested ones (per split) as "key value" pairs.
     statsList(d) {
-      return Object.entries(d.stats || {}).filter(([, v]) => typeof v !== "object" || v === null);
+      return Object.entries(d.stats || {})
+        .filter(([, v]) => v !== null && v !== undefined)
+        .map(([k, v]) => [k, typeof v === "object" ? Object.entries(v).map(([a, b]) => `${a} ${fmtValue(b)}`).join(", ") : fmtValue(v)]);
     },
     fmtTime,
     fmtBytes,
