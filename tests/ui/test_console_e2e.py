@@ -1,6 +1,7 @@
 """The whole loop in a real Chromium, against the real stack (API under uvicorn, Celery worker, vLLM serving):
 sign in, a bad file's line error, the demo dataset, a job whose loss chart grows while it trains, the before/after
-report with the adapter ahead, and base and adapter answering side by side in the playground."""
+report with the adapter ahead (and its scale sweep), base and adapter answering side by side in the playground,
+and the adapters page: derive, delete, and an import whose canary says ready."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 
 from core.demo_data import SYSTEM_PROMPT
+from core.storage import Store
+from tests.support.adapters import files_of, tar_gz
 from tests.support.browser import api_server, recorded_page, sign_in
 from tests.support.stack import Stack
 
@@ -70,6 +73,10 @@ def test_fine_tune_compare_and_chat_in_the_browser(
         form.locator("#f-hyperparameters-max_steps").fill(str(STEPS))
         form.locator("#f-hyperparameters-learning_rate").fill("0.003")
         form.locator("#f-hyperparameters-batch_size").fill("16")
+        # Folded away: the before/after evaluation sweeps the adapter's scale, with short answers (one label).
+        page.locator("#advanced summary").click()
+        form.locator("#f-evaluation-scales").fill("0, 0.5, 1")
+        form.locator("#f-evaluation-max_new_tokens").fill("8")
         form.get_by_role("button", name="Start training").click()
         page.wait_for_url("**/ui/jobs/ftjob-*")
 
@@ -102,6 +109,8 @@ def test_fine_tune_compare_and_chat_in_the_browser(
         }
         base, tuned = table["exact_match"]
         assert tuned > base, table
+        sweep = page.get_by_role("img", name="metrics at each adapter scale")
+        assert sweep.locator("canvas").count() == 1 and sweep.is_visible()
         examples = page.get_by_test_id("examples-table").locator("tbody tr")
         assert examples.count() > 0
         page.get_by_label("only where the adapter changed the answer").check()
@@ -127,8 +136,32 @@ def test_fine_tune_compare_and_chat_in_the_browser(
         assert "tokens/s" in answers.nth(1).get_by_test_id("answer-stats").inner_text()
         r.screenshot("playground")
 
+        # Adapters: derive one at half scale (confirmed), then delete it (confirmed); import an archive of the
+        # trained adapter's files and watch its canary decide.
+        page.on("dialog", lambda dialog: dialog.accept())
         r.goto("/ui/adapters")
-        page.get_by_text(adapter).first.wait_for()
+        card = page.locator(f'article[data-adapter="{adapter}"]')
+        card.wait_for()
+        card.get_by_label("scale").fill("0.5")
+        card.get_by_role("button", name="Derive").click()
+        message = page.get_by_test_id("adapters-message")
+        message.filter(has_text="succeeded").wait_for(timeout=120_000)
+        derived = message.inner_text().split("→")[-1].strip()
+        derived_card = page.locator(f'article[data-adapter="{derived}"]')
+        derived_card.wait_for()
+        assert "derived from" in derived_card.inner_text()
+        derived_card.get_by_role("button", name="Delete").click()
+        message.filter(has_text=f"{derived} deleted").wait_for()
+        store = Store(settings).resolve(Store(settings).adapter_dir(adapter))
+        archive = tmp_path / "adapter.tar.gz"
+        kept = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors")
+        archive.write_bytes(tar_gz({k: v for k, v in files_of(store, "adapter/").items() if k in kept}))
+        page.locator("#import-file").set_input_files(str(archive))
+        page.locator("#import-suffix").fill("ui")
+        page.get_by_role("button", name="Import").click()
+        verdict = page.get_by_test_id("import-status")
+        verdict.filter(has_text=": ready").wait_for(timeout=120_000)
+        assert verdict.inner_text().startswith("imp-ui-")
         r.screenshot("adapters")
 
         assert r.off_host() == [], r.off_host()

@@ -383,7 +383,15 @@ function fieldOf(spec, path, name, schema, required) {
       range = real[0] || {};
     }
   }
-  if (kind === "object" || (kind === "array" && !free)) return null;
+  // A list of scalars (evaluation metrics, scales) is typed comma-separated; lists of objects are left out.
+  let list = null;
+  if (kind === "array" && !free) {
+    const items = resolveRef(spec, range.items) || {};
+    if (!["number", "integer", "string"].includes(items.type)) return null;
+    list = items.type;
+    choices = items.enum || null;
+  }
+  if (kind === "object") return null;
   const id = `f-${path}`.replace(/[^A-Za-z0-9_-]/g, "-");
   const limits = [];
   if (range.minimum !== undefined) limits.push(`≥ ${range.minimum}`);
@@ -395,7 +403,8 @@ function fieldOf(spec, path, name, schema, required) {
     name,
     id,
     label: name,
-    kind: kind === "boolean" ? "boolean" : choices && !free ? "choice" : kind === "integer" || kind === "number" ? "number" : "text",
+    kind: list ? "text" : kind === "boolean" ? "boolean" : choices && !free ? "choice" : kind === "integer" || kind === "number" ? "number" : "text",
+    list,
     numberKind: kind,
     choices,
     free,
@@ -405,10 +414,15 @@ function fieldOf(spec, path, name, schema, required) {
     step: kind === "integer" ? "1" : "any",
     min: range.minimum,
     max: range.maximum,
-    help: [schema.description, limits.length ? limits.join(", ") : "", schema.default !== undefined ? `default ${fmtValue(schema.default)}` : ""]
+    help: [
+      schema.description,
+      list ? `comma-separated${choices ? `: ${choices.join(", ")}` : ""}` : "",
+      limits.length ? limits.join(", ") : "",
+      schema.default !== undefined ? `default ${fmtValue(schema.default)}` : "",
+    ]
       .filter(Boolean)
       .join(" · "),
-    value: schema.default === undefined || schema.default === null ? "" : schema.default,
+    value: schema.default === undefined || schema.default === null ? "" : Array.isArray(schema.default) ? schema.default.join(", ") : schema.default,
   };
 }
 
@@ -451,6 +465,10 @@ function jobBody(datasetId, groups) {
     }
     if (f.kind === "text" && f.free && typeof v === "string" && v.includes(",")) {
       v = v.split(",").map((s) => s.trim()).filter(Boolean);
+    }
+    if (f.list && typeof v === "string") {
+      v = v.split(",").map((s) => s.trim()).filter(Boolean);
+      if (f.list !== "string") v = v.map((x) => (Number.isNaN(Number(x)) ? x : Number(x)));
     }
     if (f.default !== undefined && JSON.stringify(v) === JSON.stringify(f.default)) continue;
     const parts = f.path.split(".");
