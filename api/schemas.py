@@ -60,9 +60,12 @@ class DatasetOut(BaseModel):
     test_fraction: float | None
     seed: int | None
     stats: dict[str, Any]
+    objectives: list[str] = Field(description="The training objectives this dataset can feed")
 
     @classmethod
     def of(cls, d: Dataset) -> DatasetOut:
+        from core.dataset_formats import OBJECTIVES_BY_FORMAT
+
         return cls(
             id=d.id,
             filename=d.filename,
@@ -75,6 +78,8 @@ class DatasetOut(BaseModel):
             test_fraction=d.test_fraction,
             seed=d.split_seed,
             stats=d.stats,
+            # Rows older than migration 0006 have none recorded: their format says.
+            objectives=d.objectives or list(OBJECTIVES_BY_FORMAT.get(d.format, ("sft", "grpo"))),
         )
 
 
@@ -92,6 +97,9 @@ class JobOut(BaseModel):
     base_model: str
     dataset_id: str
     method: str
+    objective: str = "sft"
+    init_adapter: str | None = None
+    grader: dict[str, Any] | None = None
     hyperparameters: dict[str, Any]
     suffix: str | None
     created_at: int
@@ -125,6 +133,9 @@ class JobOut(BaseModel):
             base_model=job.base_model,
             dataset_id=job.dataset_id,
             method=job.method,
+            objective=job.objective,
+            init_adapter=job.init_adapter,
+            grader=job.grader,
             hyperparameters=job.hyperparameters,
             suffix=job.suffix,
             created_at=unix(job.created_at) or 0,
@@ -152,6 +163,7 @@ class JobEventOut(BaseModel):
     epoch: float | None
     loss: float | None
     learning_rate: float | None
+    metrics: dict[str, float] | None = Field(None, description="What else the trainer logged at this step")
 
     @classmethod
     def of(cls, e: JobEvent) -> JobEventOut:
@@ -166,6 +178,7 @@ class JobEventOut(BaseModel):
             epoch=e.epoch,
             loss=e.loss,
             learning_rate=e.learning_rate,
+            metrics=e.metrics,
         )
 
 

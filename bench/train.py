@@ -28,6 +28,10 @@ CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
     "lora bf16": ("lora", {"precision": "bf16"}),
     "qlora (nf4, double quant)": ("qlora", {}),
     "full fine-tuning": ("full", {}),
+    # DPO on pairs built from the same rows (chosen: the row's answer, rejected: another row's): our job path
+    # (worker.objectives over our PEFT model) vs the plain TRL script a user would write.
+    "dpo reference (plain TRL DPOTrainer + PEFT)": ("dpo-reference", {}),
+    "dpo (ours)": ("dpo", {}),
 }
 
 
@@ -88,6 +92,8 @@ def run_one(
         seed=0,
         **knobs,
     )
+    if method in ("dpo", "dpo-reference"):
+        return run_dpo(model_dir, tokenizer, method, hp, preference_pairs(ROWS[rows](steps * batch_size, seed=0)))
     examples, _ = encode_rows(tokenizer, ROWS[rows](steps * batch_size, seed=0), hp)
     with tempfile.TemporaryDirectory() as out:
         if method == "reference":
@@ -113,6 +119,86 @@ def run_one(
         "seconds": elapsed,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         # The high-water mark above what the process held when training began: activations, grads, optimizer.
+        "training_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before,
+        "train_loss": float(result.training_loss),
+    }
+
+
+def preference_pairs(rows: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
+    """Conversational DPO rows: each row's answer chosen, the next row's answer rejected."""
+    return [
+        {
+            "prompt": row[:-1],
+            "chosen": [row[-1]],
+            "rejected": [{"role": "assistant", "content": rows[(i + 1) % len(rows)][-1]["content"] + " no"}],
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
+def run_dpo(model_dir: str, tokenizer: Any, method: str, hp: Any, pairs: list[dict[str, Any]]) -> dict[str, float]:
+    """DPO for hp.max_steps: ours (the job path) or the plain TRL script; tokens are TRL's own count (num_tokens)."""
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from worker.objectives import build_objective_trainer
+    from worker.training import _logged_tokens, trainable_model, training_argument_values
+
+    with tempfile.TemporaryDirectory() as out:
+        if method == "dpo":
+            arguments = training_argument_values(
+                hp, output_dir=out, logging_steps=hp.max_steps, use_cpu=True, distributed=False
+            )
+            trainer = build_objective_trainer(
+                objective="dpo",
+                model=trainable_model(model_dir, "lora", hp, None),
+                ref_model=None,
+                tokenizer=tokenizer,
+                hp=hp,
+                rows=pairs,
+                arguments=arguments,
+                grader=None,
+                callbacks=[],
+            )
+        else:
+            from peft import LoraConfig
+            from transformers import AutoModelForCausalLM
+
+            torch.manual_seed(hp.seed)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            peft_config = LoraConfig(
+                r=hp.lora_r, lora_alpha=int(hp.lora_alpha), lora_dropout=hp.lora_dropout, target_modules="all-linear"
+            )
+            args = DPOConfig(
+                output_dir=out,
+                per_device_train_batch_size=hp.batch_size,
+                max_steps=hp.max_steps,
+                learning_rate=hp.learning_rate,
+                max_length=hp.max_seq_length,
+                report_to=[],
+                use_cpu=True,
+                save_strategy="no",
+                disable_tqdm=True,
+                seed=hp.seed,
+                logging_steps=hp.max_steps,
+            )
+            trainer = DPOTrainer(
+                model=model,
+                args=args,
+                train_dataset=Dataset.from_list(pairs),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+            )
+        rss_before = _current_rss_mib()
+        started = time.perf_counter()
+        result = trainer.train()
+        elapsed = time.perf_counter() - started
+        tokens = _logged_tokens(trainer)
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "seconds": elapsed,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "training_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before,
         "train_loss": float(result.training_loss),
     }
@@ -162,6 +248,28 @@ def reference_trainer(model_dir, tokenizer, examples, hp, out):
     return Trainer(model=model, args=args, train_dataset=examples, data_collator=collator), CountingCollator
 
 
+# Each ratio and the two configurations it divides (numerator, denominator, measure); shown when both ran.
+RATIOS = {
+    "ours (lora) vs reference": ("lora", "reference (HF Trainer + PEFT, padding)", "tokens_per_s"),
+    "packing vs padding (lora)": ("lora + packing", "lora", "tokens_per_s"),
+    "gradient checkpointing training memory vs lora": ("lora + gradient checkpointing", "lora", "training_peak_mib"),
+    "dpo: ours vs plain TRL (tokens/s)": ("dpo (ours)", "dpo reference (plain TRL DPOTrainer + PEFT)", "tokens_per_s"),
+    "dpo training memory: ours vs plain TRL": (
+        "dpo (ours)",
+        "dpo reference (plain TRL DPOTrainer + PEFT)",
+        "training_peak_mib",
+    ),
+}
+
+
+def _ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {
+        name: results[top][measure] / max(results[bottom][measure], 1e-9)
+        for name, (top, bottom, measure) in RATIOS.items()
+        if top in results and bottom in results
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="bench", help="core.modelzoo preset (bench is ~30M parameters)")
@@ -171,6 +279,7 @@ def main() -> None:
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--rows", choices=sorted(ROWS), default="variable", help="variable-length or long rows")
+    parser.add_argument("--configs", help="Comma-separated configuration names to run (default: all)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -183,7 +292,8 @@ def main() -> None:
 
     model_dir = build_model(Path(tempfile.gettempdir()) / f"tuneserve-bench-{args.preset}", preset=args.preset)
     results: dict[str, dict[str, float]] = {}
-    for name in CONFIGS:
+    names = [n.strip() for n in args.configs.split(",")] if args.configs else list(CONFIGS)
+    for name in names:
         out = subprocess.run(
             [
                 sys.executable,
@@ -205,15 +315,7 @@ def main() -> None:
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  measured {name}: {results[name]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
 
-    reference = results["reference (HF Trainer + PEFT, padding)"]["tokens_per_s"]
-    lora = results["lora"]["tokens_per_s"]
-    ratios = {
-        "ours (lora) vs reference": lora / reference,
-        "packing vs padding (lora)": results["lora + packing"]["tokens_per_s"] / lora,
-        "gradient checkpointing training memory vs lora": (
-            results["lora + gradient checkpointing"]["training_peak_mib"] / results["lora"]["training_peak_mib"]
-        ),
-    }
+    ratios = _ratios(results)
     print(
         f"\ntraining on preset {args.preset}: {args.steps} steps x batch {args.batch_size}, variable-length rows, CPU"
     )

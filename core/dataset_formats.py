@@ -11,9 +11,11 @@ from enum import Enum
 from typing import Any, NoReturn, TypeVar
 
 __all__ = [
+    "OBJECTIVES_BY_FORMAT",
     "DatasetFormat",
     "DatasetLineError",
     "ParsedDataset",
+    "as_messages",
     "dump_jsonl",
     "parse_jsonl",
     "row_stats",
@@ -21,7 +23,9 @@ __all__ = [
 ]
 
 Message = dict[str, str]
-Row = list[Message]
+# A supervised row is its chat messages; a preference row is {"prompt": [messages], "chosen": str, "rejected": str};
+# an unpaired (KTO) row is {"prompt": [messages], "completion": str, "label": bool}. Stored in that form, one a line.
+Row = Any
 T = TypeVar("T")
 
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -38,6 +42,29 @@ class DatasetFormat(str, Enum):
     CHAT = "chat"
     PROMPT_COMPLETION = "prompt_completion"
     INSTRUCTION = "instruction"
+    OPENAI_PREFERENCE = "openai_preference"  # input.messages, preferred_output, non_preferred_output
+    PREFERENCE = "preference"  # prompt, chosen, rejected
+    UNPAIRED = "unpaired"  # prompt, completion, label (KTO)
+
+    @property
+    def kind(self) -> str:
+        """What a row holds once parsed: "messages", "preference" (pairs) or "unpaired" (KTO)."""
+        if self in (DatasetFormat.OPENAI_PREFERENCE, DatasetFormat.PREFERENCE):
+            return "preference"
+        if self is DatasetFormat.UNPAIRED:
+            return "unpaired"
+        return "messages"
+
+
+# Which training objectives a dataset of each kind can feed. Supervised rows give GRPO its prompts and the reference
+# column its graders compare with; preference pairs also feed SFT (on the chosen answer), KTO (each pair unpaired:
+# chosen desirable, rejected not) and GRPO (chosen as the reference); unpaired rows feed KTO only.
+OBJECTIVES_BY_KIND: dict[str, tuple[str, ...]] = {
+    "messages": ("sft", "grpo"),
+    "preference": ("sft", "dpo", "orpo", "kto", "grpo"),
+    "unpaired": ("kto",),
+}
+OBJECTIVES_BY_FORMAT: dict[str, tuple[str, ...]] = {f.value: OBJECTIVES_BY_KIND[f.kind] for f in DatasetFormat}
 
 
 @dataclass(frozen=True)
@@ -184,15 +211,21 @@ def _chat_row(obj: dict[str, Any]) -> Row:
     if not items:
         raise _RowError("messages", "must not be empty")
     messages = [_chat_message(i, item) for i, item in enumerate(items)]
+    # The model learns from assistant turns; a row that ends on another role teaches nothing at its end.
+    return _check_turns(messages, "messages", "assistant", "that is what the model learns")
+
+
+def _check_turns(messages: list[Message], field: str, last_role: str, why: str) -> list[Message]:
+    """System only first, and the conversation ending on last_role (why says what needs it)."""
     for i, message in enumerate(messages[1:], start=1):
         if message["role"] == "system":
-            raise _RowError(f"messages[{i}].role", "may only be system on the first message")
+            raise _RowError(f"{field}[{i}].role", "may only be system on the first message")
     last = len(messages) - 1
-    if messages[last]["role"] != "assistant":
-        # The model learns from assistant turns; a row that ends on another role teaches nothing at its end.
+    if messages[last]["role"] != last_role:
         raise _RowError(
-            f"messages[{last}].role",
-            f"must be assistant on the last message (that is what the model learns); got {messages[last]['role']!r}",
+            f"{field}[{last}].role",
+            f"must be {last_role} on the last message{' of the prompt' if field != 'messages' else ''} ({why}); "
+            f"got {messages[last]['role']!r}",
         )
     return messages
 
@@ -216,17 +249,127 @@ def _instruction_row(obj: dict[str, Any]) -> Row:
     return messages
 
 
-_ROW_PARSERS = {
+def _prompt_messages(value: object, field: str) -> list[Message]:
+    """A preference prompt: a string (one user message) or a message list ending on a user turn."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _RowError(field, "must not be empty")
+        _check_encodable(field, value)
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise _RowError(field, f"must be a string or an array of message objects; got {_json_type(value)}")
+    if not value:
+        raise _RowError(field, "must not be empty")
+    messages = []
+    for i, item in enumerate(value):
+        try:
+            messages.append(_chat_message(i, item))
+        except _RowError as e:
+            # _chat_message names "messages[i]..."; say where in this row the message is.
+            raise _RowError(e.field.replace("messages", field, 1), e.text.split(" ", 1)[1]) from None
+    return _check_turns(messages, field, "user", "the answers follow it")
+
+
+def _answer(value: object, field: str) -> str:
+    """A preference answer: a string, or a list of exactly one assistant message."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _RowError(field, "must not be empty")
+        _check_encodable(field, value)
+        return value
+    if not isinstance(value, list):
+        raise _RowError(field, f"must be a string or an array of one assistant message; got {_json_type(value)}")
+    if len(value) != 1:
+        raise _RowError(field, f"must hold exactly one assistant message; got {len(value)}")
+    try:
+        message = _chat_message(0, value[0])
+    except _RowError as e:
+        raise _RowError(e.field.replace("messages", field, 1), e.text.split(" ", 1)[1]) from None
+    if message["role"] != "assistant":
+        raise _RowError(f"{field}[0].role", f"must be assistant; got {message['role']!r}")
+    return message["content"]
+
+
+def _pair(prompt: list[Message], chosen: str, rejected: str, rejected_field: str) -> dict[str, Any]:
+    if chosen == rejected:
+        # A pair that prefers an answer over itself teaches nothing and makes every margin 0.
+        raise _RowError(rejected_field, "must differ from the chosen answer")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _preference_row(obj: dict[str, Any]) -> dict[str, Any]:
+    """Validate a {"prompt", "chosen", "rejected"} row (strings or message lists)."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in obj:
+            raise _RowError(key, "is missing", missing=True)
+    prompt = _prompt_messages(obj["prompt"], "prompt")
+    return _pair(prompt, _answer(obj["chosen"], "chosen"), _answer(obj["rejected"], "rejected"), "rejected")
+
+
+def _openai_preference_row(obj: dict[str, Any]) -> dict[str, Any]:
+    """Validate OpenAI's DPO row: {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}."""
+    for key in ("input", "preferred_output", "non_preferred_output"):
+        if key not in obj:
+            raise _RowError(key, "is missing", missing=True)
+    source = obj["input"]
+    if not isinstance(source, dict):
+        raise _RowError("input", f"must be an object with messages; got {_json_type(source)}")
+    if "messages" not in source:
+        raise _RowError("input.messages", "is missing", missing=True)
+    prompt = _prompt_messages(source["messages"], "input.messages")
+    chosen = _answer(obj["preferred_output"], "preferred_output")
+    rejected = _answer(obj["non_preferred_output"], "non_preferred_output")
+    return _pair(prompt, chosen, rejected, "non_preferred_output")
+
+
+def _unpaired_row(obj: dict[str, Any]) -> dict[str, Any]:
+    """Validate a KTO {"prompt", "completion", "label": bool} row."""
+    for key in ("prompt", "completion", "label"):
+        if key not in obj:
+            raise _RowError(key, "is missing", missing=True)
+    label = obj["label"]
+    if not isinstance(label, bool):
+        raise _RowError("label", f"must be true (desirable) or false (undesirable); got {_json_type(label)}")
+    prompt = _prompt_messages(obj["prompt"], "prompt")
+    return {"prompt": prompt, "completion": _answer(obj["completion"], "completion"), "label": label}
+
+
+_ROW_PARSERS: dict[DatasetFormat, Any] = {
     DatasetFormat.CHAT: _chat_row,
     DatasetFormat.PROMPT_COMPLETION: _prompt_completion_row,
     DatasetFormat.INSTRUCTION: _instruction_row,
+    DatasetFormat.OPENAI_PREFERENCE: _openai_preference_row,
+    DatasetFormat.PREFERENCE: _preference_row,
+    DatasetFormat.UNPAIRED: _unpaired_row,
 }
+
+
+def as_messages(row: Row) -> list[Message]:
+    """A row as one conversation: its messages; a pair's prompt and chosen answer; an unpaired row's prompt and
+    completion (what SFT trains on and what generation metrics compare with)."""
+    if isinstance(row, list):
+        return row
+    answer = row["chosen"] if "chosen" in row else row["completion"]
+    return [*row["prompt"], {"role": "assistant", "content": answer}]
+
+
+def _row_chars(row: Row) -> int:
+    if isinstance(row, list):
+        return sum(len(m["content"]) for m in row)
+    answers = [row["chosen"], row["rejected"]] if "chosen" in row else [row["completion"]]
+    return sum(len(m["content"]) for m in row["prompt"]) + sum(len(a) for a in answers)
 
 
 def _detect_format(obj: dict[str, Any]) -> DatasetFormat:
     """Pick the format from the first row's keys, or say which key is missing."""
     if "messages" in obj:
         return DatasetFormat.CHAT
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        return DatasetFormat.OPENAI_PREFERENCE
+    if "chosen" in obj or "rejected" in obj:
+        return DatasetFormat.PREFERENCE
+    if "prompt" in obj and "completion" in obj and "label" in obj:
+        return DatasetFormat.UNPAIRED
     if "prompt" in obj and "completion" in obj:
         return DatasetFormat.PROMPT_COMPLETION
     if "instruction" in obj and "output" in obj:
@@ -240,8 +383,9 @@ def _detect_format(obj: dict[str, Any]) -> DatasetFormat:
     found = ", ".join(repr(k) for k in obj) or "none"
     raise _RowError(
         field,
-        'is missing; each row needs "messages" (chat), "prompt" and "completion", '
-        f'or "instruction" and "output"; this row has keys: {found}',
+        'is missing; each row needs "messages" (chat), "prompt" and "completion", "instruction" and "output", '
+        '"prompt", "chosen" and "rejected" (preference), "input", "preferred_output" and "non_preferred_output" '
+        f'(OpenAI preference) or "prompt", "completion" and "label" (KTO); this row has keys: {found}',
         missing=True,
     )
 
@@ -313,14 +457,16 @@ def parse_jsonl(
             obj = _load_object(text)
             if fmt is None:
                 fmt, first_line = _detect_format(obj), line_no
-            items = obj.get("messages") if fmt == DatasetFormat.CHAT else None
+            items = obj.get("messages") if fmt == DatasetFormat.CHAT else obj.get("prompt")
+            if fmt == DatasetFormat.OPENAI_PREFERENCE and isinstance(obj.get("input"), dict):
+                items = obj["input"].get("messages")
             if max_messages is not None and isinstance(items, list) and len(items) > max_messages:
                 raise _RowError(
                     "messages",
                     f"has {len(items)} messages; the limit is {max_messages} per row (TUNESERVE_MAX_MESSAGES_PER_ROW)",
                 )
             row = _ROW_PARSERS[fmt](obj)
-            chars = sum(len(m["content"]) for m in row)
+            chars = _row_chars(row)
             if max_chars is not None and chars > max_chars:
                 raise _RowError(
                     "messages" if fmt == DatasetFormat.CHAT else "row",
@@ -358,18 +504,22 @@ def split_rows(rows: Sequence[T], *, test_fraction: float, seed: int) -> tuple[l
 
 
 def dump_jsonl(rows: Iterable[Row]) -> bytes:
-    """Serialise rows as chat-format JSONL ({"messages": [...]} per line), UTF-8, newline-terminated."""
-    return "".join(json.dumps({"messages": row}, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    """Serialise rows as JSONL, UTF-8, newline-terminated: {"messages": [...]} per supervised row, a preference or
+    unpaired row as its normalised object."""
+    return "".join(
+        json.dumps({"messages": row} if isinstance(row, list) else row, ensure_ascii=False) + "\n" for row in rows
+    ).encode("utf-8")
 
 
 def row_stats(rows: Iterable[Row]) -> dict[str, int]:
     """Count rows, messages, assistant messages and content characters."""
     stats = {"rows": 0, "messages": 0, "assistant_messages": 0, "chars": 0, "max_row_chars": 0}
     for row in rows:
-        row_chars = sum(len(m["content"]) for m in row)
+        row_chars = _row_chars(row)
+        messages = as_messages(row)
         stats["rows"] += 1
-        stats["messages"] += len(row)
-        stats["assistant_messages"] += sum(m["role"] == "assistant" for m in row)
+        stats["messages"] += len(messages)
+        stats["assistant_messages"] += sum(m["role"] == "assistant" for m in messages)
         stats["chars"] += row_chars
         stats["max_row_chars"] = max(stats["max_row_chars"], row_chars)
     return stats

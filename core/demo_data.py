@@ -159,6 +159,29 @@ def write_demo_dataset(out_dir: Path, n_train: int = 512, n_test: int = 64, seed
     return train_path, test_path
 
 
+def preference_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A demo row as a preference pair: chosen the right label, rejected the wrong one (prompt/chosen/rejected)."""
+    *prompt, answer = row["messages"]
+    label = answer["content"]
+    return {"prompt": prompt, "chosen": label, "rejected": "negative" if label == "positive" else "positive"}
+
+
+def write_demo_preference_dataset(
+    out_dir: Path, n_train: int = 512, n_test: int = 64, seed: int = 0
+) -> tuple[Path, Path]:
+    """The demo task's train/test split as preference pairs (the same prompts as write_demo_dataset's)."""
+    out_dir = Path(out_dir)
+    sft_dir = out_dir / "sft"
+    train, test = write_demo_dataset(sft_dir, n_train, n_test, seed)
+    paths = []
+    for source in (train, test):
+        rows = [preference_row(json.loads(line)) for line in source.read_text(encoding="utf-8").splitlines()]
+        target = out_dir / f"preference-{source.name}"
+        _write_jsonl(target, rows)
+        paths.append(target)
+    return paths[0], paths[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: write the demo train/test split."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -166,8 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=512)
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preference", action="store_true", help="Preference pairs (chosen right, rejected wrong)")
     args = parser.parse_args(argv)
-    train_path, test_path = write_demo_dataset(args.out, args.n_train, args.n_test, args.seed)
+    write = write_demo_preference_dataset if args.preference else write_demo_dataset
+    train_path, test_path = write(args.out, args.n_train, args.n_test, args.seed)
     print(train_path)  # noqa: T201 - a command: the paths it wrote, one a line
     print(test_path)  # noqa: T201
 

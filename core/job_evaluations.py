@@ -33,6 +33,8 @@ def plan_job_evaluations(session: Session, settings: Settings, job: Job, adapter
         )
         return []
     scales = options.pop("scales") or [1.0]
+    # "Before" is where training started: the init_adapter when the job continued one (SFT, then DPO), else the base.
+    before_scales = [1.0] if job.init_adapter else None
     rows = [
         Evaluation(
             tenant_id=job.tenant_id,
@@ -44,9 +46,10 @@ def plan_job_evaluations(session: Session, settings: Settings, job: Job, adapter
             role=role,
             scales=row_scales,
             max_attempts=settings.max_attempts,
+            grader=job.grader,
             **options,
         )
-        for role, adapter, row_scales in (("base", None, None), ("adapter", adapter_name, scales))
+        for role, adapter, row_scales in (("base", job.init_adapter, before_scales), ("adapter", adapter_name, scales))
     ]
     ids = [evaluations_repo.add_evaluation(session, row).id for row in rows]
     for evaluation_id in ids:

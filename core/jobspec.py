@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,6 +21,35 @@ Method = Literal["lora", "qlora", "dora", "prompt_tuning", "p_tuning", "prefix_t
 # Methods that add virtual tokens instead of changing weights (the lecture's prompt / P- / prefix tuning).
 VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 LORA_METHODS = ("lora", "qlora", "dora")
+
+# What a job optimises, orthogonal to the method (the parameterisation): supervised fine-tuning, or a preference /
+# reward objective trained with TRL's trainers.
+Objective = Literal["sft", "dpo", "kto", "orpo", "grpo"]
+PREFERENCE_OBJECTIVES = ("dpo", "kto", "orpo", "grpo")
+DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"]
+KtoLoss = Literal["kto", "apo_zero_unpaired"]
+# Each objective's own knobs, and where they apply; a knob set for an objective it does not apply to is a 422.
+OBJECTIVE_KNOBS: dict[str, tuple[str, ...]] = {
+    "beta": ("dpo", "kto", "orpo", "grpo"),
+    "loss_type": ("dpo", "kto"),
+    "label_smoothing": ("dpo",),
+    "reference_model": ("dpo", "kto"),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "num_generations": ("grpo",),
+    "max_completion_length": ("grpo",),
+    "temperature": ("grpo",),
+    # Supervised-only knobs: the preference trainers build their own batches and labels.
+    "packing": ("sft",),
+    "completion_only_loss": ("sft",),
+}
+# TRL's defaults, where a knob is left out (GRPO's beta 0: no reference model, as TRL and DeepSeek-R1 do).
+KNOB_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0},
+    "kto": {"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0},
+    "orpo": {"beta": 0.1},
+    "grpo": {"beta": 0.0, "num_generations": 4, "max_completion_length": 16, "temperature": 1.0},
+}
 
 
 class Distributed(BaseModel):
@@ -69,6 +98,22 @@ class Hyperparameters(BaseModel):
         2, ge=2, le=100, description="Keep the last K checkpoints (at least 2, so a crash mid-save leaves a whole one)"
     )
     distributed: Distributed | None = None
+    # Preference and reward objectives (OBJECTIVE_KNOBS says which applies where; None: the objective's default).
+    beta: float | None = Field(None, gt=0, le=100, description="dpo/kto/orpo: strength of the preference; grpo: KL")
+    loss_type: str | None = Field(
+        None,
+        max_length=32,
+        description="dpo: sigmoid | ipo | hinge | robust | sigmoid_norm; kto: kto | apo_zero_unpaired",
+    )
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="dpo (sigmoid, robust): noisy labels")
+    reference_model: Literal["base", "init_adapter"] | None = Field(
+        None, description="dpo/kto: the frozen reference; default the init_adapter when there is one, else the base"
+    )
+    desirable_weight: float | None = Field(None, gt=0, le=1e3, description="kto")
+    undesirable_weight: float | None = Field(None, gt=0, le=1e3, description="kto")
+    num_generations: int | None = Field(None, ge=2, le=64, description="grpo: completions per prompt")
+    max_completion_length: int | None = Field(None, ge=1, le=4096, description="grpo: tokens per completion")
+    temperature: float | None = Field(None, gt=0, le=10, description="grpo: sampling temperature")
     time_limit_seconds: int | None = Field(
         None,
         ge=1,
@@ -82,6 +127,56 @@ class Hyperparameters(BaseModel):
         if self.max_steps is None and self.n_epochs is None:
             self.n_epochs = 3
         return self
+
+    def knob(self, objective: str, name: str) -> Any:
+        """A preference knob's value for the objective: as set, else the objective's default."""
+        value = getattr(self, name)
+        return KNOB_DEFAULTS.get(objective, {}).get(name) if value is None else value
+
+    def check_objective(self, objective: str, *, method: str, init_adapter: str | None) -> None:
+        """Refuse knobs that do not apply to the objective, and combinations its trainer cannot run, naming them."""
+        for name, objectives in OBJECTIVE_KNOBS.items():
+            if name in self.model_fields_set and getattr(self, name) is not None and objective not in objectives:
+                raise InvalidInput(
+                    f"{name} does not apply to objective {objective}; it applies to {', '.join(objectives)}",
+                    param=f"hyperparameters.{name}",
+                )
+        if objective == "sft":
+            return
+        if method not in LORA_METHODS:
+            raise InvalidInput(
+                f"objective {objective} trains LoRA adapters (lora, qlora, dora, rsLoRA); method {method} is not "
+                "supported with it yet",
+                param="method",
+            )
+        if self.distributed is not None:
+            raise InvalidInput(
+                f"objective {objective} trains in one process; distributed is not supported with it yet",
+                param="hyperparameters.distributed",
+            )
+        allowed: tuple[str, ...] = {"dpo": get_args(DpoLoss), "kto": get_args(KtoLoss)}.get(objective, ())
+        if self.loss_type is not None and allowed and self.loss_type not in allowed:
+            raise InvalidInput(
+                f"loss_type for {objective} must be one of {', '.join(allowed)}; got {self.loss_type!r}",
+                param="hyperparameters.loss_type",
+            )
+        if objective == "dpo" and self.label_smoothing and self.knob("dpo", "loss_type") not in ("sigmoid", "robust"):
+            raise InvalidInput(
+                "label_smoothing applies to loss_type sigmoid or robust", param="hyperparameters.label_smoothing"
+            )
+        if self.reference_model == "init_adapter" and init_adapter is None:
+            raise InvalidInput(
+                "reference_model init_adapter needs an init_adapter", param="hyperparameters.reference_model"
+            )
+        if objective == "grpo":
+            generations = self.knob("grpo", "num_generations")
+            if (self.batch_size * self.gradient_accumulation_steps) % generations:
+                # TRL samples whole groups of completions per prompt into each generation batch.
+                raise InvalidInput(
+                    f"batch_size x gradient_accumulation_steps ({self.batch_size * self.gradient_accumulation_steps}) "
+                    f"must be a multiple of num_generations ({generations})",
+                    param="hyperparameters.num_generations",
+                )
 
     def resolved_target_modules(self) -> list[str] | str:
         if self.target_modules == "attention":
@@ -185,6 +280,11 @@ class JobSpec(BaseModel):
     dataset_id: str = Field(min_length=1, max_length=40)
     base_model: str | None = Field(None, max_length=512, description="Default: the deployment's base model")
     method: Method = "lora"
+    objective: Objective = Field("sft", description="sft (default) | dpo | kto | orpo | grpo")
+    init_adapter: str | None = Field(
+        None, min_length=1, max_length=128, description="Start from this adapter (same tenant and base model)"
+    )
+    grader: dict[str, Any] | None = Field(None, description="grpo: the declarative grader that rewards completions")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[a-zA-Z0-9_-]+$")
     evaluation: JobEvaluation = Field(

@@ -128,6 +128,9 @@ class Dataset(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The training objectives its rows can feed (core.dataset_formats.OBJECTIVES_BY_FORMAT); null on rows older than
+    # migration 0006, which were all supervised (sft, grpo).
+    objectives: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class Job(Base):
@@ -138,6 +141,12 @@ class Job(Base):
     base_model: Mapped[str] = mapped_column(String(512))
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     method: Mapped[TrainingMethod] = mapped_column(_enum(TrainingMethod))
+    # What the job optimises (core.jobspec.Objective): sft, dpo, kto, orpo or grpo.
+    objective: Mapped[str] = mapped_column(String(16), default="sft", server_default="sft")
+    # The adapter training starts from (its weights, rank and targets); the new adapter records it as its parent.
+    init_adapter: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # GRPO's declarative grader (core.graders), validated at creation.
+    grader: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), index=True, default=JobStatus.queued)
@@ -182,6 +191,8 @@ class JobEvent(Base):
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     learning_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     message: Mapped[str] = mapped_column(Text, default="")
+    # Whatever else the trainer logged at this step (DPO: rewards/chosen, rewards/rejected, rewards/margins, ...).
+    metrics: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
 
 
 class Adapter(Base):
@@ -264,6 +275,8 @@ class Evaluation(LeasedWork, Base):
     done_examples: Mapped[int] = mapped_column(Integer, default=0, doc="progress over all scales")
     results: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list, doc="per scale: metrics, seconds")
     duration_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A declarative grader (core.graders) scored as the "grader" metric on every prediction; null: none.
+    grader: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class EvaluationSample(Base):

@@ -33,6 +33,7 @@ from core.evaluation.inference import (
     reference_losses,
 )
 from core.evaluation.metrics import LOSS_METRICS, TEXT_METRICS, mean_scores, score_example
+from core.graders import parse_grader
 from core.logs import setup_logging
 from core.models import (
     Adapter,
@@ -51,7 +52,7 @@ from core.settings import Settings, get_settings
 from core.storage import Store
 from worker.adapter_operations import run_adapter_operation, verified_adapter_dir
 from worker.publishing import LeaseLost
-from worker.training import EXIT_TRANSIENT, load_rows
+from worker.training import EXIT_TRANSIENT, load_records, load_rows
 
 log = logging.getLogger("tuneserve.evaluation")
 # Teacher forcing sees the whole conversation; longer ones are cut (their loss covers what is left).
@@ -82,6 +83,9 @@ def evaluate(run: EvaluationRun) -> None:
     started = time.monotonic()
     ev, dataset, adapter = _load_records(run)
     conversations = load_rows(store, dataset.path, ev.split)[: ev.max_examples or None]
+    # Preference pairs, in the order of their conversations (prompt + chosen): scored for preference accuracy too.
+    pairs = [r for r in load_records(store, dataset.path, ev.split) if isinstance(r, dict) and "chosen" in r]
+    pairs = pairs[: ev.max_examples or None]
     scales: list[float | None] = list(ev.scales) if adapter is not None and ev.scales else [None]
     run.write(n_examples=len(conversations), done_examples=0, results=[])
     if adapter is not None:
@@ -101,6 +105,8 @@ def evaluate(run: EvaluationRun) -> None:
         predictions, per_example, aggregate = _score_scale(
             run, ev, model, tokenizer, conversations, prompts, references, budget, done=done_scales * len(conversations)
         )
+        if pairs:
+            _score_preferences(ev, model, tokenizer, pairs, budget, per_example, aggregate)
         results.append(
             {
                 "scale": scale,
@@ -188,9 +194,10 @@ def _score_scale(
 ) -> tuple[list[str], list[dict[str, float]], dict[str, Any]]:
     """(predictions, per-example scores, aggregate) at the model's current scale; `done` examples came before."""
     text_metrics = [m for m in ev.metrics if m in TEXT_METRICS]
+    grader = parse_grader(ev.grader) if ev.grader else None
     per_example: list[dict[str, float]] = [{} for _ in conversations]
     predictions = [""] * len(conversations)
-    if text_metrics:
+    if text_metrics or grader is not None:
 
         def progress(finished: int) -> None:
             run.write(done_examples=done + finished)
@@ -207,10 +214,48 @@ def _score_scale(
         predictions = [decode_prediction(tokenizer, t) for t in tokens]
         for i, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
             per_example[i].update(score_example(prediction, reference, text_metrics))
+            if grader is not None:
+                per_example[i]["grader"] = float(grader.score(prediction, reference))
     aggregate: dict[str, Any] = mean_scores(per_example)
     if any(m in LOSS_METRICS for m in ev.metrics):
         _score_loss(ev, model, tokenizer, conversations, budget, per_example, aggregate)
     return predictions, per_example, aggregate
+
+
+def _score_preferences(
+    ev: Evaluation,
+    model: Any,
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    budget: _Budget,
+    per_example: list[dict[str, float]],
+    aggregate: dict[str, Any],
+) -> None:
+    """Preference accuracy (log p(chosen) > log p(rejected)) and the mean margin, per pair and over the split.
+
+    Log-probabilities are the summed teacher-forced log-likelihoods of each answer's tokens after the same prompt
+    (the chat template training uses), so the two answers of a pair are compared under identical conditioning.
+    """
+
+    def answered(pair: dict[str, Any], answer: str) -> list[dict[str, str]]:
+        return [*pair["prompt"], {"role": "assistant", "content": pair[answer]}]
+
+    chosen, rejected = (
+        reference_losses(
+            model,
+            tokenizer,
+            [answered(p, answer) for p in pairs],
+            batch_size=ev.batch_size,
+            max_length=budget.loss_max_length,
+        )
+        for answer in ("chosen", "rejected")
+    )
+    margins = [r.nll - c.nll for c, r in zip(chosen, rejected, strict=True)]
+    for i, margin in enumerate(margins):
+        per_example[i]["preference_accuracy"] = float(margin > 0)
+        per_example[i]["mean_margin"] = margin
+    aggregate["preference_accuracy"] = sum(m > 0 for m in margins) / len(margins)
+    aggregate["mean_margin"] = sum(margins) / len(margins)
 
 
 def _score_loss(

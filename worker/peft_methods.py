@@ -104,3 +104,12 @@ def trained_target_modules(model: Any, method: str) -> list[str]:
     if method not in LORA_METHODS:
         return []
     return sorted({m.rsplit(".", 1)[-1] for m in model.peft_config["default"].target_modules})
+
+
+def load_init_adapter(model: Any, adapter_dir: str, method: str, hp: Hyperparameters) -> Any:
+    """The base model with an existing adapter's weights, trainable: a job continues it (SFT, then DPO)."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hp.gradient_checkpointing)
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)

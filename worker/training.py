@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from core.chat import IGNORE_INDEX, encode_for_training
 from core.checkpoints import checkpoints_dir, latest_complete, mark_complete
+from core.dataset_formats import Row, as_messages
 from core.db import session_scope
 from core.errors import TrainingError
 from core.job_evaluations import plan_job_evaluations
@@ -34,7 +35,13 @@ from core.settings import Settings, get_settings
 from core.storage import Store, hash_dir
 from worker.collators import PackingCollator, PaddingCollator
 from worker.distributed import trainer_distributed_arguments
-from worker.peft_methods import load_base_model, servability, trained_target_modules, wrap_for_method
+from worker.peft_methods import (
+    load_base_model,
+    load_init_adapter,
+    servability,
+    trained_target_modules,
+    wrap_for_method,
+)
 from worker.publishing import LeaseLost, publish_under_lease
 
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
@@ -58,13 +65,24 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def load_rows(store: Store, dataset_path: str, split: str) -> list[list[dict[str, str]]]:
+def load_records(store: Store, dataset_path: str, split: str) -> list[Row]:
+    """A split's rows as stored: chat messages, or preference / unpaired objects (core.dataset_formats)."""
     path = store.resolve(dataset_path) / f"{split}.jsonl"
     if not path.exists():
         raise TrainingError(
             "dataset_missing", f"the dataset's {split} split is missing from the store", param="dataset_id"
         )
-    return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [r["messages"] if "messages" in r else r for r in records]
+
+
+def load_rows(store: Store, dataset_path: str, split: str) -> list[list[dict[str, str]]]:
+    """A split as conversations: a pair's prompt and chosen answer; an unpaired row only when desirable."""
+    return [as_messages(r) for r in load_records(store, dataset_path, split) if _desirable(r)]
+
+
+def _desirable(row: Row) -> bool:
+    return isinstance(row, list) or bool(row.get("label", True))
 
 
 def training_command(settings: Settings, job_id: str, owner: str) -> list[str]:
@@ -206,16 +224,44 @@ def _make_callback(attempt: Attempt):
             if not attempt.progress(state.global_step, state.max_steps, float(loss)):
                 self.pending_flag |= STOP_LEASE_LOST  # acted on at the next step end, by every rank together
                 return
+            metrics = trainer_metrics(logs)
             attempt.event(
-                f"step {state.global_step}/{state.max_steps}: loss {loss:.4f}",
+                f"step {state.global_step}/{state.max_steps}: loss {loss:.4f}" + metrics_summary(metrics),
                 kind="metrics",
                 step=state.global_step,
                 epoch=float(logs.get("epoch", state.epoch or 0.0)),
                 loss=float(loss),
                 learning_rate=float(logs.get("learning_rate", 0.0)),
+                metrics=metrics or None,
             )
 
     return ProgressCallback()
+
+
+# Logged values that have their own event columns.
+_EVENT_COLUMNS = frozenset({"loss", "learning_rate", "epoch"})
+# What an event's message shows beside the loss, when the trainer logged it.
+_SUMMARY = (
+    ("rewards/margins", "margin"),
+    ("rewards/accuracies", "accuracy"),
+    ("reward", "reward"),
+    ("kl", "kl"),
+)
+
+
+def trainer_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    """The numbers a trainer logged at a step, besides loss, learning rate and epoch (finite ones: JSON holds no NaN)."""
+    import math
+
+    return {
+        k: float(v)
+        for k, v in logs.items()
+        if k not in _EVENT_COLUMNS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def metrics_summary(metrics: dict[str, float]) -> str:
+    return "".join(f", {label} {metrics[key]:.4f}" for key, label in _SUMMARY if key in metrics)
 
 
 def encode_rows(tokenizer: Any, rows: list, hp: Hyperparameters) -> tuple[list[dict[str, list[int]]], int]:
@@ -236,6 +282,17 @@ def training_arguments(
     from transformers import TrainingArguments
 
     return TrainingArguments(
+        **training_argument_values(
+            hp, output_dir=output_dir, logging_steps=logging_steps, use_cpu=use_cpu, distributed=distributed
+        )
+    )
+
+
+def training_argument_values(
+    hp: Hyperparameters, *, output_dir: str, logging_steps: int, use_cpu: bool, distributed: bool
+) -> dict[str, Any]:
+    """Our knobs as TrainingArguments' keywords; TRL's configs (DPOConfig, ...) extend TrainingArguments and take them too."""
+    return dict(
         output_dir=output_dir,
         per_device_train_batch_size=hp.batch_size,
         gradient_accumulation_steps=hp.gradient_accumulation_steps,
@@ -278,13 +335,14 @@ def build_trainer(
     logging_steps: int,
     use_cpu: bool,
     callbacks: list[Any] | None = None,
+    init_adapter_dir: str | None = None,
 ) -> tuple[Any, PaddingCollator | PackingCollator]:
     """The Trainer for a method and its knobs (also what bench/train.py measures)."""
     import torch
     from transformers import Trainer
 
     torch.manual_seed(hp.seed)
-    model = wrap_for_method(load_base_model(base_model, method, hp), method, hp)
+    model = trainable_model(base_model, method, hp, init_adapter_dir)
     collator: PaddingCollator | PackingCollator = PackingCollator() if hp.packing else PaddingCollator(pad_token_id)
     args = training_arguments(
         hp,
@@ -297,7 +355,56 @@ def build_trainer(
     return trainer, collator
 
 
+def trainable_model(base_model: str, method: str, hp: Hyperparameters, init_adapter_dir: str | None) -> Any:
+    """The base model wrapped for the method: a fresh adapter, or the init_adapter's weights to continue."""
+    base = load_base_model(base_model, method, hp)
+    if init_adapter_dir is not None:
+        return load_init_adapter(base, init_adapter_dir, method, hp)
+    return wrap_for_method(base, method, hp)
+
+
+def init_adapter_dir(settings: Settings, job: Job) -> str | None:
+    """The job's starting adapter's directory, its files checked against their sha256 (None: a fresh adapter)."""
+    if job.init_adapter is None:
+        return None
+    from worker.adapter_operations import verified_adapter_dir
+
+    with session_scope(settings.database_url) as s:
+        adapter = adapters_repo.get_adapter_by_name(s, job.init_adapter)
+        if adapter is not None:
+            s.expunge(adapter)
+    if adapter is None or adapter.status not in (AdapterStatus.ready, AdapterStatus.deleted):
+        raise TrainingError(
+            "init_adapter_missing", f"init_adapter {job.init_adapter!r} is not available", param="init_adapter"
+        )
+    try:
+        return str(verified_adapter_dir(Store(settings), adapter))
+    except TrainingError as e:
+        raise TrainingError(e.code, e.message, param="init_adapter") from None
+
+
+def run_trainer(attempt: Attempt, job: Job, trainer: Any, callback: Any) -> float | None:
+    """Train from the last complete checkpoint; the seconds it took, or None when it stopped early (cancelled: the job
+    is settled here; lease lost: the job is another attempt's)."""
+    checkpoint = latest_complete(attempt.settings, job.id)
+    if checkpoint is not None:
+        attempt.event(f"resuming from checkpoint at step {checkpoint.step}", step=checkpoint.step)
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+    elapsed = time.monotonic() - started
+    if callback.stop_reason & STOP_LEASE_LOST:
+        log.warning("job %s: lease lost, leaving the job to its new owner", job.id)
+        return None
+    if callback.stop_reason & STOP_CANCEL:
+        attempt.finish(JobStatus.cancelled)
+        return None
+    return elapsed
+
+
 def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
+    if job.objective != "sft":
+        train_objective(attempt, job, dataset_path)
+        return
     import torch
     from transformers import AutoTokenizer
 
@@ -331,23 +438,12 @@ def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
         logging_steps=settings.event_every_steps,
         use_cpu=settings.training_device == "cpu" or not torch.cuda.is_available(),
         callbacks=[callback],
+        init_adapter_dir=init_adapter_dir(settings, job),
     )
     model = trainer.model
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    checkpoint = latest_complete(settings, job.id)
-    if checkpoint is not None:
-        attempt.event(f"resuming from checkpoint at step {checkpoint.step}", step=checkpoint.step)
-    started = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
-    elapsed = time.monotonic() - started
-
-    if callback.stop_reason & STOP_LEASE_LOST:
-        log.warning("job %s: lease lost, leaving the job to its new owner", job.id)
-        return
-    if callback.stop_reason & STOP_CANCEL:
-        attempt.finish(JobStatus.cancelled)
-        return
-    if not attempt.main:
+    elapsed = run_trainer(attempt, job, trainer, callback)
+    if elapsed is None or not attempt.main:
         return
     steps = trainer.state.global_step
     attempt.progress(steps, steps, None)
@@ -356,6 +452,73 @@ def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
         f"{collator.real_tokens / max(collator.batch_tokens, 1):.0%} of computed tokens were not padding"
     )
     publish_adapter(attempt, job, model, tokenizer, hp, dataset_tokens)
+
+
+def train_objective(attempt: Attempt, job: Job, dataset_path: str) -> None:
+    """One attempt of a DPO, KTO, ORPO or GRPO job: TRL's trainer over our PEFT model, with the same callback (events,
+    cancel, checkpoints), resume and publishing as supervised training."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from worker.objectives import build_objective_trainer, trl_rows
+
+    settings = attempt.settings
+    hp = Hyperparameters.model_validate(job.hyperparameters)
+    records = load_records(Store(settings), dataset_path, "train")
+    rows = trl_rows(job.objective, records)
+    tokenizer = AutoTokenizer.from_pretrained(settings.base_model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    attempt.event(f"{len(rows)} {job.objective} training rows from {len(records)} dataset rows")
+
+    method = job.method.value
+    start_dir = init_adapter_dir(settings, job)
+    torch.manual_seed(hp.seed)
+    model = trainable_model(settings.base_model, method, hp, start_dir)
+    reference = hp.reference_model or ("init_adapter" if start_dir else "base")
+    # TRL's reference for a PEFT model is a frozen copy of the adapter it starts from: the base model for a fresh
+    # adapter (B = 0), the init_adapter when continuing one. Against the base while continuing, it needs the base itself.
+    ref_model = None
+    if job.objective in ("dpo", "kto") and start_dir is not None and reference == "base":
+        ref_model = load_base_model(settings.base_model, method, hp)
+    callback = _make_callback(attempt)
+    arguments = training_argument_values(
+        hp,
+        output_dir=str(checkpoints_dir(settings, job.id)),
+        logging_steps=settings.event_every_steps,
+        use_cpu=settings.training_device == "cpu" or not torch.cuda.is_available(),
+        distributed=False,
+    )
+    trainer = build_objective_trainer(
+        objective=job.objective,
+        model=model,
+        ref_model=ref_model,
+        tokenizer=tokenizer,
+        hp=hp,
+        rows=rows,
+        arguments=arguments,
+        grader=job.grader,
+        callbacks=[callback],
+    )
+    elapsed = run_trainer(attempt, job, trainer, callback)
+    if elapsed is None:
+        return
+    steps = trainer.state.global_step
+    tokens = _logged_tokens(trainer)
+    attempt.progress(steps, steps, None)
+    attempt.event(
+        f"trained {steps} {job.objective} steps in {elapsed:.1f}s"
+        + (f": {tokens / max(elapsed, 1e-9):.0f} tokens/s" if tokens else "")
+    )
+    publish_adapter(attempt, job, trainer.model, tokenizer, hp, tokens)
+
+
+def _logged_tokens(trainer: Any) -> int:
+    """The tokens TRL counted (its num_tokens metric, cumulative), from the last log that has it."""
+    for entry in reversed(trainer.state.log_history):
+        if "num_tokens" in entry:
+            return int(entry["num_tokens"])
+    return 0
 
 
 def publish_adapter(
@@ -370,7 +533,11 @@ def publish_adapter(
     serve = servability(job.method.value, target_modules)
     lora = job.method.value in LORA_METHODS
     with store.staging_dir() as staged:
-        model.save_pretrained(str(staged), safe_serialization=True)
+        if hasattr(model, "peft_config"):
+            # Only the trained adapter: DPO and KTO add a frozen "ref" copy that is no part of the result.
+            model.save_pretrained(str(staged), safe_serialization=True, selected_adapters=["default"])
+        else:
+            model.save_pretrained(str(staged), safe_serialization=True)
         if job.method.value == "full":
             tokenizer.save_pretrained(str(staged))  # a full model must stand on its own
         files, size = hash_dir(staged)
@@ -403,6 +570,7 @@ def publish_adapter(
                         status=AdapterStatus.ready,
                         servable=serve.servable,
                         servable_reason=serve.reason,
+                        parent_name=job.init_adapter,
                     ),
                 )
                 jobs_repo.add_event(

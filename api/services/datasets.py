@@ -12,7 +12,14 @@ from starlette.concurrency import run_in_threadpool
 
 from api.services import usage as usage_service
 from api.services.idempotency import claim_key, earlier_resource, idempotent_request
-from core.dataset_formats import DatasetLineError, dump_jsonl, parse_jsonl, row_stats, split_rows
+from core.dataset_formats import (
+    OBJECTIVES_BY_FORMAT,
+    DatasetLineError,
+    dump_jsonl,
+    parse_jsonl,
+    row_stats,
+    split_rows,
+)
 from core.errors import InvalidInput, NotFound, PayloadTooLarge
 from core.models import Dataset, new_id
 from core.repository import datasets as datasets_repo
@@ -135,6 +142,14 @@ def store_dataset(
     split_source = "none"
     if upload.test is not None:
         test = _parse(upload.test, split="test", settings=settings)
+        if test.format.kind != train.format.kind:
+            # A preference test split scores preference accuracy against pairs; another kind cannot stand in for it.
+            raise InvalidInput(
+                f"test_file holds {test.format.value} rows and file holds {train.format.value} rows; a test split "
+                "must hold the same kind of rows (supervised, preference pairs or unpaired)",
+                param="test_file",
+                code="invalid_dataset",
+            )
         test_rows, split_source = test.rows, "file"
     train_rows = train.rows
     if options.test_fraction is not None:
@@ -175,6 +190,7 @@ def store_dataset(
             sha256=digest,
             bytes=len(upload.train) + len(test_bytes),
             stats=stats,
+            objectives=list(OBJECTIVES_BY_FORMAT[train.format.value]),
         ),
     )
     try:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.orm import Session
 
 from api.services import idempotency as idempotency_service
 from api.services import usage as usage_service
 from api.services.datasets import get_dataset_or_404
+from core.dataset_formats import OBJECTIVES_BY_FORMAT
 from core.errors import Conflict, InvalidInput, NotFound
-from core.jobspec import JobSpec
+from core.graders import parse_grader
+from core.jobspec import ATTENTION_MODULES, LORA_METHODS, JobSpec
 from core.model_info import check_target_modules
-from core.models import Job, JobEvent, JobStatus, TrainingMethod, new_id
+from core.models import Adapter, AdapterStatus, Dataset, Job, JobEvent, JobStatus, TrainingMethod, new_id
 from core.queue import commit_and_send
+from core.repository import adapters as adapters_repo
 from core.repository import jobs as jobs_repo
 from core.repository import leases
 from core.settings import Settings
@@ -42,11 +47,16 @@ def create_job(
         return get_job_or_404(session, tenant_id, earlier), True
     hp = spec.hyperparameters
     hp.check_limits(settings, spec.method)
+    hp.check_objective(spec.objective, method=spec.method, init_adapter=spec.init_adapter)
+    grader = check_grader(spec)
     if isinstance(hp.target_modules, list):
         check_target_modules(settings.base_model, hp.target_modules)
     base_model = resolve_base_model(settings, spec.base_model)
     dataset = get_dataset_or_404(session, tenant_id, spec.dataset_id)
+    check_dataset_fits(dataset, spec.objective)
     hp.check_steps(settings, dataset.train_rows)
+    if spec.init_adapter is not None:
+        adopt_init_adapter(spec, init_adapter_or_404(session, tenant_id, spec.init_adapter), base_model)
     job_id = new_id("ftjob")
     if idempotency is not None and (winner := idempotency_service.claim_key(session, idempotency, job_id)):
         return get_job_or_404(session, tenant_id, winner), True
@@ -58,6 +68,9 @@ def create_job(
             base_model=base_model,
             dataset_id=spec.dataset_id,
             method=TrainingMethod(spec.method),
+            objective=spec.objective,
+            init_adapter=spec.init_adapter,
+            grader=grader,
             hyperparameters=spec.hyperparameters.model_dump(mode="json"),
             suffix=spec.suffix,
             evaluation=spec.evaluation.model_dump(mode="json"),
@@ -69,6 +82,81 @@ def create_job(
     jobs_repo.add_event(session, JobEvent(job_id=job.id, kind="status", message="job queued"))
     commit_and_send(session, settings, Job, job.id)
     return job, False
+
+
+def check_grader(spec: JobSpec) -> dict[str, Any] | None:
+    """GRPO's grader, validated (a bad regex or schema is a 422 naming it); no other objective takes one."""
+    if spec.objective != "grpo":
+        if spec.grader is not None:
+            raise InvalidInput(f"grader applies to objective grpo, not {spec.objective}", param="grader")
+        return None
+    if spec.grader is None:
+        raise InvalidInput("objective grpo needs a grader (what rewards a completion)", param="grader")
+    return dict(parse_grader(spec.grader).model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def check_dataset_fits(dataset: Dataset, objective: str) -> None:
+    """A job's objective must be one its dataset's rows can feed (preference pairs for DPO, say)."""
+    feeds = dataset.objectives or list(OBJECTIVES_BY_FORMAT.get(dataset.format, ("sft", "grpo")))
+    if objective not in feeds:
+        raise InvalidInput(
+            f"dataset {dataset.id} holds {dataset.format} rows, which feed {', '.join(feeds)}, not {objective}",
+            param="objective",
+            code="dataset_objective_mismatch",
+        )
+
+
+def init_adapter_or_404(session: Session, tenant_id: str, name: str) -> Adapter:
+    adapter = adapters_repo.get_owned_adapter(session, tenant_id, name)
+    if adapter is None or adapter.status == AdapterStatus.deleted:
+        raise NotFound(f"no adapter named {name!r}", param="init_adapter")
+    return adapter
+
+
+def adopt_init_adapter(spec: JobSpec, adapter: Adapter, base_model: str) -> None:
+    """Check the starting adapter against the job and take its rank, alpha and targets (422 naming a conflict)."""
+    hp = spec.hyperparameters
+    if adapter.status != AdapterStatus.ready:
+        raise InvalidInput(f"init_adapter {adapter.name!r} is {adapter.status.value}", param="init_adapter")
+    if adapter.base_model != base_model:
+        raise InvalidInput(
+            f"init_adapter {adapter.name!r} was made for base model {adapter.base_model!r}, not {base_model!r}",
+            param="init_adapter",
+        )
+    if adapter.method not in LORA_METHODS or adapter.rank is None:
+        raise InvalidInput(
+            f"init_adapter must be a LoRA adapter; {adapter.name!r} is {adapter.method}", param="init_adapter"
+        )
+    # QLoRA trains plain LoRA weights on a quantised base, so the two continue each other; DoRA adds magnitudes.
+    if (adapter.method == "dora") != (spec.method == "dora"):
+        raise InvalidInput(
+            f"init_adapter {adapter.name!r} is a {adapter.method} adapter; method {spec.method} cannot continue it",
+            param="method",
+        )
+    if "lora_r" in hp.model_fields_set and hp.lora_r != adapter.rank:
+        raise InvalidInput(
+            f"lora_r {hp.lora_r} conflicts with init_adapter {adapter.name!r} (rank {adapter.rank}); leave it out",
+            param="hyperparameters.lora_r",
+        )
+    if "lora_alpha" in hp.model_fields_set and adapter.alpha is not None and hp.lora_alpha != adapter.alpha:
+        raise InvalidInput(
+            f"lora_alpha {hp.lora_alpha:g} conflicts with init_adapter {adapter.name!r} (alpha {adapter.alpha:g})",
+            param="hyperparameters.lora_alpha",
+        )
+    if "target_modules" in hp.model_fields_set:
+        wanted = hp.target_modules
+        asked = ATTENTION_MODULES if wanted == "attention" else wanted
+        if asked == "all-linear" or sorted(asked) != sorted(adapter.target_modules):
+            raise InvalidInput(
+                f"target_modules {wanted!r} conflict with init_adapter {adapter.name!r} "
+                f"({', '.join(adapter.target_modules)}); leave them out",
+                param="hyperparameters.target_modules",
+            )
+    # Stored on the job, so the row says what it trains (the worker reads the adapter's own config for the rest).
+    hp.lora_r = adapter.rank
+    if adapter.alpha is not None:
+        hp.lora_alpha = adapter.alpha
+    hp.target_modules = list(adapter.target_modules)
 
 
 def admit_job(session: Session, settings: Settings, tenant_id: str) -> None:

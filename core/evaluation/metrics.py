@@ -12,7 +12,13 @@ from typing import Any
 # Computed from generated text. "loss" and "perplexity" are computed by teacher forcing instead.
 TEXT_METRICS = ("exact_match", "contains", "rouge1", "rouge2", "rougeL", "token_f1")
 LOSS_METRICS = ("loss", "perplexity")
-ALL_METRICS = TEXT_METRICS + LOSS_METRICS
+# On preference pairs: the share of pairs whose chosen answer has the higher log-probability under the model (margin
+# > 0), and the mean margin (log p(chosen) - log p(rejected), summed over each answer's tokens). Scored whenever the
+# split holds pairs: they are what a preference objective moves.
+PREFERENCE_METRICS = ("preference_accuracy", "mean_margin")
+# The evaluation's declarative grader (core.graders) on each prediction against its reference; a GRPO job's own.
+GRADER_METRICS = ("grader",)
+ALL_METRICS = TEXT_METRICS + LOSS_METRICS + PREFERENCE_METRICS + GRADER_METRICS
 # Metrics where lower is better (the report's delta reads the other way).
 LOWER_IS_BETTER = frozenset(LOSS_METRICS)
 

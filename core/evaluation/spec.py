@@ -11,7 +11,19 @@ from core.bounds import MAX_INT32
 from core.evaluation.metrics import ALL_METRICS
 
 # Spelled out for the schema; tests/test_metrics.py checks it against ALL_METRICS.
-MetricName = Literal["exact_match", "contains", "rouge1", "rouge2", "rougeL", "token_f1", "loss", "perplexity"]
+MetricName = Literal[
+    "exact_match",
+    "contains",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "token_f1",
+    "loss",
+    "perplexity",
+    "preference_accuracy",
+    "mean_margin",
+    "grader",
+]
 DEFAULT_METRICS: list[MetricName] = list(ALL_METRICS)  # type: ignore[arg-type]
 Scale = Annotated[float, Field(ge=MIN_SCALE, le=MAX_SCALE, allow_inf_nan=False)]
 MAX_EVAL_BATCH = 128

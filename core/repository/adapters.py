@@ -7,7 +7,16 @@ from typing import Any
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.models import Adapter, AdapterOperation, AdapterStatus, Evaluation, OperationKind, WorkStatus
+from core.models import (
+    Adapter,
+    AdapterOperation,
+    AdapterStatus,
+    Evaluation,
+    Job,
+    JobStatus,
+    OperationKind,
+    WorkStatus,
+)
 from core.repository import newest_first_page
 
 
@@ -93,7 +102,8 @@ def mark_adapter_deleted(session: Session, tenant_id: str, name: str) -> Adapter
 
 
 def in_use(session: Session, name: str) -> bool:
-    """A queued or running evaluation or adapter operation names the adapter: its files must stay for now."""
+    """A queued or running evaluation, adapter operation or job (its init_adapter) names the adapter: its files must
+    stay for now."""
     return bool(session.scalar(select(_referenced(name))))
 
 
@@ -102,6 +112,7 @@ def _referenced(name: Any) -> Any:
     return or_(
         exists().where(Evaluation.adapter_name == name, Evaluation.status.in_(active)),
         exists().where(AdapterOperation.source_adapter == name, AdapterOperation.status.in_(active)),
+        exists().where(Job.init_adapter == name, Job.status.in_([JobStatus.queued, JobStatus.running])),
     )
 
 
