@@ -1,19 +1,24 @@
-"""API overhead: `POST /generate` through the API vs the serving process vs the engine in-process.
+"""API overhead: vLLM's OpenAI server (`python -m serving`) called directly vs through the API's pass-through.
 
-Run from the repository root::
+Run from the repository root, holding the lock the test runs hold (2 cores are shared)::
 
-    HF_HUB_OFFLINE=1 python -m bench.serving_api --requests 100 --out bench/results/serving_api.json
+    flock /tmp/tuneserve-pytest.lock .venv/bin/python -m bench.serving_api --out bench/results/serving_api.json
 
-Short greedy generations (max_tokens 8), one request at a time, so the figures are latency, not
-throughput. Three paths, each with the base model and with one adapter:
+Two processes as deployed: serving (vLLM's OpenAI server, tuneserve's registry resolver and token guard) and the API
+under uvicorn, on SQLite (`--database postgres`: a temporary Postgres database), with the tiny model built by
+core.modelzoo and one random rank-8 LoRA registered like a trained one. Each row runs with the base model and with
+the adapter:
 
-- engine: the vLLM AsyncLLM in this process, called as serving calls it (serving.engine.Generation);
-- serving: HTTP straight to `python -m serving` (one hop);
-- api: HTTP to the API (`uvicorn api.main:create_app`), which checks SQL and proxies to serving (two hops).
+1. latency: short greedy chat completions (max_tokens 8), one request at a time: serving's /v1/chat/completions
+   with the serving token (direct), the API's /v1/chat/completions with a tenant key (api), and the API's
+   /generate, interleaved request by request so that all share the same noise. The API's added p50 is api - direct.
+2. streams: 32 concurrent streamed chat completions (max_tokens 32, ignore_eos: 32 tokens each), kept 32 in flight,
+   direct and through the API in alternating rounds (direct, api, api, direct, ...): requests/s and the p99 of a
+   request's whole time (to its last event); the ratio api/direct. Each round's requests/s is kept: on a busy
+   machine rounds of one path differ widely, and the spread says how far to trust the ratio.
 
-The engine path runs alone first (with a second engine alive, the in-process one measured 3x slower
-on 2 cores); then serving and api run together, interleaved request by request to share the same noise.
-On a busy machine compare serving with api (same phase) rather than either with engine.
+On 2 cores the client, the API and vLLM's two processes share the CPU: the API's cost is partly CPU taken from
+the engine, which is what a deployment on a small machine pays too.
 """
 
 from __future__ import annotations
@@ -25,28 +30,38 @@ import json
 import os
 import platform
 import secrets
-import signal
-import socket
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from serving.protocol import TOKEN_HEADER
+from bench.processes import ROOT, Proc, api_command, create_database, drop_database, free_port, sqlalchemy_url
+from core.serving_contract import CHAT_COMPLETIONS_PATH, HEALTH_PATH, TOKEN_HEADER
 
-PROMPT = {"messages": [{"role": "user", "content": "is this review good or bad: great fun"}]}
+MESSAGES = [{"role": "user", "content": "is this review good or bad: great fun"}]
 ADAPTER = "bench-adapter"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODELS = ("base", "adapter")
+# The issue's targets (issue 13, Benchmarks).
+MAX_ADDED_P50_MS = 5.0
+MIN_STREAM_RATIO = 0.9
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a path sends a chat completion, with which credentials, and the model name for base and adapter."""
+
+    url: str
+    headers: dict[str, str]
+    base_model: str
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -61,7 +76,8 @@ def percentiles(ms: list[float]) -> dict[str, float]:
 
 
 def make_adapter(settings: Any, name: str) -> None:
-    """One random rank-8 all-linear LoRA (A and B random), saved as safetensors and registered in SQL."""
+    """One random rank-8 LoRA (A and B random), saved into the store and registered with its files' sha256, as a
+    training job registers one (tests/support/generation.py make_adapter does the same)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -72,15 +88,17 @@ def make_adapter(settings: Any, name: str) -> None:
     from core.storage import Store, hash_dir
 
     torch.manual_seed(0)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     base = AutoModelForCausalLM.from_pretrained(settings.base_model, dtype=torch.float32)
-    model = get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-    )
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base), config)
     store = Store(settings)
     relative = store.adapter_dir(name)
-    model.save_pretrained(str(store.resolve(relative)))
-    files, size = hash_dir(store.resolve(relative))
+    directory = store.resolve(relative)
+    model.save_pretrained(str(directory))
+    for extra in directory.iterdir():  # only what serving needs; README.md is PEFT's model card
+        if extra.name not in ("adapter_config.json", "adapter_model.safetensors"):
+            extra.unlink()
+    files, size = hash_dir(directory)
     with session_scope(settings.database_url) as session:
         adapters_repo.add_adapter(
             session,
@@ -91,16 +109,18 @@ def make_adapter(settings: Any, name: str) -> None:
                 method="lora",
                 rank=8,
                 alpha=16.0,
-                target_modules=targets,
+                target_modules=TARGETS,
                 path=relative,
                 files=files,
                 size_bytes=size,
                 status=AdapterStatus.ready,
+                servable=True,
             ),
         )
 
 
-def mint_default_key(settings: Any) -> str:
+def mint_api_key(settings: Any) -> str:
+    """A key of the default tenant, minted as `tuneserve admin create-key` does."""
     from core.auth import mint_key
     from core.db import session_scope
 
@@ -108,155 +128,232 @@ def mint_default_key(settings: Any) -> str:
         return mint_key(session, "default", label="bench").secret
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], headers: dict[str, str], timeout: float = 600) -> None:
+def wait_ready(url: str, proc: Proc, headers: dict[str, str], timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{url} exited with {process.returncode}")
+        if not proc.alive():
+            raise SystemExit(f"{proc.name} exited; log: {proc.log}")
         try:
             if httpx.get(url, headers=headers).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"{url} not ready in {timeout} s")
+    raise SystemExit(f"{url} not ready in {timeout} s; log: {proc.log}")
 
 
-def start_processes(settings: Any, env: dict[str, str], api_port: int, logs: Path) -> list[subprocess.Popen[bytes]]:
-    """`python -m serving` and the API under uvicorn, as deployed."""
-    procs = []
-    with (logs / "serving.log").open("ab") as log:
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "serving"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-    with (logs / "api.log").open("ab") as log:
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "api.main:create_app",
-                    "--factory",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(api_port),
-                    "--log-level",
-                    "warning",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-    wait_ready(f"{settings.serving_url}/health", procs[0], {TOKEN_HEADER: settings.serving_token})
-    wait_ready(f"http://127.0.0.1:{api_port}/healthz", procs[1], {})
-    return procs
+def chat_body(endpoint: Endpoint, model: str, max_tokens: int, *, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": endpoint.base_model if model == "base" else ADAPTER,
+        "messages": MESSAGES,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
+    if stream:
+        body.update(stream=True, ignore_eos=True)  # every stream the same length: the same work on both paths
+    return body
 
 
-def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+async def post_ok(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any], **kw: Any
+) -> None:
+    response = await client.post(url, json=body, headers=headers, **kw)
+    if response.status_code != 200:
+        raise SystemExit(f"{url}: {response.status_code} {response.text[:500]}")
 
 
-async def timed(calls: dict[str, Any], requests: int) -> dict[str, dict[str, float]]:
-    """Warm every path once, then call them in turn, request by request, so they share the same noise."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
+async def latency_row(
+    client: httpx.AsyncClient, direct: Endpoint, api: Endpoint, requests: int, max_tokens: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Direct, api and /generate, base and adapter, called in turn request by request (each warmed once first)."""
+    generate_url = api.url.removesuffix(CHAT_COMPLETIONS_PATH) + "/generate"
+    calls: dict[tuple[str, str], Callable[[], Awaitable[None]]] = {}
+    for model in MODELS:
+        for path, endpoint in (("direct", direct), ("api", api)):
+            body = chat_body(endpoint, model, max_tokens, stream=False)
+            calls[path, model] = partial(post_ok, client, endpoint.url, endpoint.headers, body)
+        params = {"adapter": ADAPTER} if model == "adapter" else {}
+        body = {"messages": MESSAGES, "temperature": 0, "max_tokens": max_tokens}
+        calls["generate", model] = partial(post_ok, client, generate_url, api.headers, body, params=params)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
     for call in calls.values():
         await call()
     for _ in range(requests):
-        for path, call in calls.items():
+        for key, call in calls.items():
             t0 = time.perf_counter()
             await call()
-            times[path].append((time.perf_counter() - t0) * 1000)
-    return {path: percentiles(ms) for path, ms in times.items()}
+            times[key].append((time.perf_counter() - t0) * 1000)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (path, model), ms in times.items():
+        out.setdefault(path, {})[model] = percentiles(ms)
+    return out
 
 
-def run_engine(settings: Any, requests: int, max_tokens: int) -> dict[str, dict[str, float]]:
-    """The engine in this process, driven exactly as serving drives it (on uvloop, as under uvicorn)."""
-    import uvloop
-    from transformers import AutoTokenizer
+@dataclass
+class Streams:
+    """What the streams of one path and model gave: each stream's total and first-event ms, each round's req/s."""
 
-    from serving.adapters import AdapterRegistry
-    from serving.engine import Generation, build_engine
-    from serving.protocol import ServingRequest
+    total_ms: list[float] = field(default_factory=list)
+    first_event_ms: list[float] = field(default_factory=list)
+    events: set[int] = field(default_factory=set)
+    rounds_req_per_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
 
-    engine = build_engine(settings)
-    tokenizer = AutoTokenizer.from_pretrained(settings.base_model)
-    gen = Generation(settings, engine, tokenizer, AdapterRegistry(settings, engine.add_lora, engine.remove_lora))
+    def summary(self) -> dict[str, Any]:
+        return {
+            "req_per_s": round(len(self.total_ms) / self.wall_s, 2),
+            **percentiles(self.total_ms),
+            "first_event_p50_ms": round(statistics.median(self.first_event_ms), 2),
+            "rounds_req_per_s": self.rounds_req_per_s,
+            "events_per_stream": sorted(self.events),
+        }
 
-    async def run() -> dict[str, dict[str, float]]:
-        async def call(label: str) -> None:
-            req = ServingRequest(
-                adapter=ADAPTER if label == "adapter" else None, temperature=0, max_tokens=max_tokens, **PROMPT
-            )
-            await gen.complete(await gen.prepare(req))
 
-        timings = await timed({label: (lambda lb=label: call(lb)) for label in ("base", "adapter")}, requests)
-        return timings
+async def one_stream(client: httpx.AsyncClient, endpoint: Endpoint, body: dict[str, Any], into: Streams) -> None:
+    """One streamed completion read to its `[DONE]`: its time to the first event and to the end."""
+    t0 = time.perf_counter()
+    first, events, done = 0.0, 0, False
+    async with client.stream("POST", endpoint.url, json=body, headers=endpoint.headers) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise SystemExit(f"{endpoint.url}: {response.status_code} {response.text[:500]}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                events += 1
+                first = first or time.perf_counter()
+                done = line == "data: [DONE]"
+    if not done:
+        raise SystemExit(f"{endpoint.url}: a stream ended without [DONE]")
+    into.total_ms.append((time.perf_counter() - t0) * 1000)
+    into.first_event_ms.append((first - t0) * 1000)
+    into.events.add(events)
 
+
+async def stream_round(
+    client: httpx.AsyncClient, endpoint: Endpoint, body: dict[str, Any], concurrency: int, total: int, into: Streams
+) -> None:
+    """`total` streams, `concurrency` in flight at all times."""
+    left = total
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await one_stream(client, endpoint, body, into)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - t0
+    into.wall_s += seconds
+    into.rounds_req_per_s.append(round(total / seconds, 2))
+
+
+async def streams_row(
+    client: httpx.AsyncClient, direct: Endpoint, api: Endpoint, args: argparse.Namespace
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per model: one warm-up round each, then rounds in the order direct, api, api, direct, ... (drift in the
+    machine's load falls on both paths alike)."""
+    concurrency, per_round = args.concurrency, args.stream_requests
+    out: dict[str, dict[str, dict[str, Any]]] = {"direct": {}, "api": {}}
+    endpoints = {"direct": direct, "api": api}
+    for model in MODELS:
+        bodies = {path: chat_body(e, model, args.stream_max_tokens, stream=True) for path, e in endpoints.items()}
+        for path, endpoint in endpoints.items():
+            await stream_round(client, endpoint, bodies[path], concurrency, concurrency, Streams())
+        measured = {path: Streams() for path in endpoints}
+        for i in range(2 * args.stream_rounds):
+            path = ("direct", "api", "api", "direct")[i % 4]
+            await stream_round(client, endpoints[path], bodies[path], concurrency, per_round, measured[path])
+        for path in endpoints:
+            out[path][model] = measured[path].summary()
+    return out
+
+
+async def measure(
+    settings: Any, api_port: int, api_key: str, args: argparse.Namespace
+) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    direct = Endpoint(
+        f"{settings.serving_url}{CHAT_COMPLETIONS_PATH}",
+        {TOKEN_HEADER: settings.serving_token},
+        settings.served_model_name,
+    )
+    api = Endpoint(
+        f"http://127.0.0.1:{api_port}{CHAT_COMPLETIONS_PATH}",
+        {"Authorization": f"Bearer {api_key}"},
+        settings.served_model_name,
+    )
+    connections = 2 * args.concurrency
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        latency = await latency_row(client, direct, api, args.requests, args.max_tokens)
+        streams = await streams_row(client, direct, api, args)
+    return {"latency": latency, "streams": streams}
+
+
+def run_client(coro: Awaitable[Any]) -> Any:
+    """On uvloop when it is there (vLLM brings it): the client's own overhead is CPU taken from the servers."""
     try:
-        return uvloop.run(run())
-    finally:
-        engine.shutdown()
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def run_http(
-    settings: Any, api_port: int, api_key: str, requests: int, max_tokens: int
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Serving direct and through the API (with a tenant's key, as a client calls it), interleaved request by request."""
-    api_url = f"http://127.0.0.1:{api_port}"
-
-    async def run() -> dict[str, dict[str, dict[str, float]]]:
-        async with httpx.AsyncClient(timeout=120) as client:
-
-            async def serving_call(adapter: str | None) -> None:
-                body = {**PROMPT, "temperature": 0, "max_tokens": max_tokens, "adapter": adapter}
-                response = await client.post(
-                    f"{settings.serving_url}/generate", json=body, headers={TOKEN_HEADER: settings.serving_token}
-                )
-                response.raise_for_status()
-
-            async def api_call(adapter: str | None) -> None:
-                body = {**PROMPT, "temperature": 0, "max_tokens": max_tokens}
-                response = await client.post(
-                    f"{api_url}/generate",
-                    params={"adapter": adapter} if adapter else {},
-                    json=body,
-                    headers={"Authorization": f"Bearer {api_key}"},
-                )
-                response.raise_for_status()
-
-            calls = {}
-            for label, adapter in (("base", None), ("adapter", ADAPTER)):
-                calls[f"serving/{label}"] = lambda a=adapter: serving_call(a)
-                calls[f"api/{label}"] = lambda a=adapter: api_call(a)
-            flat = await timed(calls, requests)
-        results: dict[str, dict[str, dict[str, float]]] = {"serving": {}, "api": {}}
-        for key, value in flat.items():
-            path, label = key.split("/")
-            results[path][label] = value
-        return results
-
-    return asyncio.run(run())
+def report(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    latency, streams = results["latency"], results["streams"]
+    print(
+        f"\n1. latency: {args.requests} sequential chat completions per path, max_tokens={args.max_tokens}, "
+        f"preset={args.preset}, database={args.database}\n"
+    )
+    print(f"{'path':<10}{'model':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'p50 - direct':>15}")
+    for path in ("direct", "api", "generate"):
+        for model in MODELS:
+            r = latency[path][model]
+            added = r["p50_ms"] - latency["direct"][model]["p50_ms"]
+            print(f"{path:<10}{model:<10}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['mean_ms']:>10.2f}{added:>+15.2f}")
+    added_p50 = {m: round(latency["api"][m]["p50_ms"] - latency["direct"][m]["p50_ms"], 2) for m in MODELS}
+    print(
+        f"\n2. streams: {args.concurrency} concurrent streamed chat completions, max_tokens={args.stream_max_tokens}, "
+        f"{args.stream_rounds} rounds of {args.stream_requests} per path and model\n"
+    )
+    print(f"{'path':<10}{'model':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'1st event':>11}  rounds req/s")
+    for path in ("direct", "api"):
+        for model in MODELS:
+            r = streams[path][model]
+            print(
+                f"{path:<10}{model:<10}{r['req_per_s']:>10.2f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+                f"{r['first_event_p50_ms']:>11.2f}  {r['rounds_req_per_s']}"
+            )
+    ratio = {
+        m: {
+            "req_per_s": round(streams["api"][m]["req_per_s"] / streams["direct"][m]["req_per_s"], 3),
+            "p99": round(streams["direct"][m]["p99_ms"] / streams["api"][m]["p99_ms"], 3),
+        }
+        for m in MODELS
+    }
+    targets = {
+        "api_added_p50_ms": {"max": MAX_ADDED_P50_MS, "met": all(v <= MAX_ADDED_P50_MS for v in added_p50.values())},
+        "streams_ratio": {
+            "min": MIN_STREAM_RATIO,
+            "met": all(v >= MIN_STREAM_RATIO for r in ratio.values() for v in r.values()),
+        },
+    }
+    print(f"\nAPI's added p50 over direct (target <= {MAX_ADDED_P50_MS} ms): {added_p50}")
+    print(f"streams api/direct (req/s, and direct p99 / api p99; target >= {MIN_STREAM_RATIO}): {ratio}")
+    return {"api_added_p50_ms": added_p50, "streams_ratio_api_over_direct": ratio, "targets": targets}
 
 
 def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--requests", type=int, default=60, help="sequential requests per path and model")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--stream-requests", type=int, default=32, help="streams per round")
+    parser.add_argument("--stream-rounds", type=int, default=4, help="rounds per path and model")
+    parser.add_argument("--stream-max-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving_api.json"))
     args = parser.parse_args()
 
@@ -265,67 +362,78 @@ def main() -> None:
     from core.settings import Settings
 
     work = Path(tempfile.mkdtemp(prefix="tuneserve-bench-api-"))
-    model = build_model(work / "models" / args.preset, preset=args.preset, seed=0)
-    api_port = free_port()
-    values: dict[str, Any] = {
-        "data_dir": str(work),
-        "base_model": str(model),
-        "max_lora_rank": 8,
-        "reconcile_interval_seconds": 0,
-        "serving_port": free_port(),
-        "serving_token": secrets.token_hex(8),
-        "serving_dtype": "float32",
-        "serving_max_model_len": 512,
-        "serving_max_loras": 2,
-        "serving_max_cpu_loras": 2,
-    }
-    settings = Settings(**values)
-    settings.ensure_dirs()
-    upgrade(settings.database_url)
-    make_adapter(settings, ADAPTER)
-    api_key = mint_default_key(settings)
-    env = dict(os.environ, PYTHONPATH=str(Path.cwd()), **{f"TUNESERVE_{k.upper()}": str(v) for k, v in values.items()})
-
-    # Never two engines at once: on a small CPU they skew each other's latency.
-    results: dict[str, Any] = {"engine": run_engine(settings, args.requests, args.max_tokens)}
-    procs = start_processes(settings, env, api_port, work)
+    pg_name = None
+    procs: list[Proc] = []
+    finished = False
     try:
-        results.update(run_http(settings, api_port, api_key, args.requests, args.max_tokens))
+        model = build_model(work / "models" / args.preset, preset=args.preset, seed=0)
+        api_port = free_port()
+        values: dict[str, Any] = {
+            "data_dir": str(work),
+            "base_model": str(model),
+            "reconcile_interval_seconds": 0,
+            "serving_port": free_port(),
+            "serving_token": secrets.token_hex(8),
+            "serving_dtype": "float32",
+            "serving_max_model_len": 512,
+            "serving_max_tokens": 256,
+            "serving_max_num_seqs": max(32, args.concurrency),
+            "max_lora_rank": 8,
+            "serving_max_loras": 2,
+            "serving_max_cpu_loras": 2,
+            "max_concurrent_generations_per_tenant": max(32, args.concurrency),
+        }
+        if args.database == "postgres":
+            pg_name, pg_url = create_database("tuneserve_bench_api")
+            values["database_url"] = sqlalchemy_url(pg_url)
+        settings = Settings(**values)
+        settings.ensure_dirs()
+        upgrade(settings.database_url)
+        make_adapter(settings, ADAPTER)
+        api_key = mint_api_key(settings)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **{f"TUNESERVE_{k.upper()}": str(v) for k, v in values.items()})
+        serving = Proc("serving", [sys.executable, "-m", "serving"], env, work / "serving.log")
+        api = Proc("api", api_command(api_port), env, work / "api.log")
+        procs = [serving, api]
+        for proc in procs:
+            proc.start()
+        wait_ready(f"{settings.serving_url}{HEALTH_PATH}", serving, {TOKEN_HEADER: settings.serving_token})
+        wait_ready(f"http://127.0.0.1:{api_port}/healthz", api, {})
+        results = run_client(measure(settings, api_port, api_key, args))
+        finished = True
     finally:
-        stop_processes(procs)
+        for proc in reversed(procs):
+            proc.kill()
+        if pg_name is not None:
+            drop_database(pg_name)
+        if finished:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work} (serving.log, api.log)", file=sys.stderr)
 
-    print(
-        f"\n/generate latency, {args.requests} sequential requests, max_tokens={args.max_tokens}, "
-        f"preset={args.preset}\n"
-    )
-    print(f"{'path':<10}{'model':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'p50 vs engine':>15}")
-    for path in ("engine", "serving", "api"):
-        for label in ("base", "adapter"):
-            r = results[path][label]
-            extra = r["p50_ms"] - results["engine"][label]["p50_ms"]
-            print(f"{path:<10}{label:<10}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['mean_ms']:>10.2f}{extra:>+14.2f}")
-    overhead = {
-        label: round(results["api"][label]["p50_ms"] - results["serving"][label]["p50_ms"], 2)
-        for label in ("base", "adapter")
-    }
-    print(f"\nAPI hop over serving direct (p50): {overhead}")
+    summary = report(args, results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: getattr(args, k) for k in ("preset", "database", "requests", "max_tokens", "concurrency")}
+    config.update(
+        stream_rounds=args.stream_rounds,
+        stream_requests_per_round=args.stream_requests,
+        stream_max_tokens=args.stream_max_tokens,
+    )
     args.out.write_text(
         json.dumps(
             {
                 "benchmark": "serving_api",
-                "preset": args.preset,
-                "requests": args.requests,
-                "max_tokens": args.max_tokens,
+                **config,
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg": os.getloadavg()},
                 "results": results,
-                "api_over_serving_p50_ms": overhead,
+                **summary,
             },
             indent=2,
         )
+        + "\n"
     )
     print(f"wrote {args.out}")
 
 
-if __name__ == "__main__":  # vLLM spawns its engine core: the guard keeps the child from re-running main
+if __name__ == "__main__":
     main()
