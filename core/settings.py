@@ -196,6 +196,11 @@ class Settings(BaseSettings):
     serving_tensor_parallel_size: int = Field(1, ge=1)
     serving_enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (faster start)")
     serving_max_tokens: int = Field(1024, gt=0, description="Highest max_tokens a request may ask for")
+    serving_tool_call_parser: str = Field(
+        "",
+        description="vLLM tool-call parser for the base model's chat template (e.g. hermes, llama3_json); "
+        "empty: requests with tools are refused with vLLM's 400",
+    )
     max_concurrent_generations_per_tenant: int = Field(
         32, ge=1, description="Generations one tenant may have running at once, per API process (429 beyond)"
     )

@@ -58,6 +58,10 @@ def vllm_cli_args(settings: Settings) -> list[str]:
     ]  # fmt: skip
     if settings.serving_enforce_eager:
         args.append("--enforce-eager")
+    if settings.serving_tool_call_parser:
+        # Tools need a parser that knows how the model's chat template writes a call; without one vLLM refuses
+        # requests with tools (a 400 that says so).
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", settings.serving_tool_call_parser]
     return args
 
 

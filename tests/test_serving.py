@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +16,11 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from safetensors.torch import load_file, save_file
 
 from core.storage import Store
 from tests.support.generation import MAX_NEW, PROMPTS, Reference, generate, make_adapter, unique
-from tests.support.http import Response
+from tests.support.http import Response, api_server, assert_error
 from tests.support.processes import free_port
 from tests.support.stack import Stack, bearer
 
@@ -61,31 +58,8 @@ def wrong_shapes(directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def api_url(serving_stack: Stack) -> Iterator[str]:
-    from api.main import create_app
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(serving_stack.settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the API server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-def assert_error(response: Response, status: int, param: str | None, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"type", "code", "message", "param"}
-    assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
+    with api_server(serving_stack.settings) as url:
+        yield url
 
 
 # --- tests -----------------------------------------------------------------------------------------

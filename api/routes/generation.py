@@ -74,7 +74,7 @@ async def generate(
     rename = {"model": "adapter", "input_tokens": "prompt" if body.prompt is not None else "messages"}
     gen_id = f"gen-{uuid.uuid4().hex}"
     if not body.stream:
-        answer = await service.complete(serving, slots, tenant, path, forwarded, adapter=name, rename=rename)
+        answer = await service.complete(request, serving, slots, tenant, path, forwarded, adapter=name, rename=rename)
         choice = answer["choices"][0]
         return GenerationOut(
             id=gen_id,
@@ -109,7 +109,7 @@ async def generate(
             usage=Usage.model_validate(usage) if usage else None,
         ).model_dump_json()
 
-    lines = await service.open_stream(serving, slots, tenant, path, forwarded, adapter=name, rename=rename)
+    lines = await service.open_stream(request, serving, slots, tenant, path, forwarded, adapter=name, rename=rename)
     return StreamingResponse(
         service.relay_sse(lines, chunk), media_type="text/event-stream", headers=service.SSE_HEADERS
     )

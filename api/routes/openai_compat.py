@@ -66,9 +66,11 @@ async def _forward(
     slots = service.generation_slots(request.app.state, settings)
     rename = {"input_tokens": "messages" if path == CHAT_COMPLETIONS_PATH else "prompt"}
     if not body.stream:
-        answer = await service.complete(serving, slots, tenant, path, forwarded, adapter=adapter, rename=rename)
+        answer = await service.complete(
+            request, serving, slots, tenant, path, forwarded, adapter=adapter, rename=rename
+        )
         return JSONResponse(answer)
-    lines = await service.open_stream(serving, slots, tenant, path, forwarded, adapter=adapter, rename=rename)
+    lines = await service.open_stream(request, serving, slots, tenant, path, forwarded, adapter=adapter, rename=rename)
     return StreamingResponse(service.relay_sse(lines), media_type="text/event-stream", headers=service.SSE_HEADERS)
 
 

@@ -11,11 +11,13 @@ one error shape (serving_client.serving_error).
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
 
+from fastapi import Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +26,8 @@ from core.errors import InvalidInput, NotFound, RateLimited, TuneserveError
 from core.models import Adapter, AdapterStatus
 from core.repository import adapters as adapters_repo
 from core.settings import Settings
+
+T = TypeVar("T")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Fields of vLLM's request bodies that steer its own internals (disaggregated prefill, request ids): a tenant has
@@ -169,6 +173,36 @@ def generation_slots(app_state: Any, settings: Settings) -> GenerationSlots:
     return slots
 
 
+class ClientGone(TuneserveError):
+    """The client hung up before its answer began; nobody reads this error (nginx's 499)."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`work` (a call to serving), cancelled when the client disconnects first: the connection to serving closes
+    and vLLM aborts the generation, as it does for its own clients. (Once a stream has begun, Starlette's
+    StreamingResponse notices the disconnect itself and closes the relay, with the same effect.)"""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone("the client disconnected before the answer began")
+
+
 @contextmanager
 def _params_renamed(rename: dict[str, str]) -> Iterator[None]:
     """vLLM's param names as the client's request has them: /generate calls `model` `adapter`, and a prompt past
@@ -182,27 +216,27 @@ def _params_renamed(rename: dict[str, str]) -> Iterator[None]:
 
 
 async def complete(
-    serving: ServingClient, slots: GenerationSlots, tenant_id: str, path: str, body: dict[str, Any], *,
-    adapter: str | None, rename: dict[str, str],
+    request: Request, serving: ServingClient, slots: GenerationSlots, tenant_id: str, path: str,
+    body: dict[str, Any], *, adapter: str | None, rename: dict[str, str],
 ) -> dict[str, Any]:  # fmt: skip
     release = slots.acquire(tenant_id)
     try:
         with _params_renamed(rename):
-            return await serving.post(path, body, affinity=adapter)
+            return await unless_client_leaves(request, serving.post(path, body, affinity=adapter))
     finally:
         release()
 
 
 async def open_stream(
-    serving: ServingClient, slots: GenerationSlots, tenant_id: str, path: str, body: dict[str, Any], *,
-    adapter: str | None, rename: dict[str, str],
+    request: Request, serving: ServingClient, slots: GenerationSlots, tenant_id: str, path: str,
+    body: dict[str, Any], *, adapter: str | None, rename: dict[str, str],
 ) -> AsyncIterator[str]:  # fmt: skip
     """Open the stream now, so a bad adapter or prompt is a plain 4xx, not an event in a 200 stream; the tenant's
     slot is held until the stream ends or its client goes away."""
     release = slots.acquire(tenant_id)
     try:
         with _params_renamed(rename):
-            lines = await serving.stream(path, body, affinity=adapter)
+            lines = await unless_client_leaves(request, serving.stream(path, body, affinity=adapter))
     except BaseException:
         release()
         raise

@@ -63,6 +63,15 @@ class Reference:
             self._cache[key] = out[0, ids.shape[1] :].tolist()
         return self._cache[key]
 
+    def logprobs(self, adapter_dir: Path | None, request: dict[str, Any], completion: list[int]) -> torch.Tensor:
+        """log-softmax over the vocabulary at each completion position (rows: positions, in float32)."""
+        model = self.base if adapter_dir is None else self._peft(adapter_dir)
+        prompt = self.prompt_ids(request)
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+        return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(completion)].float(), dim=-1)
+
 
 def make_adapter(stack: Stack, reference: Reference, name: str, *, seed: int, rank: int = 8, edit: Any = None) -> Path:
     """A random LoRA, registered exactly like a trained one, in well under a second.

@@ -67,7 +67,7 @@ SERVING_TEST_SETTINGS: dict[str, Any] = {
     "serving_max_loras": 2,
     "serving_max_cpu_loras": 4,
     "serving_max_model_len": 512,
-    "serving_max_tokens": 64,
+    "serving_max_tokens": 256,
     "serving_max_num_seqs": 32,
     "serving_kv_cache_gib": 1,
     "serving_dtype": "float32",
