@@ -53,7 +53,11 @@ def api_server(settings: Settings) -> Iterator[str]:
     from api.main import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    # A page may still hold a job's event stream open when the test ends: do not wait on it for long.
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True, name=f"api-{port}")
     thread.start()
     deadline = time.monotonic() + 60
@@ -77,8 +81,15 @@ class RecordedPage:
     requests: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
 
-    def goto(self, path: str) -> None:
-        self.page.goto(f"{self.base_url}{path}", wait_until="networkidle")
+    def goto(self, path: str, *, wait_until: str = "networkidle") -> None:
+        """Open a page; a console page also waits for its script to be ready. A job page keeps its event stream
+        open, so the network is never idle there: open it with wait_until="load"."""
+        self.page.goto(f"{self.base_url}{path}", wait_until=wait_until)
+        if path.startswith("/ui"):
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        self.page.locator("body[data-ready='true']").wait_for(state="attached")
 
     def hosts(self) -> set[str]:
         """scheme://host:port of every request that left the page (data: and blob: URLs stay in the browser)."""
@@ -162,3 +173,4 @@ def sign_in(recorded: RecordedPage, api_key: str) -> None:
     page.get_by_label("API key").fill(api_key)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url("**/ui/jobs")
+    recorded.wait_ready()

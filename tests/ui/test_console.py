@@ -78,7 +78,7 @@ def test_tenant_b_never_sees_tenant_a_job(browser: Any, console_stack: ConsoleSt
         r.page.wait_for_load_state("networkidle")
         assert job["id"] not in r.page.content()
         # Not even by its URL: the API answers 404 for another tenant's job, and the page says so.
-        r.goto(f"/ui/jobs/{job['id']}")
+        r.goto(f"/ui/jobs/{job['id']}", wait_until="load")
         error = r.page.get_by_test_id("job-error")
         error.wait_for(state="visible")
         assert "No job" in error.inner_text()
@@ -162,6 +162,7 @@ def test_keyboard_and_phone(browser: Any, console_stack: ConsoleStack) -> None:
         r.page.keyboard.type(console_stack.key_a)
         r.page.keyboard.press("Enter")
         r.page.wait_for_url("**/ui/jobs")
+        r.wait_ready()
         # Every form control on the job form has a label.
         r.page.locator("#f-hyperparameters-lora_r").wait_for()
         unlabelled = r.page.evaluate(
@@ -199,3 +200,21 @@ def test_dataset_list_and_preview(browser: Any, console_stack: ConsoleStack) -> 
         assert row.get_by_role("button", name="Hide rows").get_attribute("aria-expanded") == "true"
         r.screenshot("datasets-preview")
         assert_on_host(r)
+
+
+def test_cancel_a_queued_job_from_its_page(browser: Any, console_stack: ConsoleStack) -> None:
+    job = queued_job(console_stack, console_stack.key_a)
+    with recorded_page(browser, console_stack.url) as r:
+        sign_in(r, console_stack.key_a)
+        r.goto(f"/ui/jobs/{job['id']}", wait_until="load")
+        status = r.page.get_by_test_id("job-status")
+        status.filter(has_text="queued").wait_for()
+        r.page.once("dialog", lambda dialog: dialog.dismiss())  # "no": nothing happens
+        r.page.get_by_role("button", name="Cancel job").click()
+        assert status.inner_text() == "queued"
+        r.page.once("dialog", lambda dialog: dialog.accept())
+        r.page.get_by_role("button", name="Cancel job").click()
+        status.filter(has_text="cancelled").wait_for()
+        assert r.page.get_by_role("button", name="Cancel job").is_hidden()
+    with httpx.Client(base_url=console_stack.url, headers=bearer(console_stack.key_a), timeout=30) as client:
+        assert client.get(f"/jobs/{job['id']}").json()["status"] == "cancelled"

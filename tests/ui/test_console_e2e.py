@@ -68,6 +68,7 @@ def test_fine_tune_compare_and_chat_in_the_browser(
         # Jobs: train on it, with the demo's recipe typed into the form.
         page.get_by_test_id("upload-ok").get_by_role("link", name="Train on it").click()
         page.wait_for_url("**/ui/jobs?dataset=*")
+        r.wait_ready()
         form = page.get_by_test_id("job-form")
         form.locator("#f-suffix").fill("ui")
         form.locator("#f-hyperparameters-max_steps").fill(str(STEPS))
@@ -79,6 +80,7 @@ def test_fine_tune_compare_and_chat_in_the_browser(
         form.locator("#f-evaluation-max_new_tokens").fill("8")
         form.get_by_role("button", name="Start training").click()
         page.wait_for_url("**/ui/jobs/ftjob-*")
+        r.wait_ready()
 
         # The loss chart gains points while the job runs (the live event stream, not a reload).
         chart = page.get_by_test_id("loss-chart")
@@ -120,6 +122,7 @@ def test_fine_tune_compare_and_chat_in_the_browser(
         # Playground: base and adapter side by side on a held-out question, streamed; they answer differently.
         page.get_by_role("link", name="try it in the playground").click()
         page.wait_for_url("**/ui/playground?adapter=*")
+        r.wait_ready()
         assert page.get_by_role("checkbox", name=adapter).is_checked()
         row = json.loads(test.read_text().splitlines()[0])
         page.get_by_label("System message").fill(SYSTEM_PROMPT)

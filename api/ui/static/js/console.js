@@ -10,6 +10,11 @@ const KEY_STORAGE = "tuneserve.apiKey";
 const PREFIX = document.documentElement.dataset.prefix || "/ui";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 
+// Set once Alpine has started every component on the page: what a test (or a script) waits for before acting.
+document.addEventListener("alpine:initialized", () => {
+  document.body.dataset.ready = "true";
+});
+
 // ---------------------------------------------------------------------------------------------------------------
 // The key and the API
 
@@ -42,6 +47,8 @@ function authHeaders(extra) {
 // fetch() against the API; JSON in and out; an error in the API's one shape becomes an ApiError.
 // A 401 means the key is gone or was revoked: back to the sign-in page.
 async function api(path, options) {
+  // Signed out (maybe by this very click, with a poll still due): send nothing without a key.
+  if (getKey() === null) throw new ApiError(401, null);
   const opts = Object.assign({}, options || {});
   const headers = authHeaders(opts.headers);
   if (opts.json !== undefined) {
