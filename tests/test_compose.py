@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from core.settings import PLACEHOLDER_SECRET, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_SERVICES = ("migrate", "api", "worker", "serving")
+PROJECT_SERVICES = ("migrate", "api", "worker", "serving", "serving-2")
 
 
 @pytest.fixture(scope="module")
@@ -189,18 +189,24 @@ def test_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
 
 def test_serving_is_internal_only(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    for name in ("serving", "postgres", "redis", "worker", "migrate"):
+    for name in ("serving", "serving-2", "postgres", "redis", "worker", "migrate"):
         assert "ports" not in services[name], f"{name} must publish no port"
         assert services[name]["networks"] == ["internal"], name
     assert compose["networks"]["internal"]["internal"] is True
     assert services["api"]["ports"] and "internal" in services["api"]["networks"]
 
 
-def test_worker_and_serving_reserve_one_gpu(compose: dict[str, Any]) -> None:
-    for name in ("worker", "serving"):
-        devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
-        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
+def test_worker_and_serving_replicas_reserve_one_gpu_each(compose: dict[str, Any]) -> None:
+    def devices(name: str) -> list[dict[str, Any]]:
+        return compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]  # type: ignore[no-any-return]
+
+    assert devices("worker") == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # Two replicas, each on its own GPU by id (a `count` of 1 would put both on the first one).
+    ids = [devices(name)[0]["device_ids"] for name in ("serving", "serving-2")]
+    assert ids == [["${SERVING_GPU:-1}"], ["${SERVING_2_GPU:-2}"]]
     assert "deploy" not in compose["services"]["api"]
+    serving, second = compose["services"]["serving"], compose["services"]["serving-2"]
+    assert {k: v for k, v in second.items() if k != "deploy"} == {k: v for k, v in serving.items() if k != "deploy"}
 
 
 def test_one_data_volume_shared(compose: dict[str, Any], env_example: dict[str, str]) -> None:
@@ -255,9 +261,9 @@ def test_env_example_lists_every_setting_with_valid_values(
 
 # The settings that are secrets, and the services that need each (docker-compose.yml hands out no other).
 SECRETS = {
-    "TUNESERVE_DATABASE_URL": {"api", "worker", "serving", "migrate"},
+    "TUNESERVE_DATABASE_URL": {"api", "worker", "serving", "serving-2", "migrate"},
     "TUNESERVE_BROKER_URL": {"api", "worker"},
-    "TUNESERVE_SERVING_TOKEN": {"api", "serving"},
+    "TUNESERVE_SERVING_TOKEN": {"api", "serving", "serving-2"},
     "TUNESERVE_METRICS_TOKEN": {"api"},
 }
 
@@ -284,7 +290,7 @@ def test_no_container_gets_the_whole_env_file(compose: dict[str, Any]) -> None:
 def test_long_running_services_get_every_setting(compose: dict[str, Any]) -> None:
     """api, worker and serving get every TUNESERVE_ setting that is not a secret, from .env by name."""
     settings = {f"TUNESERVE_{name.upper()}" for name in Settings.model_fields} - set(SECRETS)
-    for service in ("api", "worker", "serving"):
+    for service in ("api", "worker", "serving", "serving-2"):
         env = environment(compose, service)
         missing = sorted(settings - set(env))
         assert not missing, f"docker-compose.yml (x-tuneserve-env) does not pass {missing} to {service}"
