@@ -32,6 +32,9 @@ CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
     # (worker.objectives over our PEFT model) vs the plain TRL script a user would write.
     "dpo reference (plain TRL DPOTrainer + PEFT)": ("dpo-reference", {}),
     "dpo (ours)": ("dpo", {}),
+    # TRL's DPOConfig defaults to bf16 and gradient checkpointing; ours to the job's defaults (fp32, none): the same
+    # settings side by side.
+    "dpo (ours, bf16 + gradient checkpointing as TRL)": ("dpo", {"precision": "bf16", "gradient_checkpointing": True}),
 }
 
 
@@ -153,7 +156,7 @@ def run_dpo(model_dir: str, tokenizer: Any, method: str, hp: Any, pairs: list[di
             trainer = build_objective_trainer(
                 objective="dpo",
                 model=trainable_model(model_dir, "lora", hp, None),
-                ref_model=None,
+                reference="base",
                 tokenizer=tokenizer,
                 hp=hp,
                 rows=pairs,
@@ -253,11 +256,20 @@ RATIOS = {
     "ours (lora) vs reference": ("lora", "reference (HF Trainer + PEFT, padding)", "tokens_per_s"),
     "packing vs padding (lora)": ("lora + packing", "lora", "tokens_per_s"),
     "gradient checkpointing training memory vs lora": ("lora + gradient checkpointing", "lora", "training_peak_mib"),
-    "dpo: ours vs plain TRL (tokens/s)": ("dpo (ours)", "dpo reference (plain TRL DPOTrainer + PEFT)", "tokens_per_s"),
-    "dpo training memory: ours vs plain TRL": (
-        "dpo (ours)",
+    "dpo: ours vs plain TRL, same settings (tokens/s)": (
+        "dpo (ours, bf16 + gradient checkpointing as TRL)",
+        "dpo reference (plain TRL DPOTrainer + PEFT)",
+        "tokens_per_s",
+    ),
+    "dpo training memory: ours vs plain TRL, same settings": (
+        "dpo (ours, bf16 + gradient checkpointing as TRL)",
         "dpo reference (plain TRL DPOTrainer + PEFT)",
         "training_peak_mib",
+    ),
+    "dpo: ours (job defaults, fp32) vs plain TRL (tokens/s)": (
+        "dpo (ours)",
+        "dpo reference (plain TRL DPOTrainer + PEFT)",
+        "tokens_per_s",
     ),
 }
 
@@ -279,7 +291,7 @@ def main() -> None:
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--rows", choices=sorted(ROWS), default="variable", help="variable-length or long rows")
-    parser.add_argument("--configs", help="Comma-separated configuration names to run (default: all)")
+    parser.add_argument("--configs", help="Configuration names to run, separated by semicolons (default: all)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -292,7 +304,7 @@ def main() -> None:
 
     model_dir = build_model(Path(tempfile.gettempdir()) / f"tuneserve-bench-{args.preset}", preset=args.preset)
     results: dict[str, dict[str, float]] = {}
-    names = [n.strip() for n in args.configs.split(",")] if args.configs else list(CONFIGS)
+    names = [n.strip() for n in args.configs.split(";")] if args.configs else list(CONFIGS)
     for name in names:
         out = subprocess.run(
             [
@@ -319,14 +331,14 @@ def main() -> None:
     print(
         f"\ntraining on preset {args.preset}: {args.steps} steps x batch {args.batch_size}, variable-length rows, CPU"
     )
-    print(f"{'configuration':<42} {'tokens/s':>10} {'peak RSS MiB':>13} {'training MiB':>13} {'loss':>8}")
+    print(f"{'configuration':<50} {'tokens/s':>10} {'peak RSS MiB':>13} {'training MiB':>13} {'loss':>8}")
     for name, r in results.items():
         print(
-            f"{name:<42} {r['tokens_per_s']:>10.0f} {r['peak_rss_mib']:>13.0f} {r['training_peak_mib']:>13.0f} {r['train_loss']:>8.3f}"
+            f"{name:<50} {r['tokens_per_s']:>10.0f} {r['peak_rss_mib']:>13.0f} {r['training_peak_mib']:>13.0f} {r['train_loss']:>8.3f}"
         )
     print()
     for name, value in ratios.items():
-        print(f"{name:<42} {value:>10.2f}x")
+        print(f"{name:<56} {value:>10.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

@@ -7,6 +7,7 @@ started from with the one it made, on held-out pairs. KTO and ORPO train a fresh
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -165,24 +166,50 @@ def test_grpo_with_a_string_check_grader_trains_and_reports_the_grader_before_an
 
 
 @pytest.mark.parametrize(
-    ("objective", "logged"),
-    [("kto", "kl"), ("orpo", "log_odds_ratio")],
+    ("objective", "method", "logged"),
+    [("kto", "qlora", "kl"), ("orpo", "dora", "log_odds_ratio")],
 )
 def test_kto_and_orpo_train_an_adapter(
-    stack: Stack, preference_dataset: dict[str, Any], objective: str, logged: str
+    stack: Stack, preference_dataset: dict[str, Any], objective: str, method: str, logged: str
 ) -> None:
+    """Every objective trains on every LoRA parameterisation: here KTO on a 4-bit (QLoRA) base, ORPO with DoRA."""
     body = {
         "dataset_id": preference_dataset["id"],
         "objective": objective,
+        "method": method,
         "suffix": objective,
         "hyperparameters": {**TRAIN, "max_steps": 4, "beta": 0.2},
         "evaluation": {"enabled": False},
     }
     job = run_job(stack, body)
+    assert job["method"] == method
     events = metric_events(stack, job["id"])
     assert events and all(logged in (e["metrics"] or {}) for e in events), events
     adapter = stack.client.get(f"/adapters/{job['fine_tuned_model']}").json()
-    assert adapter["status"] == "ready" and adapter["parent"] is None
+    assert adapter["status"] == "ready" and adapter["parent"] is None and adapter["method"] == method
+
+
+def test_kto_trains_on_unpaired_rows(stack: Stack) -> None:
+    rows = [
+        {"prompt": f"Classify the sentiment: a {word} day", "completion": label, "label": good}
+        for word, label, good in (
+            ("good", "positive", True),
+            ("bad", "negative", True),
+            ("great", "negative", False),
+            ("awful", "positive", False),
+        )
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    dataset = stack.client.post("/datasets", files={"file": ("kto.jsonl", data)}).json()
+    assert dataset["format"] == "unpaired" and dataset["objectives"] == ["kto"], dataset
+    body = {
+        "dataset_id": dataset["id"],
+        "objective": "kto",
+        "hyperparameters": {"max_steps": 2, "batch_size": 4, "desirable_weight": 1.5, "loss_type": "kto"},
+        "evaluation": {"enabled": False},
+    }
+    job = run_job(stack, body)
+    assert metric_events(stack, job["id"]), "no metrics events"
 
 
 # --- what the API refuses (a 4xx naming the field; nothing is queued) ------------------------------------------------

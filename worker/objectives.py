@@ -59,11 +59,26 @@ def reward_function(grader_json: dict[str, Any]) -> Any:
     return reward
 
 
+def _reference(trainer: Any, reference: str) -> Any:
+    """Make the trainer's reference pass the one asked for.
+
+    Given a PeftModel, TRL adds a frozen copy of its adapter named "ref" and computes reference log-probs through it:
+    the init_adapter when continuing one. Against the base model, the copy is dropped and TRL computes them with the
+    adapters disabled (what it does for its own peft_config): the same log-probs as a fresh (B = 0) copy, without the
+    copy's memory and compute, and without loading a second base model when continuing an adapter.
+    """
+    model = trainer.model
+    if reference == "base" and "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+        model.set_adapter("default")  # the one being trained stays active and trainable
+    return trainer
+
+
 def build_objective_trainer(
     *,
     objective: str,
     model: Any,
-    ref_model: Any,
+    reference: str,
     tokenizer: Any,
     hp: Hyperparameters,
     rows: list[dict[str, Any]],
@@ -71,7 +86,10 @@ def build_objective_trainer(
     grader: dict[str, Any] | None,
     callbacks: list[Any],
 ) -> Any:
-    """TRL's trainer for the objective, over `model` (already a PeftModel) with our arguments and knobs."""
+    """TRL's trainer for the objective, over `model` (already a PeftModel) with our arguments and knobs.
+
+    reference (DPO, KTO): "base" or "init_adapter", the frozen model the policy is compared with.
+    """
     from datasets import Dataset
 
     dataset = Dataset.from_list(rows)
@@ -87,7 +105,7 @@ def build_objective_trainer(
             label_smoothing=knob("dpo", "label_smoothing"),
             max_length=hp.max_seq_length,
         )
-        return DPOTrainer(args=dpo_args, ref_model=ref_model, **common)
+        return _reference(DPOTrainer(args=dpo_args, **common), reference)
     if objective == "kto":
         from trl import KTOConfig, KTOTrainer
 
@@ -99,7 +117,7 @@ def build_objective_trainer(
             undesirable_weight=knob("kto", "undesirable_weight"),
             max_length=hp.max_seq_length,
         )
-        return KTOTrainer(args=kto_args, ref_model=ref_model, **common)
+        return _reference(KTOTrainer(args=kto_args, **common), reference)
     if objective == "orpo":
         # ORPO lives in trl.experimental in TRL 1.16; it needs no reference model (the odds ratio is the policy's own).
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer

@@ -475,12 +475,8 @@ def train_objective(attempt: Attempt, job: Job, dataset_path: str) -> None:
     start_dir = init_adapter_dir(settings, job)
     torch.manual_seed(hp.seed)
     model = trainable_model(settings.base_model, method, hp, start_dir)
+    # DPO's and KTO's frozen reference: the init_adapter when continuing one (unless asked otherwise), else the base.
     reference = hp.reference_model or ("init_adapter" if start_dir else "base")
-    # TRL's reference for a PEFT model is a frozen copy of the adapter it starts from: the base model for a fresh
-    # adapter (B = 0), the init_adapter when continuing one. Against the base while continuing, it needs the base itself.
-    ref_model = None
-    if job.objective in ("dpo", "kto") and start_dir is not None and reference == "base":
-        ref_model = load_base_model(settings.base_model, method, hp)
     callback = _make_callback(attempt)
     arguments = training_argument_values(
         hp,
@@ -492,7 +488,7 @@ def train_objective(attempt: Attempt, job: Job, dataset_path: str) -> None:
     trainer = build_objective_trainer(
         objective=job.objective,
         model=model,
-        ref_model=ref_model,
+        reference=reference,
         tokenizer=tokenizer,
         hp=hp,
         rows=rows,
