@@ -14,13 +14,14 @@ import json
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from core.errors import NotFound, TuneserveError, Unauthenticated
 from core.serving_contract import SERVING_PATHS, TOKEN_HEADER
 from core.settings import get_settings
 
 
-def _error(status: int, type_: str, code: str, message: str) -> tuple[int, bytes]:
-    body = {"error": {"type": type_, "code": code, "message": message, "param": None}}
-    return status, json.dumps(body).encode()
+def _error(error: TuneserveError) -> tuple[int, bytes]:
+    """tuneserve's one error shape (core/errors.py), as the API renders it too."""
+    return error.status_code, json.dumps(error.to_dict()).encode()
 
 
 class ServingGuard:
@@ -43,11 +44,9 @@ class ServingGuard:
             return
         refusal = None
         if not self._authorized(Headers(scope=scope)):
-            refusal = _error(401, "authentication_error", "invalid_serving_token", "missing or wrong serving token")
+            refusal = _error(Unauthenticated("missing or wrong serving token", code="invalid_serving_token"))
         elif scope["path"] not in SERVING_PATHS:
-            refusal = _error(
-                404, "not_found_error", "not_found", "not a serving path (adapters load from the registry)"
-            )
+            refusal = _error(NotFound("not a serving path (adapters load from the registry)"))
         if refusal is None:
             await self.app(scope, receive, send)
             return

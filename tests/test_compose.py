@@ -198,7 +198,7 @@ def test_serving_is_internal_only(compose: dict[str, Any]) -> None:
 
 def test_worker_and_serving_replicas_reserve_one_gpu_each(compose: dict[str, Any]) -> None:
     def devices(name: str) -> list[dict[str, Any]]:
-        return compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]  # type: ignore[no-any-return]
+        return compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
 
     assert devices("worker") == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     # Two replicas, each on its own GPU by id (a `count` of 1 would put both on the first one).

@@ -388,9 +388,11 @@ def test_entry_point_declared():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     eps = data["project"]["entry-points"]["vllm.general_plugins"]
     assert eps["tuneserve_cpu_lora"] == "serving.lora_cpu_plugin:register"
+    assert eps["tuneserve_lora_resolver"] == "serving.lora_resolver:register"
     from importlib.metadata import entry_points
 
     installed = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     if "tuneserve_cpu_lora" not in installed:
         pytest.skip("project not pip-installed in this interpreter: entry point not registered")
     assert installed["tuneserve_cpu_lora"] == "serving.lora_cpu_plugin:register"
+    assert installed["tuneserve_lora_resolver"] == "serving.lora_resolver:register"

@@ -69,7 +69,7 @@ def test_adapters_stay_on_their_replica_and_fail_over_when_it_dies(
         make_adapter(serving_stack, reference, name, seed=60 + i)
     settings = serving_stack.settings.model_copy(update={"serving_urls": ",".join(urls)})
     with TestClient(create_app_for(settings), headers=bearer(serving_stack.api_key)) as client:
-        answers = {}
+        answers: dict[str, list[int]] = {}
         for name in (on_second, on_primary, on_second, on_primary, on_second):
             response = _generate(client, name)
             assert response.status_code == 200, response.text

@@ -389,3 +389,17 @@ def test_serving_metrics_are_vllms_plus_the_resolvers(serving_stack: Stack, refe
     assert _serving_metric(serving_stack, "tuneserve_serving_sha256_refusals_total") == before_sha + 1
     assert _serving_metric(serving_stack, 'tuneserve_serving_adapter_load_failures_total{reason="sha256"}') >= 1
     assert _serving_metric(serving_stack, "vllm:lora_requests_info") >= 1
+
+
+def test_cpu_lora_plugin_and_registry_resolver_are_active_in_vllms_server(
+    serving_stack: Stack, reference: Reference
+) -> None:
+    """Both tuneserve plugins load in vLLM's own server: the CPU LoRA ops in the engine process that runs the
+    model, the resolver in the API-server process that resolves names."""
+    name = unique("plugins")
+    make_adapter(serving_stack, reference, name, seed=71)
+    assert generate(serving_stack, PROMPTS[0], adapter=name).status_code == 200
+    log = serving_stack.extra["serving"].log.read_text()
+    active = [line for line in log.splitlines() if "tuneserve CPU LoRA: stacked multi-LoRA ops active" in line]
+    assert any("(EngineCore" in line or "(VllmWorker" in line for line in active), active
+    assert f"Resolved and loaded LoRA adapter '{name}' using TuneserveResolver" in log

@@ -54,10 +54,16 @@ async def resolve_adapter(
     """
     if name is None or name in (settings.served_model_name, settings.base_model):
         return None
-    adapter = await run_in_threadpool(_servable_adapter, session, tenant_id, name, param=param)
-    # The lookup's connection goes back to the pool before the route waits on serving, which may take minutes.
-    await run_in_threadpool(session.commit)
-    return adapter.name
+    return await run_in_threadpool(_servable_adapter_name, session, tenant_id, name, param=param)
+
+
+def _servable_adapter_name(session: Session, tenant_id: str, name: str, *, param: str) -> str:
+    """The lookup and the end of its transaction in one trip to the thread pool: the connection goes back to the
+    pool before the route waits on serving, which may take minutes."""
+    try:
+        return _servable_adapter(session, tenant_id, name, param=param).name
+    finally:
+        session.commit()
 
 
 def _content_chars(content: Any) -> int:
