@@ -60,5 +60,5 @@ def test_a_dpo_adapter_is_served_through_generate_and_v1(
         "/v1/chat/completions", json={"model": name, **REQUEST, "max_tokens": MAX_NEW, "temperature": 0}
     )
     assert chat.status_code == 200, chat.text
-    text = reference.tokenizer.decode(expected, skip_special_tokens=True)
+    text = str(reference.tokenizer.decode(expected, skip_special_tokens=True))
     assert chat.json()["choices"][0]["message"]["content"].strip() == text.strip()

@@ -20,7 +20,7 @@ from core.errors import InvalidInput
 from core.graders import parse_grader
 from core.jobspec import Hyperparameters, JobSpec
 
-LIMITS: dict[str, int] = {"max_rows": 100, "max_line_bytes": 10_000}
+LIMITS: dict[str, Any] = {"max_rows": 100, "max_line_bytes": 10_000}
 USER = [{"role": "user", "content": "Classify: a good day"}]
 
 
