@@ -1,8 +1,9 @@
 """Preference and reward objectives end to end through the real worker, on the tiny model and the demo task's pairs.
 
-A weak SFT adapter (trained on the chosen answers for a few steps) is continued with DPO (init_adapter) and with GRPO
-(a string_check grader against the reference column); each job's before/after evaluation compares the adapter it
-started from with the one it made, on held-out pairs. KTO and ORPO train a fresh adapter for a few steps.
+A weak SFT adapter (trained on the chosen answers for a few steps) is continued with DPO (init_adapter), and a partly
+right one (a few more steps) with GRPO (a string_check grader against the reference column); each job's before/after
+evaluation compares the adapter it started from with the one it made, on held-out pairs. KTO and ORPO train a fresh
+adapter for a few steps.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.support.stack import Stack
 
 TRAIN = {"learning_rate": 3e-3, "batch_size": 16, "seed": 0, "max_seq_length": 64}
 WEAK_SFT_STEPS = int(os.environ.get("TUNESERVE_TEST_WEAK_SFT_STEPS", "40"))
+PARTLY_RIGHT_SFT_STEPS = int(os.environ.get("TUNESERVE_TEST_PARTLY_RIGHT_SFT_STEPS", "120"))
 EVAL = {"batch_size": 32, "max_new_tokens": 4, "metrics": ["exact_match", "contains"]}
 GRADER = {"type": "string_check", "operation": "equals", "reference": "reference"}
 
@@ -67,6 +69,21 @@ def weak_sft(stack: Stack, preference_dataset: dict[str, Any]) -> dict[str, Any]
         "dataset_id": preference_dataset["id"],
         "suffix": "weak",
         "hyperparameters": {**TRAIN, "max_steps": WEAK_SFT_STEPS},
+        "evaluation": {"enabled": False},
+    }
+    return run_job(stack, body)
+
+
+@pytest.fixture(scope="session")
+def partly_right_sft(stack: Stack, preference_dataset: dict[str, Any]) -> dict[str, Any]:
+    """SFT stopped when its greedy label is right on most held-out prompts (0.84) but sampling at temperature 1 still
+    gives the wrong label about a quarter of the time: GRPO's groups then hold right and wrong answers to the same prompt,
+    so its advantage depends on the prompt. (From the 40-step adapter, sampling is at chance and GRPO drifts to one
+    label; at 150 steps greedy is already 1.0.)"""
+    body = {
+        "dataset_id": preference_dataset["id"],
+        "suffix": "partly",
+        "hyperparameters": {**TRAIN, "max_steps": PARTLY_RIGHT_SFT_STEPS},
         "evaluation": {"enabled": False},
     }
     return run_job(stack, body)
@@ -131,38 +148,46 @@ def test_dpo_adapter_records_its_parent_and_is_servable(
     assert not any("ref" in name.split("/")[0] for name in adapter["files"]), adapter["files"]
 
 
-def test_grpo_with_a_string_check_grader_trains_and_reports_the_grader_before_and_after(
-    stack: Stack, preference_dataset: dict[str, Any], weak_sft: dict[str, Any]
+def test_grpo_with_a_string_check_grader_raises_the_held_out_grader_score(
+    stack: Stack, preference_dataset: dict[str, Any], partly_right_sft: dict[str, Any]
 ) -> None:
     body = {
         "dataset_id": preference_dataset["id"],
         "objective": "grpo",
-        "init_adapter": weak_sft["fine_tuned_model"],
+        "init_adapter": partly_right_sft["fine_tuned_model"],
         "grader": GRADER,
         "suffix": "grpo",
+        # 8 prompts x 8 generations a step: enough prompts that one step's shift towards either label stays small, and
+        # enough generations that most groups hold both answers. TRL's defaults otherwise (beta 0, group-scaled rewards).
         "hyperparameters": {
-            "learning_rate": 3e-3,
-            "batch_size": 16,
-            "max_steps": 10,
-            "num_generations": 4,
+            "learning_rate": 1e-3,
+            "batch_size": 64,
+            "max_steps": 50,
+            "num_generations": 8,
             "max_completion_length": 4,
+            "temperature": 1.0,
             "seed": 0,
         },
         "evaluation": EVAL,
     }
     job = run_job(stack, body, evaluated=True)
-    assert job["grader"]["type"] == "string_check"
+    assert job["grader"]["type"] == "string_check" and job["init_adapter"] == partly_right_sft["fine_tuned_model"]
     report = stack.client.get(f"/jobs/{job['id']}/report").json()
     grader = next(m for m in report["metrics"] if m["name"] == "grader")
-    print(f"\n[{stack.kind}] GRPO held-out mean grader score {grader['base']:.3f} -> {grader['adapter']:.3f}")
-    # The grader scored every held-out prediction of the adapter GRPO started from and of the one it made. (On this
-    # tiny model a few GRPO steps do not reliably raise it: see the README; DPO's gain is asserted above.)
-    assert 0.0 <= grader["base"] <= 1.0 and 0.0 <= grader["adapter"] <= 1.0, grader
+    events = metric_events(stack, job["id"])
+    assert events and all("reward" in (e["metrics"] or {}) for e in events), events
+    assert all("rewards/string_check/mean" in e["metrics"] for e in events), events[0]
+    rewards = [e["metrics"]["reward"] for e in events]
+    print(
+        f"\n[{stack.kind}] GRPO held-out mean grader score {grader['base']:.3f} -> {grader['adapter']:.3f}; "
+        f"mean training reward, first and last 5 logs: {sum(rewards[:5]) / 5:.3f} -> {sum(rewards[-5:]) / 5:.3f}"
+    )
+    # "Before" is the adapter GRPO started from, on the same 32 held-out prompts; after: at least one more right.
+    base_eval = stack.client.get(f"/evaluations/{job['evaluation']['base_evaluation_id']}").json()
+    assert base_eval["adapter"] == partly_right_sft["fine_tuned_model"]
+    assert grader["adapter"] >= grader["base"] + 1 / 32 - 1e-9, grader
     samples = stack.client.get(f"/evaluations/{job['evaluation']['adapter_evaluation_id']}/samples").json()["data"]
     assert samples and all("grader" in s["scores"] for s in samples)
-    events = metric_events(stack, job["id"])
-    assert all("reward" in (e["metrics"] or {}) for e in events), events[0]
-    assert all("rewards/string_check/mean" in (e["metrics"] or {}) for e in events), events[0]
 
 
 @pytest.mark.parametrize(
