@@ -54,8 +54,7 @@ def _generate(client: TestClient, adapter: str | None) -> Any:
 
 
 def _requests_served(replica: ServingProcess) -> float:
-    text = httpx.get(f"{replica.url}/metrics", headers={"X-Tuneserve-Serving-Token": replica.token}).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success"))
+    return replica.metric("vllm:request_success")
 
 
 def test_adapters_stay_on_their_replica_and_fail_over_when_it_dies(
@@ -199,7 +198,7 @@ async def _slow_streams_beside_light_routes(url: str, key: str, settings: Settin
         events = await asyncio.gather(*(slow_reader() for _ in range(32)))
         done.set()
         timings = await light
-        assert all(n >= 64 for n in events), events
+        assert all(n >= 64 for n in events), sorted(events)
         assert len(timings) >= 5 and max(timings) < 2.0, timings
         print(f"GET /jobs/{{id}} beside 32 slow streams: n={len(timings)} max={max(timings) * 1000:.0f} ms")
 

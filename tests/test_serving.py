@@ -363,9 +363,7 @@ def test_serving_down_is_503_with_retry_after(serving_stack: Stack) -> None:
 
 
 def _serving_metric(serving_stack: Stack, line_prefix: str) -> float:
-    serving = serving_stack.extra["serving"]
-    text = httpx.get(f"{serving.url}/metrics", headers={"Authorization": f"Bearer {serving.token}"}).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix))
+    return float(serving_stack.extra["serving"].metric(line_prefix))
 
 
 def test_serving_metrics_are_vllms_plus_the_resolvers(serving_stack: Stack, reference: Reference) -> None:

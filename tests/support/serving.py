@@ -56,6 +56,14 @@ class ServingProcess:
         models = httpx.get(f"{self.url}/v1/models", headers={"X-Tuneserve-Serving-Token": self.token}).json()
         return [m["id"] for m in models["data"] if m.get("parent")]
 
+    def metric(self, prefix: str, label: str = "") -> float:
+        """The sum of this replica's Prometheus samples whose line starts with `prefix` (and holds `label`)."""
+        import httpx
+
+        text = httpx.get(f"{self.url}/metrics", headers={"X-Tuneserve-Serving-Token": self.token}).text
+        lines = [line for line in text.splitlines() if line.startswith(prefix) and label in line]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
     def restart(self) -> None:
         """Stop serving (SIGTERM, as a deploy does) and start a fresh engine on the same port and settings."""
         stop_process_group(self.process)
