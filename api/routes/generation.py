@@ -111,7 +111,7 @@ async def generate(
 
     lines = await service.open_stream(request, serving, slots, tenant, path, forwarded, adapter=name, rename=rename)
     return StreamingResponse(
-        service.until_client_leaves(request, service.relay_sse(lines, chunk)),
+        service.relay_sse(lines, chunk),
         media_type="text/event-stream",
         headers=service.SSE_HEADERS,
     )

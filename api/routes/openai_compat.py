@@ -72,7 +72,7 @@ async def _forward(
         return JSONResponse(answer)
     lines = await service.open_stream(request, serving, slots, tenant, path, forwarded, adapter=adapter, rename=rename)
     return StreamingResponse(
-        service.until_client_leaves(request, service.relay_sse(lines)),
+        service.relay_sse(lines),
         media_type="text/event-stream",
         headers=service.SSE_HEADERS,
     )

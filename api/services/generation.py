@@ -209,38 +209,6 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     raise ClientGone("the client disconnected before the answer began")
 
 
-async def until_client_leaves(request: Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The events of a started stream, ended as soon as the client disconnects, even while no event is coming (a
-    busy engine can hold them back): the relay is closed, its connection to serving with it, and vLLM aborts the
-    generation. The server may not tell the response of a disconnect until it next writes; this does not wait."""
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    iterator = events.__aiter__()
-    pending: asyncio.Future[str] | None = None
-    try:
-        while True:
-            pending = asyncio.ensure_future(iterator.__anext__())
-            await asyncio.wait({pending, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not pending.done():
-                return  # the client left; the read still waiting on serving is cancelled below
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield event
-    finally:
-        # Also when Starlette cancels this body on its own news of the disconnect: the read in flight runs in a task
-        # of its own, so it is cancelled explicitly; its generators' finally blocks close the relay and the
-        # connection to serving, and vLLM aborts the generation.
-        watcher.cancel()
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
-        with suppress(RuntimeError):
-            await iterator.aclose()  # type: ignore[attr-defined]  # an async generator
-
-
 @contextmanager
 def _params_renamed(rename: dict[str, str]) -> Iterator[None]:
     """vLLM's param names as the client's request has them: /generate calls `model` `adapter`, and a prompt past
