@@ -29,12 +29,14 @@ class Settings(BaseSettings):
     auth_enabled: bool = Field(
         True, description="Require a tenant's bearer API key; false only for a single-user embedded demo (one tenant)"
     )
-    max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_upload_bytes: int = Field(
+        50 * 1024 * 1024, gt=0, description="Largest dataset upload, file and test_file together (413 past it)"
+    )
     max_adapter_upload_bytes: int = Field(
         1024 * 1024 * 1024, gt=0, description="Largest adapter archive POST /adapters takes (and its unpacked files)"
     )
-    max_dataset_rows: int = Field(200_000, gt=0)
-    max_line_bytes: int = Field(1024 * 1024, gt=0)
+    max_dataset_rows: int = Field(200_000, gt=0, description="Rows in one dataset upload (422 past it)")
+    max_line_bytes: int = Field(1024 * 1024, gt=0, description="One JSONL line of a dataset, in bytes (422 past it)")
     max_messages_per_row: int = Field(256, gt=0, description="Messages in one chat row of a dataset (422 past it)")
     max_chars_per_row: int = Field(
         200_000, gt=0, description="Characters of text (all messages together) in one dataset row (422 past it)"
@@ -87,15 +89,17 @@ class Settings(BaseSettings):
     )
     metrics_token: str = Field("", description="When set, GET /metrics needs Authorization: Bearer <metrics_token>")
     max_lora_rank: int = Field(64, description="Highest LoRA rank a job may ask for (and serving loads)")
-    max_seq_length: int = Field(4096, gt=0)
-    max_steps: int = Field(100_000, gt=0)
+    max_seq_length: int = Field(4096, gt=0, description="Highest max_seq_length a job may ask for (422 above it)")
+    max_steps: int = Field(
+        100_000, gt=0, description="Most optimizer steps a job may ask for, as max_steps or n_epochs (422 above it)"
+    )
     training_device: str = Field(
         "cpu", description="cpu | cuda: what the workers train on (checks precision, optimizers)"
     )
     max_training_processes: int = Field(2, ge=1, description="Highest distributed.num_processes a job may ask for")
 
     lease_seconds: int = Field(60, gt=0, description="A claimed job's lease; the heartbeat renews it")
-    heartbeat_seconds: float = Field(5.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker renews the lease of the record it runs")
     cancel_grace_seconds: float = Field(10.0, gt=0, description="Wait after a cancel before killing the child")
     reconcile_interval_seconds: float = Field(15.0, ge=0, description="0 turns the API's reconciler off")
     requeue_after_seconds: int = Field(120, gt=0, description="Re-send a queued job nobody claimed after this long")
@@ -108,7 +112,9 @@ class Settings(BaseSettings):
             "lost jobs back, and any earlier redelivery would only be turned away by the lease"
         ),
     )
-    max_attempts: int = Field(3, ge=1)
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts of a record; past them a transient failure (child killed, worker lost) fails it"
+    )
     max_runtime_seconds: int = Field(
         24 * 3600,
         gt=0,
@@ -178,7 +184,7 @@ class Settings(BaseSettings):
     # Serving: vLLM's OpenAI server (enable_lora, the registry resolver) in its own process per replica, reachable
     # only from the API.
     serving_host: str = Field("127.0.0.1", description="Serving binds here: loopback or an internal network only")
-    serving_port: int = Field(8100, gt=0, lt=65536)
+    serving_port: int = Field(8100, gt=0, lt=65536, description="Port python -m serving binds")
     serving_url: str = Field("", description="Where the API reaches serving; default http://serving_host:serving_port")
     serving_urls: str = Field(
         "",
@@ -193,7 +199,9 @@ class Settings(BaseSettings):
     serving_kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
     serving_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only")
     serving_dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
-    serving_tensor_parallel_size: int = Field(1, ge=1)
+    serving_tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs each serving replica shards the base model over (vLLM tensor parallelism)"
+    )
     serving_enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (faster start)")
     serving_max_tokens: int = Field(1024, gt=0, description="Highest max_tokens a request may ask for")
     serving_tool_call_parser: str = Field(
