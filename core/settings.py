@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         200_000, gt=0, description="Characters of text (all messages together) in one dataset row (422 past it)"
     )
 
-    # Limits on what any client may send (README, "Limits"); each is refused in the one error shape.
+    # Limits on what any client may send (docs/api.md, "Limits"); each is refused in the one error shape.
     max_json_body_bytes: int = Field(
         4 * 1024 * 1024,
         gt=0,
