@@ -100,6 +100,12 @@ class Settings(BaseSettings):
 
     lease_seconds: int = Field(60, gt=0, description="A claimed job's lease; the heartbeat renews it")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker renews the lease of the record it runs")
+    warm_children: bool = Field(
+        True,
+        description="Fork job, evaluation and adapter-operation children from a per-worker process that has "
+        "imported torch, transformers, peft and TRL already (starts in about a second instead of about ten); "
+        "false starts each child with a fresh interpreter",
+    )
     cancel_grace_seconds: float = Field(10.0, gt=0, description="Wait after a cancel before killing the child")
     reconcile_interval_seconds: float = Field(15.0, ge=0, description="0 turns the API's reconciler off")
     requeue_after_seconds: int = Field(120, gt=0, description="Re-send a queued job nobody claimed after this long")

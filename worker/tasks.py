@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from celery.signals import worker_init, worker_shutdown
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -35,7 +36,9 @@ from core.repository import leases
 from core.repository.leases import Leased
 from core.settings import Settings, get_settings
 from core.storage import Store
+from worker import forkserver
 from worker.app import app
+from worker.forkserver import WARM_MODULES, ForkServerGone, WarmChild
 from worker.process import die_with_parent
 from worker.training import EXIT_TRANSIENT, training_command
 
@@ -90,6 +93,7 @@ def run_leased(settings: Settings, kind: WorkKind, record_id: str) -> None:
     """Claim the record, run its child under the lease, settle the outcome. The child never outlives this call."""
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     label = f"{kind.label} {record_id}"
+    warm = settings.warm_children and forkserver.server().wait_ready()
     try:
         with session_scope(settings.database_url) as s:
             if not leases.claim(s, kind.model, record_id, owner=owner, lease_seconds=settings.lease_seconds):
@@ -104,9 +108,7 @@ def run_leased(settings: Settings, kind: WorkKind, record_id: str) -> None:
         # Nothing was claimed (the transaction rolled back): the reconciler sends the record again.
         log.warning("%s: database unreachable, not claimed; the reconciler will send it again", label, exc_info=True)
         return
-    child = subprocess.Popen(
-        kind.command(settings, record_id, owner), start_new_session=True, preexec_fn=die_with_parent
-    )
+    child = start_child(kind.command(settings, record_id, owner), warm=warm, label=label)
     try:
         outcome = watch(child, settings, kind.model, record_id, owner, label=label, limit_seconds=limit)
     finally:
@@ -114,6 +116,21 @@ def run_leased(settings: Settings, kind: WorkKind, record_id: str) -> None:
         # a supervisor killed outright takes its child along through PR_SET_PDEATHSIG.
         _kill(child)
     settle(settings, kind, record_id, owner, attempt, outcome, limit_seconds=limit)
+
+
+Child = subprocess.Popen[bytes] | WarmChild
+
+
+def start_child(command: list[str], *, warm: bool, label: str) -> Child:
+    """The attempt's child process: forked warm from this worker's fork server when the command is a plain
+    `python -m worker.<child>` (DDP's torchrun is not), else a fresh interpreter. Either way it leads its own process
+    group and dies with this worker."""
+    if warm and command[:2] == [sys.executable, "-m"] and command[2] in WARM_MODULES:
+        try:
+            return forkserver.server().spawn(command[2], command[3:], env=dict(os.environ), cwd=os.getcwd())
+        except (OSError, TimeoutError, ForkServerGone):
+            log.warning("%s: the fork server did not answer; starting a cold child", label, exc_info=True)
+    return subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent)
 
 
 # What `watch` saw: the child's exit code, or why the supervisor stopped the child.
@@ -125,7 +142,7 @@ Outcome = int | str
 
 
 def watch(
-    child: subprocess.Popen[bytes],
+    child: Child,
     settings: Settings,
     model: Leased,
     record_id: str,
@@ -328,9 +345,21 @@ def after_attempt(settings: Settings, model: Leased, record_id: str) -> None:
     shutil.rmtree(Store(settings).job_dir(record_id), ignore_errors=True)
 
 
-def _kill(child: subprocess.Popen[bytes]) -> None:
+def _kill(child: Child) -> None:
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     child.wait()
+
+
+@worker_init.connect
+def _start_fork_server(**_: object) -> None:
+    """Start preloading at worker boot, so that the first attempt already starts warm."""
+    if get_settings().warm_children:
+        forkserver.server().start()
+
+
+@worker_shutdown.connect
+def _stop_fork_server(**_: object) -> None:
+    forkserver.server().stop()
