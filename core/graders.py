@@ -9,15 +9,22 @@ A grader scores one model output (text) against its example's reference column, 
 - `weighted`: the weighted mean of other graders (`weights` positive, normalised to sum to 1).
 
 Everything is checked when the job or evaluation is created (a bad regex or schema is a 422 naming the field).
+
+A grader is tenant input run on a worker, so it may reach nothing and cost bounded time (docs/security.md):
+regexes (`pattern`, and a schema's `pattern`) run on RE2, linear in the text, so no backreferences or lookaround;
+a schema's references are local only (`#...`; any other `$ref` is a 422) and its validator has an empty registry
+that retrieves nothing, so no URL or file is ever opened; `patternProperties` is refused (jsonschema matches it
+with Python's backtracking `re` in three keywords; `propertyNames` with a `pattern` says the same on RE2).
 """
 
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
+import re2  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.errors import InvalidInput
@@ -27,6 +34,23 @@ MAX_SCHEMA_CHARS = 16_384
 MAX_GRADER_DEPTH = 3
 # Columns a row offers a grader: the reference answer (a supervised row's last assistant turn, a pair's chosen answer).
 REFERENCE_COLUMNS = ("reference",)
+
+
+# Keywords whose string value is a URI reference another schema is fetched from.
+_REF_KEYWORDS = frozenset({"$ref", "$dynamicRef", "$recursiveRef"})
+
+
+def _re2_compile(pattern: str, *, case_sensitive: bool = True) -> Any:
+    """An RE2 regex (linear-time matching), or re2.error with a message saying why not."""
+    options = re2.Options()
+    options.case_sensitive = case_sensitive
+    options.log_errors = False  # RE2 otherwise prints every bad tenant pattern to the worker's stderr
+    return re2.compile(pattern, options)
+
+
+def _re2_reason(e: Exception) -> str:
+    text = e.args[0] if e.args else str(e)
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
 
 class _Grader(BaseModel):
@@ -50,20 +74,24 @@ class StringCheck(_Grader):
             if self.pattern is None:
                 raise ValueError("pattern is required for operation regex")
             try:
-                re.compile(self.pattern.replace("{reference}", "x"))
-            except re.error as e:
-                raise ValueError(f"pattern is not a valid regular expression: {e}") from None
+                _re2_compile(self.pattern.replace("{reference}", "x"))
+            except re2.error as e:
+                raise ValueError(
+                    f"pattern is not a valid RE2 regular expression (no backreferences or lookaround): {_re2_reason(e)}"
+                ) from None
         elif self.pattern is not None:
             raise ValueError(f"pattern applies to operation regex only, not {self.operation}")
         return self
 
     def score(self, output: str, reference: str) -> float:
         out, ref = output.strip(), reference.strip()
-        flags = 0 if self.case_sensitive else re.IGNORECASE
         if self.operation == "regex":
             assert self.pattern is not None
-            pattern = self.pattern.replace("{reference}", re.escape(ref))
-            return float(re.search(pattern, out, flags) is not None)
+            pattern = self.pattern.replace("{reference}", re2.escape(ref))
+            try:
+                return float(_re2_compile(pattern, case_sensitive=self.case_sensitive).search(out) is not None)
+            except re2.error:  # the reference made it too big for RE2's memory bound: no match, not a crash
+                return 0.0
         if not self.case_sensitive:
             out, ref = out.lower(), ref.lower()
         return float(out == ref) if self.operation == "equals" else float(ref in out)
@@ -86,20 +114,73 @@ class JsonSchema(_Grader):
             Draft202012Validator.check_schema(self.json_schema)
         except SchemaError as e:
             raise ValueError(f"schema is not a valid JSON Schema: {e.message}") from None
+        for where, key, value in _schema_nodes(self.json_schema, ""):
+            if key in _REF_KEYWORDS and isinstance(value, str) and not value.startswith("#"):
+                raise ValueError(
+                    f"schema refers to {value[:200]!r} at {where}/{key}: only local references (starting with #)"
+                    " are allowed; a grader opens no URL or file"
+                )
+            if key == "patternProperties" and isinstance(value, dict):
+                raise ValueError(
+                    f"schema uses patternProperties at {where or '/'}: not supported (use propertyNames with a pattern)"
+                )
+            if key == "pattern" and isinstance(value, str):
+                try:
+                    _re2_compile(value)
+                except re2.error as e:
+                    raise ValueError(
+                        f"schema pattern at {where or '/'} is not a valid RE2 regular expression: {_re2_reason(e)}"
+                    ) from None
         return self
 
     @cached_property
     def _validator(self) -> Any:
-        from jsonschema import Draft202012Validator
-
-        return Draft202012Validator(self.json_schema)
+        return _safe_validator_class()(self.json_schema, registry=_empty_registry())
 
     def score(self, output: str, reference: str) -> float:
         try:
             value = json.loads(output.strip())
         except (ValueError, RecursionError):
             return 0.0
-        return float(self._validator.is_valid(value))
+        from referencing.exceptions import Unresolvable
+
+        try:
+            return float(self._validator.is_valid(value))
+        except (Unresolvable, RecursionError, re2.error):  # a $ref to nothing, a deep output: it does not validate
+            return 0.0
+
+
+def _schema_nodes(node: Any, where: str) -> Iterator[tuple[str, str, Any]]:
+    """(JSON pointer of the object, key, value) for every key of every object in a schema, depth first."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield where, str(key), value
+            yield from _schema_nodes(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _schema_nodes(value, f"{where}/{i}")
+
+
+def _empty_registry() -> Any:
+    """A referencing Registry holding nothing whose retrieve always fails (jsonschema's default one uses urlopen).
+
+    jsonschema still adds the draft meta-schemas it ships; anything else a `$ref` names is Unresolvable.
+    """
+    from referencing import Registry
+
+    return Registry()
+
+
+def _safe_validator_class() -> Any:
+    """Draft 2020-12 with `pattern` matched on RE2 (jsonschema's own uses Python's backtracking `re`)."""
+    from jsonschema import Draft202012Validator, validators
+    from jsonschema.exceptions import ValidationError
+
+    def pattern(validator: Any, patrn: str, instance: Any, _schema: Any) -> Iterator[Any]:
+        if validator.is_type(instance, "string") and _re2_compile(patrn).search(instance) is None:
+            yield ValidationError(f"{instance!r} does not match {patrn!r}")
+
+    return validators.extend(Draft202012Validator, {"pattern": pattern})
 
 
 class LengthPenalty(_Grader):
