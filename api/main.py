@@ -21,6 +21,7 @@ from api.routes import (
     health,
     jobs,
     openai_compat,
+    openai_files,
     usage,
 )
 from api.schemas import ErrorResponse
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 evaluations,
                 generation,
                 openai_compat,
+                openai_files,
                 usage,
             )
         ),

@@ -27,6 +27,8 @@ from core.settings import Settings
 from core.storage import Store
 
 CHUNK = 1 << 16
+# The upload as it came, beside the normalised splits, for datasets made through /v1/files.
+ORIGINAL_FILE = "original.jsonl"
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class Upload:
     test_filename: str | None
     test: bytes | None
     options: UploadOptions
+    # /v1/files promises the exact bytes back (GET /v1/files/{id}/content); native uploads keep only the parsed rows.
+    keep_original: bool = False
 
     def identity(self) -> dict[str, object]:
         """What makes two uploads the same request (for Idempotency-Key): the files' names and bytes, the form fields."""
@@ -171,6 +175,8 @@ def store_dataset(
         (staged / "train.jsonl").write_bytes(dump_jsonl(train_rows))
         if test_rows:
             (staged / "test.jsonl").write_bytes(dump_jsonl(test_rows))
+        if upload.keep_original:
+            (staged / ORIGINAL_FILE).write_bytes(upload.train)
         store.publish(staged, relative)
 
     stats = {"train": row_stats(train_rows), "test": row_stats(test_rows) if test_rows else None}
