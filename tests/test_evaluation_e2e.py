@@ -18,6 +18,10 @@ from core.evaluation.inference import chat_prompts, generate_greedy
 from core.storage import sha256_file
 from tests.support.stack import Stack
 
+# The model-quality chain (the 300-step demo job, its evaluations, sweep, derive and merge) runs on one stack: what a
+# model learns does not depend on the database, and every route it uses runs on both stacks in the other modules.
+pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+
 # What scripts/demo.py found to take the tiny model from 0% to ~100% on the demo task.
 DEMO = {
     "max_steps": int(os.environ.get("TUNESERVE_TEST_DEMO_STEPS", "300")),

@@ -40,6 +40,11 @@ def preference_dataset(stack: Stack, preference_files: tuple[Path, Path]) -> dic
     return dict(response.json())
 
 
+# The model-quality chains (SFT -> DPO, SFT -> GRPO) run on one stack: what a model learns does not depend on the
+# database; the routes and records they use are exercised on both stacks by the other tests here.
+ONE_STACK = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+
+
 def run_job(stack: Stack, body: dict[str, Any], *, evaluated: bool = False, timeout: float = 600) -> dict[str, Any]:
     response = stack.client.post("/jobs", json=body)
     assert response.status_code == 201, response.text
@@ -109,6 +114,7 @@ def test_dataset_of_pairs_records_what_it_feeds(preference_dataset: dict[str, An
     assert preference_dataset["splits"] == {"train": 256, "test": 32}
 
 
+@ONE_STACK
 def test_dpo_from_a_weak_sft_adapter_raises_held_out_preference_accuracy(
     stack: Stack, dpo_job: dict[str, Any], weak_sft: dict[str, Any]
 ) -> None:
@@ -128,6 +134,7 @@ def test_dpo_from_a_weak_sft_adapter_raises_held_out_preference_accuracy(
     assert base_eval["adapter"] == weak_sft["fine_tuned_model"]
 
 
+@ONE_STACK
 def test_dpo_events_carry_the_trainers_reward_metrics(stack: Stack, dpo_job: dict[str, Any]) -> None:
     events = metric_events(stack, dpo_job["id"])
     assert events, "no metrics events"
@@ -137,6 +144,7 @@ def test_dpo_events_carry_the_trainers_reward_metrics(stack: Stack, dpo_job: dic
     assert last["rewards/margins"] > 0 and last["rewards/accuracies"] > 0.5, last
 
 
+@ONE_STACK
 def test_dpo_adapter_records_its_parent_and_is_servable(
     stack: Stack, dpo_job: dict[str, Any], weak_sft: dict[str, Any]
 ) -> None:
@@ -148,6 +156,7 @@ def test_dpo_adapter_records_its_parent_and_is_servable(
     assert not any("ref" in name.split("/")[0] for name in adapter["files"]), adapter["files"]
 
 
+@ONE_STACK
 def test_grpo_with_a_string_check_grader_raises_the_held_out_grader_score(
     stack: Stack, preference_dataset: dict[str, Any], partly_right_sft: dict[str, Any]
 ) -> None:
