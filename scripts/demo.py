@@ -22,6 +22,7 @@ from core.demo_data import write_demo_dataset
 from core.migrate import upgrade
 from core.modelzoo import build_model
 from core.settings import Settings
+from worker.process import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 API_PORT = int(os.environ.get("TUNESERVE_DEMO_PORT", "8765"))
@@ -39,7 +40,15 @@ class Processes:
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("wb")
-        child = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # however the demo ends, its worker, serving and API end with it
+        )
         self.children.append((name, child))
         return child
 

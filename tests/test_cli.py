@@ -18,7 +18,7 @@ from typer.testing import CliRunner, Result
 
 from cli.main import app
 from tests.support.paths import API_SCRIPT, ROOT
-from tests.support.processes import free_port, stop_process_group
+from tests.support.processes import die_with_parent, free_port, stop_process_group
 from tests.support.stack import Stack
 
 FAST = {"max_steps": 12, "learning_rate": 3e-3, "batch_size": 8, "lora_r": 8, "lora_alpha": 16, "seed": 1}
@@ -52,6 +52,7 @@ def api_url(stack: Stack) -> Iterator[str]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     url = f"http://127.0.0.1:{port}"
     try:

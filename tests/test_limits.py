@@ -22,6 +22,7 @@ from core.models import DEFAULT_TENANT_ID
 from core.repository import jobs as jobs_repo
 from tests.support.markers import requires
 from tests.support.paths import ROOT
+from tests.support.processes import die_with_parent
 from tests.support.stack import Stack
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -178,6 +179,7 @@ def live_api(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent,
     )
     try:
         deadline = time.monotonic() + 60

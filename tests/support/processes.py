@@ -10,8 +10,12 @@ import subprocess
 
 
 def die_with_parent() -> None:
-    """Runs in a test's child process: the kernel sends it SIGTERM if pytest dies without its teardown."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    """Runs in a test's child process: the kernel sends it SIGKILL if pytest dies without its teardown.
+
+    SIGKILL, not SIGTERM: a Celery worker answers SIGTERM with a warm shutdown that waits for its running job, and a
+    serving process may not finish its graceful shutdown; their own children follow through their PR_SET_PDEATHSIG
+    (worker/forkserver.py, serving/lifecycle.py)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def free_port() -> int:

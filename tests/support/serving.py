@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.paths import ROOT
-from tests.support.processes import stop_process_group
+from tests.support.processes import die_with_parent, stop_process_group
 
 
 @dataclass
@@ -35,6 +35,7 @@ class ServingProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         headers, deadline = {"X-Tuneserve-Serving-Token": self.token}, time.monotonic() + 300
         while True:
