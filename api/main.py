@@ -22,6 +22,7 @@ from api.routes import (
     jobs,
     openai_compat,
     openai_files,
+    openai_fine_tuning,
     usage,
 )
 from api.schemas import ErrorResponse
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 generation,
                 openai_compat,
                 openai_files,
+                openai_fine_tuning,
                 usage,
             )
         ),

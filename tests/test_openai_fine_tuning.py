@@ -120,3 +120,119 @@ def test_async_client_uploads_and_reads_back(stack: Stack, api_url: str) -> None
             return (await aclient.files.content(created.id)).content
 
     assert asyncio.run(flow()) == _jsonl(CHAT)
+
+
+SUPERVISED = {
+    "type": "supervised",
+    "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2}},
+}
+
+
+def test_supervised_job_is_one_row_in_both_views(stack: Stack, client: openai.OpenAI) -> None:
+    training = client.files.create(file=("sft.jsonl", _jsonl(*[CHAT] * 4)), purpose="fine-tune")
+    base = stack.settings.served_model_name
+    job = client.fine_tuning.jobs.create(
+        model=base,
+        training_file=training.id,
+        suffix="tiny",
+        seed=7,
+        method=SUPERVISED,  # type: ignore[arg-type]
+    )
+    assert job.object == "fine_tuning.job" and job.id.startswith("ftjob-")
+    assert (job.model, job.training_file, job.seed) == (base, training.id, 7)
+    org = job.organization_id  # the tenant
+    assert org.startswith("tn-")
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (1, 4)
+    assert job.hyperparameters.learning_rate_multiplier == pytest.approx(2.0)
+    assert job.method is not None and job.method.type == "supervised"
+    assert job.status in ("queued", "running") and job.fine_tuned_model is None and job.result_files == []
+
+    # The same row through the native API: the multiplier is × the native default learning rate (2e-4).
+    native = stack.client.get(f"/jobs/{job.id}").json()
+    assert native["hyperparameters"]["learning_rate"] == pytest.approx(4e-4)
+    assert native["hyperparameters"]["seed"] == 7
+
+    done = stack.wait_for_job(job.id)
+    assert done["status"] == "succeeded", done
+    finished = client.fine_tuning.jobs.retrieve(job.id)
+    assert finished.status == "succeeded" and finished.finished_at is not None
+    assert finished.fine_tuned_model == f"ft:{base}:{org}:tiny:{job.id}"
+    assert finished.trained_tokens is not None and finished.trained_tokens > 0
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    ids = [int(e.id.removeprefix("ftevent-")) for e in events]
+    assert ids == sorted(ids, reverse=True)  # newest first
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all(e.object == "fine_tuning.job.event" and e.level == "info" for e in events)
+    assert isinstance(metrics[0].data, dict) and metrics[0].data["step"] >= 1
+    page = client.fine_tuning.jobs.list_events(job.id, limit=1, after=events[0].id)
+    assert [e.id for e in page.data] == [events[1].id]
+
+    for checkpoint in client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        assert checkpoint.id.startswith("ftckpt-") and checkpoint.fine_tuning_job_id == job.id
+        assert checkpoint.fine_tuned_model_checkpoint.endswith(f":ckpt-step-{checkpoint.step_number}")
+
+    # Cancelling a finished job answers it as it is (never a 409 the client would retry).
+    assert client.fine_tuning.jobs.cancel(job.id).status == "succeeded"
+
+
+def test_a_native_job_is_an_openai_job(stack: Stack, client: openai.OpenAI) -> None:
+    training = client.files.create(file=("n.jsonl", _jsonl(CHAT, CHAT)), purpose="fine-tune")
+    native = stack.client.post(
+        "/jobs",
+        json={
+            "dataset_id": f"ds-{training.id.removeprefix('file-')}",
+            "hyperparameters": {"max_steps": 1, "batch_size": 1, "learning_rate": 1e-4},
+        },
+    )
+    assert native.status_code == 201, native.text
+    seen = client.fine_tuning.jobs.retrieve(native.json()["id"])
+    assert seen.training_file == training.id
+    assert seen.hyperparameters.learning_rate_multiplier == pytest.approx(0.5)
+    cancelled = client.fine_tuning.jobs.cancel(seen.id)
+    assert cancelled.id == seen.id
+    stack.wait_for_job(seen.id)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"suffix": "x" * 65}, "suffix"),
+        ({"model": "not-served"}, "model"),
+        ({"method": {"type": "reinforcement"}}, "method.type"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}}, None),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.2}}}}, None),
+    ],
+)
+def test_job_refusals_are_400s_naming_the_field(
+    stack: Stack, client: openai.OpenAI, extra: dict[str, object], param: str | None
+) -> None:
+    training = client.files.create(file=("r.jsonl", _jsonl(CHAT)), purpose="fine-tune")
+    before = len(stack.client.get("/jobs", params={"limit": 100}).json()["data"])
+    body: dict[str, object] = {"model": stack.settings.served_model_name, "training_file": training.id, **extra}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.post("/fine_tuning/jobs", cast_to=dict, body=body)
+    if param is not None:
+        assert refused.value.param == param
+    else:
+        assert str(refused.value.param).startswith("method.supervised.hyperparameters.")
+    assert len(stack.client.get("/jobs", params={"limit": 100}).json()["data"]) == before  # nothing half-made
+
+
+def test_another_tenants_job_and_file_are_not_found(stack: Stack, api_url: str, client: openai.OpenAI) -> None:
+    training = client.files.create(file=("t.jsonl", _jsonl(CHAT)), purpose="fine-tune")
+    other = openai.OpenAI(
+        base_url=f"{api_url}/v1",
+        api_key=mint_api_key(stack.settings, f"other-{training.id[-8:]}", new_tenant=True),
+        max_retries=0,
+    )
+    with pytest.raises(openai.NotFoundError) as file_refused:
+        other.fine_tuning.jobs.create(model=stack.settings.served_model_name, training_file=training.id)
+    assert file_refused.value.param == "training_file"
+    job_id = client.fine_tuning.jobs.list(limit=1).data[0].id
+    for call in (other.fine_tuning.jobs.retrieve, other.fine_tuning.jobs.cancel, other.fine_tuning.jobs.list_events):
+        with pytest.raises(openai.NotFoundError):
+            call(job_id)
+    assert job_id not in [j.id for j in other.fine_tuning.jobs.list()]

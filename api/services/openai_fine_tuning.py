@@ -8,18 +8,33 @@ work (the same parser, store, quotas and tenant checks), and refusals are re-wor
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import UploadFile
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.openai_schemas import FileObject
+from api.openai_schemas import (
+    FileObject,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobEvent,
+    JobError,
+    JobHyperparameters,
+    OpenAIHyperparameters,
+    OpenAIJobCreate,
+)
 from api.schemas import unix
 from api.services import datasets as datasets_service
+from api.services import jobs as jobs_service
 from api.services import usage as usage_service
+from core import checkpoints as core_checkpoints
 from core.errors import InvalidInput, NotFound, TuneserveError
-from core.models import Dataset
+from core.jobspec import Hyperparameters, JobSpec
+from core.models import Dataset, Job, JobEvent, JobStatus
 from core.repository import datasets as datasets_repo
+from core.repository import jobs as jobs_repo
 from core.settings import Settings
 from core.storage import Store
 
@@ -130,3 +145,231 @@ def delete_file(session: Session, settings: Settings, tenant_id: str, file_id_: 
     session.commit()  # the row first: files without a row are a leftover the sweeper may take, never the reverse
     Store(settings).remove(relative)
     return file_id(dataset.id)
+
+
+# --- jobs: an OpenAI job is a native job (same row); these map the request and answer in OpenAI's shape ---------
+
+OBJECTIVE_OF_TYPE = {"supervised": "sft", "dpo": "dpo"}
+TYPE_OF_OBJECTIVE = {"sft": "supervised", "dpo": "dpo", "grpo": "reinforcement"}
+EVENT_PREFIX = "ftevent-"
+CHECKPOINT_PREFIX = "ftckpt-"
+
+
+def _default_learning_rate() -> float:
+    return float(Hyperparameters.model_fields["learning_rate"].default)
+
+
+def parse_job_create(body: dict[str, Any]) -> OpenAIJobCreate:
+    """The body in OpenAI's shape; a bad or unknown field is a 400 naming it (OpenAI answers 400, not 422)."""
+    try:
+        return OpenAIJobCreate.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("literal[", "int", "float")))
+        what = "is not a field of a fine-tuning job" if first["type"] == "extra_forbidden" else first["msg"]
+        raise BadRequest(f"{param}: {what}", param=param or None, code="invalid_value") from None
+
+
+def _resolve_hyperparameters(body: OpenAIJobCreate) -> tuple[str, Hyperparameters]:
+    """OpenAI's method and hyperparameters as the native objective and Hyperparameters ("auto" is the default)."""
+    method = body.method
+    kind = method.type if method is not None else "supervised"
+    if kind == "reinforcement":
+        raise BadRequest(
+            "method.type reinforcement is not supported through /v1/fine_tuning yet (OpenAI grader shapes are not "
+            "translated); use POST /jobs with objective grpo and a native grader",
+            param="method.type",
+            code="unsupported_method",
+        )
+    given: OpenAIHyperparameters | None = body.hyperparameters
+    param_root = "hyperparameters"
+    if method is not None:
+        section = method.supervised if kind == "supervised" else method.dpo
+        if section is not None and section.hyperparameters is not None:
+            if given is not None:
+                raise BadRequest(
+                    "give hyperparameters under method, or the deprecated top-level ones, not both",
+                    param="hyperparameters",
+                )
+            given = section.hyperparameters
+            param_root = f"method.{kind}.hyperparameters"
+    hp = given or OpenAIHyperparameters()
+    fields: dict[str, Any] = {}
+    if isinstance(hp.n_epochs, int):
+        fields["n_epochs"] = hp.n_epochs
+    if isinstance(hp.batch_size, int):
+        fields["batch_size"] = hp.batch_size
+    if isinstance(hp.learning_rate_multiplier, float | int):
+        fields["learning_rate"] = _default_learning_rate() * hp.learning_rate_multiplier
+    if isinstance(hp.beta, float | int):
+        if kind != "dpo":
+            raise BadRequest("beta applies to method.type dpo", param=f"{param_root}.beta")
+        fields["beta"] = hp.beta
+    try:
+        return OBJECTIVE_OF_TYPE[kind], Hyperparameters(**fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = {"learning_rate": "learning_rate_multiplier"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise BadRequest(f"{name}: {first['msg']}", param=f"{param_root}.{name}") from None
+
+
+def init_adapter_of(session: Session, tenant_id: str, model: str) -> str:
+    """The adapter an ft: model names (ft:{base}:{org}:{suffix}:{job id}): the tenant's job's adapter."""
+    job_id = model.rsplit(":", 1)[-1]
+    job = jobs_repo.get_owned_job(session, tenant_id, job_id)
+    if job is None or job.adapter_name is None:
+        raise NotFound(f"no fine-tuned model {model!r}", param="model")
+    return job.adapter_name
+
+
+def create_job(session: Session, settings: Settings, tenant_id: str, raw: dict[str, Any]) -> Job:
+    """Map the OpenAI body onto a JobSpec and submit it through the native service (same checks, same row)."""
+    body = parse_job_create(raw)
+    if body.validation_file is not None:
+        raise BadRequest(
+            "validation_file is not supported yet: upload the held-out rows with POST /datasets test_file, or "
+            "leave it out",
+            param="validation_file",
+            code="unsupported_field",
+        )
+    if body.metadata:
+        raise BadRequest("metadata is not stored yet; leave it out", param="metadata", code="unsupported_field")
+    if body.integrations:
+        raise BadRequest("integrations (wandb) are not supported here", param="integrations")
+    objective, hp = _resolve_hyperparameters(body)
+    if body.seed is not None:
+        hp.seed = body.seed
+    dataset = get_file_dataset(session, tenant_id, body.training_file, param="training_file")
+    init_adapter = None
+    base_model: str | None = body.model
+    if body.model.startswith("ft:"):
+        init_adapter = init_adapter_of(session, tenant_id, body.model)
+        base_model = None
+    try:
+        spec = JobSpec(
+            dataset_id=dataset.id,
+            base_model=base_model,
+            objective=objective,
+            init_adapter=init_adapter,
+            hyperparameters=hp,
+            suffix=body.suffix,
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise BadRequest(f"{param}: {first['msg']}", param=param) from None
+    try:
+        job, _ = jobs_service.create_job(session, settings, tenant_id, spec)
+    except InvalidInput as e:
+        raise as_bad_request(
+            InvalidInput(
+                e.message,
+                param={"base_model": "model", "dataset_id": "training_file"}.get(e.param or "", e.param),
+                code=e.code,
+            )
+        ) from None
+    return job
+
+
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    """A finished job is answered as it is: cancelling it again will never succeed, and a 409 reads as retry."""
+    job = jobs_service.get_job_or_404(session, tenant_id, job_id)
+    if job.status.is_terminal:
+        return job
+    return jobs_service.cancel_job(session, tenant_id, job_id)
+
+
+def fine_tuned_model(job: Job) -> str | None:
+    if job.status != JobStatus.succeeded or job.adapter_name is None:
+        return None
+    return f"ft:{job.base_model}:{job.tenant_id}:{job.suffix or ''}:{job.id}"
+
+
+def job_of(job: Job) -> FineTuningJob:
+    hp = job.hyperparameters or {}
+    lr = hp.get("learning_rate")
+    objective = job.objective or "sft"
+    resolved = JobHyperparameters(
+        batch_size=hp.get("batch_size"),
+        learning_rate_multiplier=lr / _default_learning_rate() if isinstance(lr, int | float) else None,
+        n_epochs=hp.get("n_epochs"),
+        beta=hp.get("beta") if objective == "dpo" else None,
+    )
+    kind = TYPE_OF_OBJECTIVE.get(objective)
+    method = None
+    if kind is not None:
+        method = {"type": kind, kind: {"hyperparameters": resolved.model_dump(exclude_none=True)}}
+    error = None
+    if job.error_code is not None:
+        param = {"dataset_id": "training_file", "file": "training_file"}.get(job.error_param or "", job.error_param)
+        error = JobError(code=job.error_code, message=job.error_message or "", param=param)
+    return FineTuningJob(
+        id=job.id,
+        created_at=unix(job.created_at) or 0,
+        error=error,
+        fine_tuned_model=fine_tuned_model(job),
+        finished_at=unix(job.finished_at),
+        hyperparameters=resolved,
+        model=job.base_model,
+        organization_id=job.tenant_id,
+        result_files=[],
+        seed=int(hp.get("seed", 0)),
+        status=job.status.value,
+        trained_tokens=job.train_tokens,
+        training_file=file_id(job.dataset_id),
+        validation_file=None,
+        method=method,
+    )
+
+
+def list_events(
+    session: Session, tenant_id: str, job_id: str, *, limit: int, after: str | None
+) -> tuple[list[FineTuningJobEvent], bool]:
+    jobs_service.get_job_or_404(session, tenant_id, job_id)
+    before = None
+    if after is not None:
+        digits = after.removeprefix(EVENT_PREFIX)
+        if not digits.isdigit():
+            raise BadRequest(f"after {after!r} is not an event id", param="after")
+        before = int(digits)
+    rows, has_more = jobs_repo.list_events_newest_first(session, job_id, limit=limit, before=before)
+    return [event_of(e) for e in rows], has_more
+
+
+def event_of(e: JobEvent) -> FineTuningJobEvent:
+    level = {"warning": "warn", "warn": "warn", "error": "error"}.get(e.level, "info")
+    is_metrics = e.kind == "metrics"
+    data: dict[str, Any] | None = None
+    if is_metrics:
+        data = {"step": e.step, "train_loss": e.loss, "learning_rate": e.learning_rate, "epoch": e.epoch}
+        data.update(e.metrics or {})
+    return FineTuningJobEvent(
+        id=f"{EVENT_PREFIX}{e.id}",
+        created_at=unix(e.created_at) or 0,
+        level=level,
+        message=e.message or (f"Step {e.step}: training loss={e.loss}" if is_metrics else ""),
+        type="metrics" if is_metrics else "message",
+        data=data,
+    )
+
+
+def list_checkpoints(
+    session: Session, settings: Settings, tenant_id: str, job_id: str
+) -> list[FineTuningJobCheckpoint]:
+    """The job's resumable checkpoints, newest first, named as OpenAI names them."""
+    job = jobs_service.get_job_or_404(session, tenant_id, job_id)
+    out = []
+    for c in sorted(core_checkpoints.list_checkpoints(settings, job_id), key=lambda c: -c.step):
+        if not c.complete:
+            continue
+        out.append(
+            FineTuningJobCheckpoint(
+                id=f"{CHECKPOINT_PREFIX}{job.id.removeprefix('ftjob-')}-{c.step}",
+                created_at=int(c.created_at.timestamp()),
+                fine_tuned_model_checkpoint=f"ft:{job.base_model}:{job.tenant_id}:{job.suffix or ''}:{job.id}:ckpt-step-{c.step}",
+                fine_tuning_job_id=job.id,
+                metrics={"step": float(c.step)},
+                step_number=c.step,
+            )
+        )
+    return out

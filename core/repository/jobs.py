@@ -117,3 +117,14 @@ def succeeded_without_evaluations(
         .with_for_update(skip_locked=True, of=Job)
     )
     return list(session.scalars(query))
+
+
+def list_events_newest_first(
+    session: Session, job_id: str, *, limit: int, before: int | None
+) -> tuple[list[JobEvent], bool]:
+    """Events newest first (OpenAI's list_events order), continuing with those older than event id `before`."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(limit + 1)
+    if before is not None:
+        query = query.where(JobEvent.id < before)
+    rows = list(session.scalars(query))
+    return rows[:limit], len(rows) > limit
