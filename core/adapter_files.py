@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,150 @@ def base_weight_shapes(base_model: str) -> dict[str, list[int]]:
     return shapes
 
 
+# An imported adapter_config.json is tenant input that PEFT and vLLM interpret later (worker children, serving), so
+# it is rewritten from an allowlist (sanitized_adapter_config) instead of being stored as uploaded:
+# - kept (each type-checked): what a LoRA adapter needs to be loaded and served;
+_KEPT_KEYS = frozenset(
+    {
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "bias",
+        "use_rslora",
+        "fan_in_fan_out",
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+    }
+)
+# - accepted only at PEFT 0.21's default (what every PEFT export writes) and dropped: each non-default value makes
+#   PEFT import a module the config names (megatron_*, auto_mapping), run regexes on module names (layers_pattern,
+#   exclude_modules), copy base layers (layer_replication), rewrite base weights at load (init_lora_weights other
+#   than true: PiSSA, OLoRA, LoftQ...) or train something vLLM cannot serve. A non-default value is a 422 naming it.
+_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
+    "alora_invocation_tokens": (None,),
+    "arrow_config": (None,),
+    "auto_mapping": (None,),  # or transformers' class of the base model (_transformers_mapping)
+    "corda_config": (None,),
+    "ensure_weight_tying": (False,),
+    "eva_config": (None,),
+    "exclude_modules": (None,),
+    "inference_mode": (True, False),
+    "init_lora_weights": (True, False, "gaussian"),  # these only initialise the adapter, which loading overwrites
+    "kasa_config": (None,),
+    "layer_replication": (None,),
+    "layers_pattern": (None,),
+    "layers_to_transform": (None,),
+    "loftq_config": ({}, None),
+    "lora_bias": (False,),
+    "lora_ga_config": (None,),
+    "megatron_config": (None,),
+    "megatron_core": ("megatron.core", None),
+    "modules_to_save": (None, []),
+    "monteclora_config": (None,),
+    "peft_version": (),  # any string: informational
+    "qalora_group_size": (),  # any whole number: read only with use_qalora
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "use_bdlora": (None, False),
+    "use_dora": (False, None),
+    "use_qalora": (False,),
+    "velora_config": (None,),
+}
+# A module name PEFT matches literally (`name == key or key.endswith("." + name)`); a string target_modules and the
+# pattern keys are regexes to PEFT, so only names of this shape are accepted (no ReDoS, no lm_head via a pattern).
+_PLAIN_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+MAX_TARGET_MODULES = 64
+MAX_MODULE_NAME_CHARS = 128
+
+
+class AdapterConfigKeyError(ValueError):
+    """A config key that is refused (unknown, non-default or not plain module names): the 422 names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _plain_module(key: str, name: str) -> None:
+    if len(name) > MAX_MODULE_NAME_CHARS or not _PLAIN_MODULE.fullmatch(name):
+        raise AdapterConfigKeyError(
+            key, f"{key}: {name!r:.140} is not a plain module name (letters, digits, _ and dots; no regex)"
+        )
+    if name.rsplit(".", 1)[-1] in UNSERVABLE_MODULES:
+        raise AdapterConfigKeyError(key, f"{key}: {name!r}: LoRA on lm_head or embeddings cannot be served by vLLM")
+
+
+def sanitized_adapter_config(config: dict[str, Any], *, max_rank: int) -> dict[str, Any]:
+    """The adapter_config to store: check_adapter_config's checks, then only the allowlisted keys (defaults dropped).
+
+    ValueError for what vLLM cannot serve; AdapterConfigKeyError (naming the key) for a key outside the allowlist,
+    a default-only key with another value, a string target_modules or a pattern key that is not a plain name.
+    """
+    for key, value in config.items():
+        if key in _KEPT_KEYS:
+            continue
+        if key not in _DEFAULT_ONLY:
+            raise AdapterConfigKeyError(key, f"{key}: not a LoRA adapter_config key this deployment accepts")
+        allowed = _DEFAULT_ONLY[key]
+        if key == "peft_version" and isinstance(value, str) and len(value) <= 64:
+            continue
+        if key == "qalora_group_size" and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if key == "auto_mapping" and _transformers_mapping(value):
+            continue
+        if not any(type(value) is type(ok) and value == ok for ok in allowed):
+            shown = ", ".join(json_text(ok) for ok in allowed) or "a short string"
+            raise AdapterConfigKeyError(key, f"{key}: only {shown} is accepted; got {json_text(value)[:100]}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        raise AdapterConfigKeyError(
+            "target_modules", "target_modules: a string is a regex to PEFT; give a list of module names"
+        )
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):  # other shapes: check_adapter_config
+        if len(targets) > MAX_TARGET_MODULES:
+            raise AdapterConfigKeyError("target_modules", f"target_modules: more than {MAX_TARGET_MODULES} names")
+        for name in targets:
+            _plain_module("target_modules", name)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key)
+        for name in pattern if isinstance(pattern, dict) else {}:
+            _plain_module(key, str(name))
+    check_adapter_config(config, max_rank=max_rank)
+    if config.get("bias", "none") != "none":
+        raise AdapterConfigKeyError("bias", "bias: only 'none' can be served by vLLM")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            raise AdapterConfigKeyError(key, f"{key} must be true or false")
+    for key in ("task_type", "base_model_name_or_path", "revision"):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, str) and len(value) <= 1000):
+            raise AdapterConfigKeyError(key, f"{key} must be a string (at most 1000 characters) or null")
+    kept = {key: config[key] for key in sorted(_KEPT_KEYS) if key in config}
+    kept["target_modules"] = sorted(targets or [])
+    return kept
+
+
+def _transformers_mapping(value: object) -> bool:
+    """PEFT records the base model's class here; AutoPeftModel imports parent_library, so only transformers'."""
+    return (
+        isinstance(value, dict)
+        and set(value) <= {"base_model_class", "parent_library"}
+        and all(isinstance(v, str) and len(v) <= 200 for v in value.values())
+        and (value.get("parent_library", "transformers") + ".").startswith("transformers.")
+    )
+
+
+def json_text(value: object) -> str:
+    import json
+
+    return json.dumps(value, default=str)
+
+
 def _targets(config: dict[str, Any]) -> list[str]:
     targets = config.get("target_modules") or []
     return [targets] if isinstance(targets, str) else [str(t) for t in targets]
@@ -155,7 +300,8 @@ def check_adapter_config(config: dict[str, Any], *, max_rank: int) -> None:
     if config.get("modules_to_save"):
         raise ValueError("adapters with modules_to_save cannot be served by vLLM")
     for target in _targets(config):
-        if any(m in target for m in UNSERVABLE_MODULES):
+        # By exact (last) name: a trained adapter's plain names; an import's regexes never get here (sanitized_...).
+        if target.rsplit(".", 1)[-1] in UNSERVABLE_MODULES:
             raise ValueError(f"target module {target!r:.100}: LoRA on lm_head or embeddings cannot be served by vLLM")
 
 

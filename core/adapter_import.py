@@ -39,10 +39,11 @@ from core import strict_json
 from core.adapter_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    AdapterConfigKeyError,
     base_weight_shapes,
-    check_adapter_config,
     check_adapter_shapes,
     safetensors_shapes,
+    sanitized_adapter_config,
 )
 from core.errors import InvalidInput, PayloadTooLarge, TuneserveError, redact_paths
 
@@ -379,7 +380,9 @@ def check_unpacked(directory: Path, settings: Settings) -> ImportedAdapter:
     if not isinstance(config, dict):
         raise ArchiveRefused(f"{ADAPTER_CONFIG} must be a JSON object", ADAPTER_CONFIG)
     try:
-        check_adapter_config(config, max_rank=settings.max_lora_rank)
+        clean = sanitized_adapter_config(config, max_rank=settings.max_lora_rank)
+    except AdapterConfigKeyError as e:
+        raise InvalidInput(f"{ADAPTER_CONFIG}: {e}", param=f"{config_param}:{e.key}", code="invalid_adapter") from None
     except (ValueError, TypeError) as e:
         raise InvalidInput(f"{ADAPTER_CONFIG}: {e}", param=config_param, code="invalid_adapter") from None
     declared = config.get("base_model_name_or_path")
@@ -397,6 +400,8 @@ def check_unpacked(directory: Path, settings: Settings) -> ImportedAdapter:
         check_adapter_shapes(weights, base_weight_shapes(settings.base_model), max_rank=settings.max_lora_rank)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"{ADAPTER_WEIGHTS}: {e}", param=f"file:{ADAPTER_WEIGHTS}", code="invalid_adapter") from None
+    # Stored (and later read by PEFT and vLLM) rewritten from the allowlist, never as uploaded.
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(clean, indent=2) + "\n")
     targets = config.get("target_modules") or []
     return ImportedAdapter(
         rank=int(config["r"]),

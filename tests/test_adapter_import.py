@@ -50,10 +50,10 @@ def test_imported_adapter_passes_its_canary_and_is_ready(stack: Stack, adapters:
     adapter = response.json()
     assert adapter["status"] == "validating" and adapter["servable"] is False
     assert adapter["name"].startswith("imp-ext-") and adapter["rank"] == 4 and adapter["job_id"] is None
-    # Only the two adapter files are kept, byte for byte, and their sha256s are recorded.
-    assert adapter["files"] == {
-        n: sha256_file(source / n) for n in ("adapter_config.json", "adapter_model.safetensors")
-    }
+    # Only the two adapter files are kept: the weights byte for byte, the config rewritten from the allowlist
+    # (core/adapter_files.sanitized_adapter_config); their sha256s are recorded.
+    assert adapter["files"]["adapter_model.safetensors"] == sha256_file(source / "adapter_model.safetensors")
+    assert set(adapter["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     # Not usable while validating.
     assert stack.client.post("/generate", params={"adapter": adapter["name"]}, json={"prompt": "hi"}).status_code == 422
 
