@@ -32,6 +32,7 @@ from api.ui.assets import CONSOLE_PREFIX
 from api.ui.docs import DOCS_URL, OAUTH2_REDIRECT_URL
 from core.logs import setup_logging
 from core.reconcile import ReconcilerThread
+from core.serving_contract import serving_token
 from core.settings import Settings, get_settings
 
 # Every refusal has the one error shape (api/errors.py); the OpenAPI document says so for all 4xx,
@@ -44,6 +45,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
+    serving_token(settings)  # beyond loopback without TUNESERVE_SERVING_TOKEN (compose): fail now, saying so
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -5,7 +5,60 @@ Neither side imports the other: the API forwards OpenAI bodies to these paths, s
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
 TOKEN_HEADER = "X-Tuneserve-Serving-Token"
+# The embedded mode's serving token, generated once per deployment in data_dir (mode 0600) when
+# TUNESERVE_SERVING_TOKEN is unset; the API and serving on the same host both read it.
+TOKEN_FILE = "serving.token"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serving_token(settings: Settings) -> str:
+    """The token the API sends and serving requires, never empty: serving answers nothing without it.
+
+    TUNESERVE_SERVING_TOKEN when set (required when serving or a serving URL is beyond loopback, as in compose:
+    a ValueError then, so the process fails at start). Otherwise one generated for this deployment in
+    data_dir/serving.token, created atomically (the first of the API and serving to start writes it).
+    """
+    if settings.serving_token:
+        return settings.serving_token
+    hosts = [settings.serving_host, *(urlsplit(url).hostname or "" for url in settings.serving_url_list)]
+    beyond = [h for h in hosts if not _is_loopback(h)]
+    if beyond:
+        raise ValueError(f"serving is reached beyond loopback ({beyond[0]!r}): set TUNESERVE_SERVING_TOKEN")
+    path = Path(settings.data_dir) / TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        try:
+            os.link(staged, path)  # atomic and never replaces: a concurrent starter's token wins, both read it
+        except FileExistsError:
+            pass
+        finally:
+            staged.unlink()
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path} is empty: delete it (a new token is generated) or set TUNESERVE_SERVING_TOKEN")
+    return token
+
 
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"

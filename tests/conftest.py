@@ -6,7 +6,6 @@ The helpers behind them live in tests/support/.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,15 +87,16 @@ def serving_stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> 
     stack.extra["serving"] is the ServingProcess. The API (TestClient) reaches serving over real HTTP.
     """
     from api.main import create_app
+    from core.serving_contract import serving_token
 
     data_dir = tmp_path_factory.mktemp("stack-serving")
     base, _ = stack_settings("sqlite", data_dir, model_dir)
-    port, token = free_port(), secrets.token_hex(8)
-    serving_values = dict(
-        SERVING_TEST_SETTINGS, serving_port=port, serving_token=token, serving_url=f"http://127.0.0.1:{port}"
-    )
+    port = free_port()
+    # No TUNESERVE_SERVING_TOKEN: the embedded mode's token, generated in data_dir and read by the API and serving.
+    serving_values = dict(SERVING_TEST_SETTINGS, serving_port=port, serving_url=f"http://127.0.0.1:{port}")
     settings = Settings(**{**base.model_dump(exclude={"serving_url"}), **serving_values})
     settings.ensure_dirs()
+    token = serving_token(settings)
     upgrade(settings.database_url)
     env = settings_env(settings)
     env.update({f"TUNESERVE_{k.upper()}": str(v) for k, v in serving_values.items()})

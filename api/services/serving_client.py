@@ -23,7 +23,7 @@ import httpx
 from fastapi import Request
 
 from core.errors import ServiceUnavailable, TuneserveError
-from core.serving_contract import NOT_SERVABLE_PREFIX, TOKEN_HEADER, UNLOAD_LORA_PATH
+from core.serving_contract import NOT_SERVABLE_PREFIX, TOKEN_HEADER, UNLOAD_LORA_PATH, serving_token
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,8 @@ class Unanswered(Exception):
 class ServingClient:
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._retry_after = settings.serving_retry_after_seconds
-        headers = {"Content-Type": "application/json"}
-        if settings.serving_token:
-            headers[TOKEN_HEADER] = settings.serving_token
+        # Always a token (TUNESERVE_SERVING_TOKEN, or data_dir's shared with serving): a ValueError at start without one.
+        headers = {"Content-Type": "application/json", TOKEN_HEADER: serving_token(settings)}
         self.replicas = [
             Replica(
                 url=url,
