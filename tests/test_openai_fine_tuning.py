@@ -176,6 +176,21 @@ def test_supervised_job_is_one_row_in_both_views(stack: Stack, client: openai.Op
     # Cancelling a finished job answers it as it is (never a 409 the client would retry).
     assert client.fine_tuning.jobs.cancel(job.id).status == "succeeded"
 
+    # The ft: name resolves to the job's adapter (this stack runs no serving, so past resolution it is serving's
+    # 503); a name that is not this tenant's finished job is a 404 naming model before anything is forwarded.
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    with pytest.raises(openai.APIStatusError) as served:
+        client.chat.completions.create(model=finished.fine_tuned_model, **chat)  # type: ignore[call-overload]
+    assert served.value.status_code not in (404, 422), served.value.message
+    for wrong in (
+        f"ft:{base}:{org}:other:{job.id}",
+        f"ft:{base}:{org}:tiny:ftjob-000000000000000000000000",
+        f"{finished.fine_tuned_model}:ckpt-step-1",
+    ):
+        with pytest.raises(openai.NotFoundError) as unknown:
+            client.chat.completions.create(model=wrong, **chat)  # type: ignore[call-overload]
+        assert unknown.value.param == "model"
+
 
 def test_a_native_job_is_an_openai_job(stack: Stack, client: openai.OpenAI) -> None:
     training = client.files.create(file=("n.jsonl", _jsonl(CHAT, CHAT)), purpose="fine-tune")
@@ -231,8 +246,15 @@ def test_another_tenants_job_and_file_are_not_found(stack: Stack, api_url: str, 
     with pytest.raises(openai.NotFoundError) as file_refused:
         other.fine_tuning.jobs.create(model=stack.settings.served_model_name, training_file=training.id)
     assert file_refused.value.param == "training_file"
-    job_id = client.fine_tuning.jobs.list(limit=1).data[0].id
+    job_id = client.fine_tuning.jobs.create(model=stack.settings.served_model_name, training_file=training.id).id
     for call in (other.fine_tuning.jobs.retrieve, other.fine_tuning.jobs.cancel, other.fine_tuning.jobs.list_events):
         with pytest.raises(openai.NotFoundError):
             call(job_id)
     assert job_id not in [j.id for j in other.fine_tuning.jobs.list()]
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(
+            model=f"ft:{stack.settings.served_model_name}:tn-default::{job_id}",
+            messages=[{"role": "user", "content": "hi"}],
+        )
+    client.fine_tuning.jobs.cancel(job_id)
+    stack.wait_for_job(job_id)

@@ -61,6 +61,10 @@ def _servable_adapter_name(session: Session, tenant_id: str, name: str, *, param
     """The lookup and the end of its transaction in one trip to the thread pool: the connection goes back to the
     pool before the route waits on serving, which may take minutes."""
     try:
+        if name.startswith("ft:"):  # an OpenAI fine-tuned model name: the tenant's job's adapter
+            from api.services.openai_fine_tuning import adapter_of_model
+
+            name = adapter_of_model(session, tenant_id, name, param=param)
         return _servable_adapter(session, tenant_id, name, param=param).name
     finally:
         session.commit()

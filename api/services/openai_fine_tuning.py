@@ -153,6 +153,7 @@ OBJECTIVE_OF_TYPE = {"supervised": "sft", "dpo": "dpo"}
 TYPE_OF_OBJECTIVE = {"sft": "supervised", "dpo": "dpo", "grpo": "reinforcement"}
 EVENT_PREFIX = "ftevent-"
 CHECKPOINT_PREFIX = "ftckpt-"
+CHECKPOINT_MARK = ":ckpt-step-"
 
 
 def _default_learning_rate() -> float:
@@ -213,13 +214,22 @@ def _resolve_hyperparameters(body: OpenAIJobCreate) -> tuple[str, Hyperparameter
         raise BadRequest(f"{name}: {first['msg']}", param=f"{param_root}.{name}") from None
 
 
-def init_adapter_of(session: Session, tenant_id: str, model: str) -> str:
-    """The adapter an ft: model names (ft:{base}:{org}:{suffix}:{job id}): the tenant's job's adapter."""
+def adapter_of_model(session: Session, tenant_id: str, model: str, *, param: str = "model") -> str:
+    """The adapter an ft: model names (ft:{base}:{org}:{suffix}:{job id}): the tenant's job's adapter; another
+    tenant's, unknown and unfinished jobs' names are the same 404."""
+    if CHECKPOINT_MARK in model:
+        raise NotFound(
+            f"checkpoint model {model!r} is not served here yet; use the job's fine_tuned_model", param=param
+        )
     job_id = model.rsplit(":", 1)[-1]
-    job = jobs_repo.get_owned_job(session, tenant_id, job_id)
-    if job is None or job.adapter_name is None:
-        raise NotFound(f"no fine-tuned model {model!r}", param="model")
+    job = jobs_repo.get_owned_job(session, tenant_id, job_id) if job_id.startswith("ftjob-") else None
+    if job is None or job.adapter_name is None or model != fine_tuned_model(job):
+        raise NotFound(f"no fine-tuned model {model!r}", param=param)
     return job.adapter_name
+
+
+def init_adapter_of(session: Session, tenant_id: str, model: str) -> str:
+    return adapter_of_model(session, tenant_id, model, param="model")
 
 
 def create_job(session: Session, settings: Settings, tenant_id: str, raw: dict[str, Any]) -> Job:
@@ -366,7 +376,7 @@ def list_checkpoints(
             FineTuningJobCheckpoint(
                 id=f"{CHECKPOINT_PREFIX}{job.id.removeprefix('ftjob-')}-{c.step}",
                 created_at=int(c.created_at.timestamp()),
-                fine_tuned_model_checkpoint=f"ft:{job.base_model}:{job.tenant_id}:{job.suffix or ''}:{job.id}:ckpt-step-{c.step}",
+                fine_tuned_model_checkpoint=f"ft:{job.base_model}:{job.tenant_id}:{job.suffix or ''}:{job.id}{CHECKPOINT_MARK}{c.step}",
                 fine_tuning_job_id=job.id,
                 metrics={"step": float(c.step)},
                 step_number=c.step,
