@@ -42,6 +42,7 @@ from worker.peft_methods import (
     trained_target_modules,
     wrap_for_method,
 )
+from worker.process import die_with_parent
 from worker.publishing import LeaseLost, publish_under_lease
 
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
@@ -617,6 +618,10 @@ def run(job_id: str, owner: str) -> int:
 
 
 def main() -> None:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A DDP rank: torchrun starts each in a session of its own, so the supervisor's killpg of torchrun's group
+        # (cancel, time limit, lease loss) would not reach it. It dies with torchrun instead, however torchrun ends.
+        die_with_parent()
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
