@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.bounds import MAX_INT32, MAX_INT64, MIN_INT64
+from core.errors import InvalidInput
 
 # Schema bounds; the routes apply the deployment's settings (max_prompt_chars, max_prompts_per_request,
 # max_messages_per_request, max_choices_per_request, serving_max_tokens) within them.
@@ -93,10 +94,19 @@ class OpenAIBody(BaseModel):
     n: int | None = Field(None, ge=1, le=128, description="Choices; at most TUNESERVE_MAX_CHOICES_PER_REQUEST")
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32, description="At most TUNESERVE_SERVING_MAX_TOKENS")
 
-    def forwarded(self, model: str) -> dict[str, Any]:
-        """The body to send to serving: what the client sent, with `model` as serving knows it."""
+    def forwarded(self, model: str, *, cache_salt: str) -> dict[str, Any]:
+        """The body to send to serving: what the client sent, with `model` as serving knows it and the tenant's
+        `cache_salt` (core.serving_contract.tenant_cache_salt). A client's own cache_salt is refused (a 422 naming
+        it), never passed on: with it one tenant could share another's prefix cache."""
+        if "cache_salt" in (self.model_extra or {}):
+            raise InvalidInput(
+                "cache_salt is set by the API for each tenant; do not send one",
+                param="cache_salt",
+                code="unsupported_field",
+            )
         body = self.model_dump(exclude_unset=True)
         body["model"] = model
+        body["cache_salt"] = cache_salt
         return body
 
 
@@ -109,8 +119,28 @@ class CompletionBody(OpenAIBody):
     ) = Field(description="A prompt, a list of prompts, or token ids (one list, or a list of lists)")
 
 
+# Content parts a text model takes; media parts (image_url, input_audio, video_url, file...) make vLLM fetch URLs
+# from the serving host for a multimodal base, so they are refused here on every base this API serves.
+TEXT_PARTS = frozenset({"text"})
+
+
 class ChatCompletionBody(OpenAIBody):
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+    def forwarded(self, model: str, *, cache_salt: str) -> dict[str, Any]:
+        for i, message in enumerate(self.messages):
+            content = message.get("content")
+            for j, part in enumerate(content if isinstance(content, list) else []):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in TEXT_PARTS:
+                    raise InvalidInput(
+                        f"messages.{i}.content.{j}.type: {str(kind)[:50]!r} parts are not accepted; this model takes"
+                        " text only",
+                        param=f"messages.{i}.content.{j}.type",
+                        code="unsupported_content",
+                    )
+        return super().forwarded(model, cache_salt=cache_salt)
+
     max_completion_tokens: int | None = Field(
         None, ge=1, le=MAX_INT32, description="At most TUNESERVE_SERVING_MAX_TOKENS"
     )

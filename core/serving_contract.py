@@ -5,6 +5,8 @@ Neither side imports the other: the API forwards OpenAI bodies to these paths, s
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import os
 import secrets
@@ -81,3 +83,11 @@ SERVING_PATHS = frozenset(
 # The resolver refuses an adapter that is registered but cannot be served with vLLM's 422 naming `model` and a
 # message that starts with this; the API turns it into its own `adapter_not_servable`.
 NOT_SERVABLE_PREFIX = "adapter_not_servable: "
+
+
+def tenant_cache_salt(settings: Settings, tenant_id: str) -> str:
+    """vLLM's `cache_salt` for a tenant: its prefix-cache entries are reachable by that tenant's requests only, so no
+    tenant can time first tokens to learn another's prompts. Keyed with the serving token, so it is not guessable;
+    64 hex characters (vLLM: at most 128, none of @ / \\ NUL)."""
+    key = serving_token(settings).encode()
+    return hmac.new(key, f"cache-salt:{tenant_id}".encode(), hashlib.sha256).hexdigest()

@@ -19,7 +19,7 @@ from api.routing import StrictJSONRoute
 from api.schemas import ErrorResponse, unix
 from api.services import generation as service
 from api.services.serving_client import ServingClient, get_serving_client
-from core.serving_contract import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH
+from core.serving_contract import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, tenant_cache_salt
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJSONRoute)
 ServingDep = Annotated[ServingClient, Depends(get_serving_client)]
@@ -62,7 +62,7 @@ async def _forward(
 ) -> Any:  # fmt: skip
     service.check_generation_limits(settings, body.model_dump(exclude_unset=True))
     adapter = await service.resolve_adapter(session, settings, tenant, body.model, param="model")
-    forwarded = body.forwarded(adapter or settings.served_model_name)
+    forwarded = body.forwarded(adapter or settings.served_model_name, cache_salt=tenant_cache_salt(settings, tenant))
     slots = service.generation_slots(request.app.state, settings)
     rename = {"input_tokens": "messages" if path == CHAT_COMPLETIONS_PATH else "prompt"}
     if not body.stream:
