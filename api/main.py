@@ -32,7 +32,7 @@ from api.ui.assets import CONSOLE_PREFIX
 from api.ui.docs import DOCS_URL, OAUTH2_REDIRECT_URL
 from core.logs import setup_logging
 from core.reconcile import ReconcilerThread
-from core.serving_contract import serving_token
+from core.serving_contract import is_loopback, serving_token
 from core.settings import Settings, get_settings
 
 # Every refusal has the one error shape (api/errors.py); the OpenAPI document says so for all 4xx,
@@ -46,6 +46,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
     serving_token(settings)  # beyond loopback without TUNESERVE_SERVING_TOKEN (compose): fail now, saying so
+    if not settings.auth_enabled and not is_loopback(settings.api_host):
+        # With auth off anyone who reaches the port is every tenant at once: only this host may reach it.
+        raise ValueError(
+            f"TUNESERVE_AUTH_ENABLED=false needs a loopback TUNESERVE_API_HOST (127.0.0.1), not {settings.api_host!r}"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -23,7 +23,7 @@ TOKEN_HEADER = "X-Tuneserve-Serving-Token"
 TOKEN_FILE = "serving.token"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -40,7 +40,7 @@ def serving_token(settings: Settings) -> str:
     if settings.serving_token:
         return settings.serving_token
     hosts = [settings.serving_host, *(urlsplit(url).hostname or "" for url in settings.serving_url_list)]
-    beyond = [h for h in hosts if not _is_loopback(h)]
+    beyond = [h for h in hosts if not is_loopback(h)]
     if beyond:
         raise ValueError(f"serving is reached beyond loopback ({beyond[0]!r}): set TUNESERVE_SERVING_TOKEN")
     path = Path(settings.data_dir) / TOKEN_FILE

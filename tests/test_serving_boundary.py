@@ -70,3 +70,13 @@ def test_a_websocket_is_closed_before_vllm_sees_it(serving_stack: Stack) -> None
             )
             status_line = conn.recv(4096).split(b"\r\n", 1)[0]
         assert b" 101 " not in status_line and b" 403 " in status_line, status_line
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "api.example"])
+def test_auth_off_beyond_loopback_does_not_start(tmp_path: Path, host: str) -> None:
+    from api.main import create_app
+
+    with pytest.raises(ValueError, match="TUNESERVE_AUTH_ENABLED=false needs a loopback"):
+        create_app(Settings(data_dir=tmp_path, auth_enabled=False, api_host=host))
+    create_app(Settings(data_dir=tmp_path, auth_enabled=False, api_host="127.0.0.1"))
+    create_app(Settings(data_dir=tmp_path, auth_enabled=True, api_host=host))
