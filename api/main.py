@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         ),
         adapters.operations_router,
+        openai_fine_tuning.models_router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
     install_docs(app)

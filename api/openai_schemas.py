@@ -154,3 +154,16 @@ class FineTuningJobCheckpointList(BaseModel):
     has_more: bool
     first_id: str | None
     last_id: str | None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool

@@ -191,6 +191,17 @@ def test_supervised_job_is_one_row_in_both_views(stack: Stack, client: openai.Op
             client.chat.completions.create(model=wrong, **chat)  # type: ignore[call-overload]
         assert unknown.value.param == "model"
 
+    # models.retrieve and models.delete: the ft: model is the adapter, deleted for good (served no more).
+    assert client.models.retrieve(finished.fine_tuned_model).owned_by == org
+    with pytest.raises(openai.BadRequestError):
+        client.models.delete(base)
+    gone = client.models.delete(finished.fine_tuned_model)
+    assert (gone.id, gone.deleted) == (finished.fine_tuned_model, True)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=finished.fine_tuned_model, **chat)  # type: ignore[call-overload]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(finished.fine_tuned_model)
+
 
 def test_a_native_job_is_an_openai_job(stack: Stack, client: openai.OpenAI) -> None:
     training = client.files.create(file=("n.jsonl", _jsonl(CHAT, CHAT)), purpose="fine-tune")

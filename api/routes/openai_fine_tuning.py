@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Depends, Query
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.openai_schemas import (
@@ -12,10 +13,14 @@ from api.openai_schemas import (
     FineTuningJobCheckpointList,
     FineTuningJobEventList,
     FineTuningJobList,
+    Model,
+    ModelDeleted,
 )
 from api.routing import StrictJSONRoute
+from api.services import adapters as adapters_service
 from api.services import jobs as jobs_service
 from api.services import openai_fine_tuning as service
+from api.services.serving_client import ServingClient, get_serving_client
 from core.repository import jobs as jobs_repo
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai fine-tuning"], route_class=StrictJSONRoute)
@@ -85,3 +90,25 @@ def list_checkpoints(
         first_id=page[0].id if page else None,
         last_id=page[-1].id if page else None,
     )
+
+
+models_router = APIRouter(prefix="/v1/models", tags=["openai fine-tuning"], route_class=StrictJSONRoute)
+
+
+@models_router.get("/{model}", response_model=Model)
+def retrieve_model(session: SessionDep, settings: SettingsDep, tenant: TenantDep, model: str) -> Model:
+    return service.model_of(session, settings, tenant, model)
+
+
+@models_router.delete("/{model}", response_model=ModelDeleted)
+async def delete_model(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    model: str,
+    serving: Annotated[ServingClient, Depends(get_serving_client)],
+) -> ModelDeleted:
+    """An ft: model's adapter, deleted as DELETE /adapters/{name} deletes it (owner only; never served again)."""
+    name = await run_in_threadpool(service.deletable_adapter, session, settings, tenant, model)
+    await adapters_service.delete_adapter(session, settings, serving, tenant, name)
+    return ModelDeleted(id=model, deleted=True)

@@ -22,6 +22,7 @@ from api.openai_schemas import (
     FineTuningJobEvent,
     JobError,
     JobHyperparameters,
+    Model,
     OpenAIHyperparameters,
     OpenAIJobCreate,
 )
@@ -32,7 +33,8 @@ from api.services import usage as usage_service
 from core import checkpoints as core_checkpoints
 from core.errors import InvalidInput, NotFound, TuneserveError
 from core.jobspec import Hyperparameters, JobSpec
-from core.models import Dataset, Job, JobEvent, JobStatus
+from core.models import AdapterStatus, Dataset, Job, JobEvent, JobStatus
+from core.repository import adapters as adapters_repo
 from core.repository import datasets as datasets_repo
 from core.repository import jobs as jobs_repo
 from core.settings import Settings
@@ -383,3 +385,25 @@ def list_checkpoints(
             )
         )
     return out
+
+
+def model_of(session: Session, settings: Settings, tenant_id: str, model: str) -> Model:
+    """models.retrieve: the base, or the tenant's ft: model or adapter; anything else (another tenant's) a 404."""
+    if model in (settings.served_model_name, settings.base_model):
+        return Model(id=model, created=0, owned_by="tuneserve")
+    name = adapter_of_model(session, tenant_id, model) if model.startswith("ft:") else model
+    adapter = adapters_repo.get_owned_adapter(session, tenant_id, name)
+    if adapter is None or adapter.status == AdapterStatus.deleted:
+        raise NotFound(f"no model named {model!r}", param="model")
+    return Model(id=model, created=unix(adapter.created_at) or 0, owned_by=tenant_id)
+
+
+def deletable_adapter(session: Session, settings: Settings, tenant_id: str, model: str) -> str:
+    """The adapter models.delete removes; the base model is a 400 (it is the deployment's, not a tenant's)."""
+    if model in (settings.served_model_name, settings.base_model):
+        raise BadRequest(
+            f"{model!r} is the deployment's base model; only fine-tuned models can be deleted", param="model"
+        )
+    name = adapter_of_model(session, tenant_id, model) if model.startswith("ft:") else model
+    session.commit()  # the lookup's transaction ends before the deletion takes its own
+    return name
