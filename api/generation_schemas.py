@@ -132,7 +132,7 @@ class ChatCompletionBody(OpenAIBody):
             content = message.get("content")
             for j, part in enumerate(content if isinstance(content, list) else []):
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind not in TEXT_PARTS:
+                if not (isinstance(kind, str) and kind in TEXT_PARTS):  # a list or object is no type either
                     raise InvalidInput(
                         f"messages.{i}.content.{j}.type: {str(kind)[:50]!r} parts are not accepted; this model takes"
                         " text only",

@@ -60,6 +60,10 @@ HOSTILE_JSON = {
     "string inf": '"inf"',
     "string nan": '"NaN"',
     "100k deep": "[" * 100_000 + "]" * 100_000,
+    # issue 25: what would make a worker or serving reach out or backtrack (a grader schema, a content part, a regex)
+    "remote $ref": json.dumps({"$ref": "http://127.0.0.1:9/x", "type": "object"}),
+    "media part": json.dumps([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]),
+    "ReDoS regex": json.dumps("^(a+)+$"),
 }
 HOSTILE_QUERY = [
     "2147483648",
