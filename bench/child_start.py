@@ -119,7 +119,9 @@ def measure(mode: str, root: Path, model_dir: Path, train: Path, test: Path, rep
                 assert response.status_code == 201, response.text
                 queued_eval = time.perf_counter()
                 path = f"/evaluations/{response.json()['id']}"
-                batched = _first_seen(client, path, lambda e: e["progress"]["done_examples"] > 0 or e["status"] == "failed")
+                batched = _first_seen(
+                    client, path, lambda e: e["progress"]["done_examples"] > 0 or e["status"] == "failed"
+                )
                 evaluation = _until_done(client, path)
                 assert evaluation["status"] == "succeeded", evaluation
                 if i > 0:  # the first round warms the worker up
