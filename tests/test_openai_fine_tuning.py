@@ -55,11 +55,12 @@ def test_files_create_retrieve_content_list_delete(stack: Stack, client: openai.
     assert native.status_code == 200 and native.json()["splits"] == {"train": 3, "test": 0}
 
     second = client.files.create(file=("second.jsonl", data), purpose="fine-tune")
-    newest_first = [f.id for f in client.files.list(purpose="fine-tune", limit=2)]
+    # .data: one page (iterating the client's page object would fetch every page of the tenant's files).
+    newest_first = [f.id for f in client.files.list(purpose="fine-tune", limit=2).data]
     assert newest_first == [second.id, created.id]
     page = client.files.list(limit=1, order="asc", after=created.id)
     assert [f.id for f in page.data] != [created.id]
-    assert created.id in [f.id for f in client.files.list(order="asc").data]
+    assert created.id in [f.id for f in client.files.list(order="asc")]  # every page
     assert client.files.list(purpose="batch").data == []
 
     deleted = client.files.delete(second.id)

@@ -334,6 +334,10 @@ def job_of(job: Job) -> FineTuningJob:
     )
 
 
+# Event ids are 64-bit integers in SQL; a larger cursor names no event (and SQLite could not even bind it).
+MAX_EVENT_ID = 2**63 - 1
+
+
 def list_events(
     session: Session, tenant_id: str, job_id: str, *, limit: int, after: str | None
 ) -> tuple[list[FineTuningJobEvent], bool]:
@@ -341,7 +345,7 @@ def list_events(
     before = None
     if after is not None:
         digits = after.removeprefix(EVENT_PREFIX)
-        if not digits.isdigit():
+        if not digits.isdigit() or int(digits) > MAX_EVENT_ID:
             raise BadRequest(f"after {after!r} is not an event id", param="after")
         before = int(digits)
     rows, has_more = jobs_repo.list_events_newest_first(session, job_id, limit=limit, before=before)
