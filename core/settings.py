@@ -118,6 +118,13 @@ class Settings(BaseSettings):
             "lost jobs back, and any earlier redelivery would only be turned away by the lease"
         ),
     )
+    tenant_max_running_work: int = Field(
+        0,
+        ge=0,
+        description="Records (jobs, evaluations, adapter operations) one tenant may have running at once across all "
+        "workers; past it a worker takes another tenant's work or waits. 0: no cap (workers always take the fairly "
+        "next record: the tenant with the least running, then the least recently served, goes first)",
+    )
     max_attempts: int = Field(
         3, ge=1, description="Attempts of a record; past them a transient failure (child killed, worker lost) fails it"
     )
