@@ -113,6 +113,8 @@ class JobOut(BaseModel):
     cancel_requested: bool
     error: ErrorBody | None
     evaluation: JobEvaluationSummary | None = None
+    validation_dataset_id: str | None = None
+    metadata: dict[str, str] | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -148,6 +150,8 @@ class JobOut(BaseModel):
             attempts=job.attempt_count,
             cancel_requested=job.cancel_requested,
             error=error,
+            validation_dataset_id=job.validation_dataset_id,
+            metadata=job.metadata_,
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -96,6 +96,9 @@ class Hyperparameters(BaseModel):
     )
     keep_checkpoints: int = Field(
         2, ge=2, le=100, description="Keep the last K checkpoints (at least 2, so a crash mid-save leaves a whole one)"
+    )
+    checkpoint_adapters: int = Field(
+        0, ge=0, le=100, description="Publish the last N checkpoints as servable adapters when the job succeeds"
     )
     distributed: Distributed | None = None
     # Preference and reward objectives (OBJECTIVE_KNOBS says which applies where; None: the objective's default).
@@ -234,6 +237,12 @@ class Hyperparameters(BaseModel):
                 f"(TUNESERVE_MAX_KEEP_CHECKPOINTS); got {self.keep_checkpoints}",
                 param="hyperparameters.keep_checkpoints",
             )
+        if self.checkpoint_adapters > self.keep_checkpoints:
+            raise InvalidInput(
+                f"checkpoint_adapters ({self.checkpoint_adapters}) must be at most keep_checkpoints "
+                f"({self.keep_checkpoints}): only kept checkpoints can be published",
+                param="hyperparameters.checkpoint_adapters",
+            )
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise InvalidInput("target_modules must not be empty", param="hyperparameters.target_modules")
         on_cpu = settings.training_device == "cpu"
@@ -286,7 +295,13 @@ class JobSpec(BaseModel):
     )
     grader: dict[str, Any] | None = Field(None, description="grpo: the declarative grader that rewards completions")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[a-zA-Z0-9_-]+$")
+    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    validation_dataset_id: str | None = Field(
+        None, min_length=1, max_length=40, description="sft: held-out rows (their train split) whose loss is logged"
+    )
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Up to 16 of the client's own key-value labels, stored and returned"
+    )
     evaluation: JobEvaluation = Field(
         default_factory=JobEvaluation, description="Base vs adapter on the test split after training"
     )

@@ -166,6 +166,11 @@ class Job(Base):
     adapter_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # The before/after evaluation to run when the job succeeds (core.jobspec.JobEvaluation); null: none.
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Held-out rows whose loss is computed during training (their train split); null: none.
+    validation_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), nullable=True, index=True)
+    # The client's own labels (OpenAI's metadata: up to 16 string pairs), stored and returned; `metadata` is taken by
+    # SQLAlchemy's declarative base, hence the attribute's name.
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
 
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)

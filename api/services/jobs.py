@@ -17,6 +17,7 @@ from core.model_info import check_target_modules
 from core.models import Adapter, AdapterStatus, Dataset, Job, JobEvent, JobStatus, TrainingMethod, new_id
 from core.queue import commit_and_send
 from core.repository import adapters as adapters_repo
+from core.repository import datasets as datasets_repo
 from core.repository import jobs as jobs_repo
 from core.repository import leases
 from core.settings import Settings
@@ -55,6 +56,7 @@ def create_job(
     dataset = get_dataset_or_404(session, tenant_id, spec.dataset_id)
     check_dataset_fits(dataset, spec.objective)
     hp.check_steps(settings, dataset.train_rows)
+    check_validation_dataset(session, tenant_id, spec)
     if spec.init_adapter is not None:
         adopt_init_adapter(spec, init_adapter_or_404(session, tenant_id, spec.init_adapter), base_model)
     job_id = new_id("ftjob")
@@ -74,6 +76,8 @@ def create_job(
             hyperparameters=spec.hyperparameters.model_dump(mode="json"),
             suffix=spec.suffix,
             evaluation=spec.evaluation.model_dump(mode="json"),
+            validation_dataset_id=spec.validation_dataset_id,
+            metadata_=spec.metadata,
             status=JobStatus.queued,
             max_attempts=settings.max_attempts,
         ),
@@ -93,6 +97,23 @@ def check_grader(spec: JobSpec) -> dict[str, Any] | None:
     if spec.grader is None:
         raise InvalidInput("objective grpo needs a grader (what rewards a completion)", param="grader")
     return dict(parse_grader(spec.grader).model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def check_validation_dataset(session: Session, tenant_id: str, spec: JobSpec) -> None:
+    """The held-out rows whose loss training reports: the tenant's dataset, supervised rows, an sft job."""
+    if spec.validation_dataset_id is None:
+        return
+    if spec.objective != "sft":
+        raise InvalidInput(
+            f"validation_dataset_id applies to objective sft, not {spec.objective}", param="validation_dataset_id"
+        )
+    dataset = datasets_repo.get_owned_dataset(session, tenant_id, spec.validation_dataset_id)
+    if dataset is None:
+        raise NotFound(f"no dataset with id {spec.validation_dataset_id!r}", param="validation_dataset_id")
+    try:
+        check_dataset_fits(dataset, "sft")
+    except InvalidInput as e:
+        raise InvalidInput(e.message, param="validation_dataset_id", code=e.code) from None
 
 
 def check_dataset_fits(dataset: Dataset, objective: str) -> None:

@@ -55,7 +55,7 @@ def dataset_user(session: Session, dataset_id: str) -> str | None:
         user = session.scalars(select(model.id).where(model.dataset_id == dataset_id).limit(1)).first()
         if user is not None:
             return user
-    return None
+    return session.scalars(select(Job.id).where(Job.validation_dataset_id == dataset_id).limit(1)).first()
 
 
 def delete_dataset(session: Session, dataset: Dataset) -> None:
