@@ -23,6 +23,8 @@ from api.routes import (
     openai_compat,
     openai_files,
     openai_fine_tuning,
+    openai_graders,
+    openai_job_control,
     usage,
 )
 from api.schemas import ErrorResponse
@@ -105,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 openai_compat,
                 openai_files,
                 openai_fine_tuning,
+                openai_graders,
+                openai_job_control,
                 usage,
             )
         ),

@@ -6,7 +6,9 @@ A grader scores one model output (text) against its example's reference column, 
   (the output matches `pattern`; `{reference}` in the pattern stands for the escaped reference);
 - `json_schema`: 1 when the output parses as JSON and validates against `schema`;
 - `length`: 1 up to `max_chars`, then linearly down to 0 at twice that (a length penalty);
-- `weighted`: the weighted mean of other graders (`weights` positive, normalised to sum to 1).
+- `weighted`: the weighted mean of other graders (`weights` positive, normalised to sum to 1);
+- `openai`: one of OpenAI's fine-tuning graders (`string_check`, `text_similarity`, `multi`; `{"type": "openai",
+  "grader": {...}}`), whose `{{sample.output_text}}` / `{{item.<field>}}` templates read the row's own fields.
 
 Everything is checked when the job or evaluation is created (a bad regex or schema is a 422 naming the field).
 
@@ -19,7 +21,10 @@ with Python's backtracking `re` in three keywords; `propertyNames` with a `patte
 
 from __future__ import annotations
 
+import ast
 import json
+import math
+import operator
 from collections.abc import Iterator
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -83,7 +88,7 @@ class StringCheck(_Grader):
             raise ValueError(f"pattern applies to operation regex only, not {self.operation}")
         return self
 
-    def score(self, output: str, reference: str) -> float:
+    def score(self, output: str, reference: str, item: Any = None) -> float:
         out, ref = output.strip(), reference.strip()
         if self.operation == "regex":
             assert self.pattern is not None
@@ -137,7 +142,7 @@ class JsonSchema(_Grader):
     def _validator(self) -> Any:
         return _safe_validator_class()(self.json_schema, registry=_empty_registry())
 
-    def score(self, output: str, reference: str) -> float:
+    def score(self, output: str, reference: str, item: Any = None) -> float:
         try:
             value = json.loads(output.strip())
         except (ValueError, RecursionError):
@@ -187,7 +192,7 @@ class LengthPenalty(_Grader):
     type: Literal["length"]
     max_chars: int = Field(ge=1, le=1_000_000, description="Outputs up to this long score 1; 0 at twice as long")
 
-    def score(self, output: str, reference: str) -> float:
+    def score(self, output: str, reference: str, item: Any = None) -> float:
         over = len(output.strip()) - self.max_chars
         return 1.0 if over <= 0 else max(0.0, 1.0 - over / self.max_chars)
 
@@ -203,12 +208,427 @@ class Weighted(_Grader):
     type: Literal["weighted"]
     graders: list[WeightedItem] = Field(min_length=1, max_length=16)
 
-    def score(self, output: str, reference: str) -> float:
-        total = sum(item.weight for item in self.graders)
-        return sum(item.weight * item.grader.score(output, reference) for item in self.graders) / total
+    def score(self, output: str, reference: str, item: Any = None) -> float:
+        total = sum(w.weight for w in self.graders)
+        return sum(w.weight * w.grader.score(output, reference, item) for w in self.graders) / total
 
 
-Grader = Annotated[StringCheck | JsonSchema | LengthPenalty | Weighted, Field(discriminator="type")]
+# --- OpenAI's grader JSON (/v1/fine_tuning method reinforcement, /v1/fine_tuning/alpha/graders) -------------------
+#
+# Rebuilt from an allowlist: every field is one of OpenAI's, checked here; a `python` grader is refused (no sandbox
+# runs tenant code on a worker) and so are the model graders (they would call a model; not offered yet).
+
+MAX_TEMPLATE_CHARS = 16_384
+MAX_FORMULA_CHARS = 512
+MAX_FORMULA_NODES = 200
+# Similarity metrics are quadratic in places (fuzzy_match, rouge_l): each side is cut to this many characters.
+MAX_SIMILARITY_CHARS = 10_000
+# {{ sample.output_text }}, {{ sample.output_json.a.0 }}, {{ item }}, {{ item.answer }}: a namespace and a dotted path.
+_TEMPLATE = re2.compile(r"\{\{(.*?)\}\}")
+_VARIABLE = re2.compile(r"^\s*(sample\.output_text|sample\.output_json|item)((?:\.[A-Za-z0-9_-]+)*)\s*$")
+_REFUSED_TYPES = {
+    "python": "a python grader runs tenant code, and this deployment has no sandbox to run it in (user code never "
+    "runs unconfined on a worker); use string_check, text_similarity or multi",
+    "score_model": "model graders (score_model, label_model) are not supported yet; use string_check, "
+    "text_similarity or multi",
+    "label_model": "model graders (score_model, label_model) are not supported yet; use string_check, "
+    "text_similarity or multi",
+}
+_REFUSED_METRICS = {"cosine": "cosine needs an embeddings model, which this deployment does not serve"}
+
+
+class _MissingVariable(Exception):
+    """A template names a field the sample or item does not have."""
+
+
+def _check_template(text: str) -> str:
+    if "{{" in _TEMPLATE.sub("", text):
+        raise ValueError("has a {{ with no closing }}")
+    for m in _TEMPLATE.finditer(text):
+        if _VARIABLE.match(m.group(1)) is None:
+            raise ValueError(
+                f"template {{{{{m.group(1)[:100]}}}}} is not sample.output_text, sample.output_json[.path] "
+                "or item[.path]"
+            )
+    return text
+
+
+Template = Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)]
+
+
+def _lookup(value: Any, path: str) -> Any:
+    for part in path.split(".")[1:]:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise _MissingVariable(part)
+    return value
+
+
+def render(text: str, sample: str, item: Any) -> str:
+    """A template with each {{variable}} replaced by the sample's or item's value (JSON unless a string)."""
+
+    def value_of(m: Any) -> str:
+        found = _VARIABLE.match(m.group(1))
+        assert found is not None, "checked when the grader was parsed"
+        namespace, path = found.group(1), found.group(2)
+        if namespace == "sample.output_text":
+            if path:
+                raise _MissingVariable(path)
+            return sample
+        if namespace == "sample.output_json":
+            try:
+                root: Any = json.loads(sample)
+            except (ValueError, RecursionError):
+                raise _MissingVariable("output_json") from None
+        else:
+            root = item
+        value = _lookup(root, path)
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return str(_TEMPLATE.sub(value_of, text))
+
+
+class GradeResult(BaseModel):
+    """What an OpenAI grader made of one sample: its reward, each named grader's score, and what went wrong."""
+
+    reward: float
+    scores: dict[str, float]
+    errors: list[str] = Field(default_factory=list, description="invalid_variable_error, formula_error")
+
+
+class _OpenAIGrader(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(min_length=1, max_length=64)
+
+
+class OpenAIStringCheck(_OpenAIGrader):
+    """eq / ne: the rendered input equals (does not equal) the reference; like / ilike: contains it (ilike any case)."""
+
+    type: Literal["string_check"]
+    input: Template
+    reference: Template
+    operation: Literal["eq", "ne", "like", "ilike"]
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAIStringCheck:
+        return _checked_templates(self, "input", "reference")  # type: ignore[no-any-return]
+
+    def grade_one(self, sample: str, item: Any) -> float:
+        out, ref = render(self.input, sample, item), render(self.reference, sample, item)
+        if self.operation == "eq":
+            return float(out == ref)
+        if self.operation == "ne":
+            return float(out != ref)
+        if self.operation == "ilike":
+            out, ref = out.lower(), ref.lower()
+        return float(ref in out)
+
+
+class OpenAITextSimilarity(_OpenAIGrader):
+    """The rendered input's similarity to the reference, in [0, 1]."""
+
+    type: Literal["text_similarity"]
+    input: Template
+    reference: Template
+    evaluation_metric: Literal[
+        "cosine",
+        "fuzzy_match",
+        "bleu",
+        "gleu",
+        "meteor",
+        "rouge_1",
+        "rouge_2",
+        "rouge_3",
+        "rouge_4",
+        "rouge_5",
+        "rouge_l",
+    ]
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAITextSimilarity:
+        if self.evaluation_metric in _REFUSED_METRICS:
+            raise ValueError(f"evaluation_metric {self.evaluation_metric}: {_REFUSED_METRICS[self.evaluation_metric]}")
+        return _checked_templates(self, "input", "reference")  # type: ignore[no-any-return]
+
+    def grade_one(self, sample: str, item: Any) -> float:
+        out = render(self.input, sample, item)[:MAX_SIMILARITY_CHARS]
+        ref = render(self.reference, sample, item)[:MAX_SIMILARITY_CHARS]
+        return text_similarity(self.evaluation_metric, out, ref)
+
+
+def _checked_templates(grader: Any, *fields: str) -> Any:
+    for field in fields:
+        try:
+            _check_template(getattr(grader, field))
+        except ValueError as e:
+            raise ValueError(f"{field} {e}") from None
+    return grader
+
+
+def _tokens(text: str) -> list[str]:
+    return [str(t) for t in re2.findall(r"\w+|[^\w\s]", text)]
+
+
+def text_similarity(metric: str, output: str, reference: str) -> float:
+    """OpenAI's text_similarity metrics: difflib's ratio, NLTK's sentence BLEU / GLEU / METEOR, rouge-score's F1."""
+    if metric == "fuzzy_match":
+        from difflib import SequenceMatcher
+
+        return SequenceMatcher(None, output, reference, autojunk=False).ratio()
+    if metric.startswith("rouge_"):
+        from rouge_score import rouge_scorer
+
+        kind = "rougeL" if metric == "rouge_l" else f"rouge{metric[-1]}"
+        return float(rouge_scorer.RougeScorer([kind]).score(reference, output)[kind].fmeasure)
+    out, ref = _tokens(output), _tokens(reference)
+    if not out or not ref:
+        return float(out == ref)
+    if metric == "bleu":
+        from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # type: ignore[import-untyped]
+
+        return float(sentence_bleu([ref], out, smoothing_function=SmoothingFunction().method1))
+    if metric == "gleu":
+        from nltk.translate.gleu_score import sentence_gleu  # type: ignore[import-untyped]
+
+        return float(sentence_gleu([ref], out))
+    if metric == "meteor":
+        from nltk.translate.meteor_score import single_meteor_score  # type: ignore[import-untyped]
+
+        # Exact and stem matches only: NLTK's synonym stage needs WordNet's data, which is not installed.
+        return float(single_meteor_score(ref, out, wordnet=_NoWordNet()))
+    raise ValueError(f"unknown metric {metric}")  # pragma: no cover - the Literal refuses it
+
+
+class _NoWordNet:
+    """A WordNet with no synsets: METEOR without synonyms, and no corpus to look for on disk."""
+
+    def synsets(self, *_: Any, **__: Any) -> list[Any]:
+        return []
+
+
+SimpleOpenAIGrader = Annotated[OpenAIStringCheck | OpenAITextSimilarity, Field(discriminator="type")]
+
+# calculate_output: arithmetic over the named graders' scores, from an allowlist of syntax; never eval.
+_FORMULA_FUNCTIONS: dict[str, Any] = {
+    "min": min,
+    "max": max,
+    "abs": abs,
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "exp": math.exp,
+    "sqrt": math.sqrt,
+    "log": math.log,
+}
+_UNARY_FUNCTIONS = frozenset({"abs", "floor", "ceil", "exp", "sqrt", "log"})
+_BINARY_OPERATORS: dict[type, Any] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+    ast.BitXor: operator.pow,  # OpenAI's formulas write a power as ^
+}
+_UNARY_OPERATORS: dict[type, Any] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def parse_formula(formula: str, names: Iterator[str] | list[str]) -> ast.expr:
+    """calculate_output as a checked expression tree: numbers, grader names, + - * / ** ^, and the allowed functions."""
+    allowed = set(names)
+    if len(formula) > MAX_FORMULA_CHARS:
+        raise ValueError(f"calculate_output is longer than {MAX_FORMULA_CHARS} characters")
+    try:
+        tree = ast.parse(formula.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise ValueError("calculate_output is not an arithmetic expression") from None
+    nodes = list(ast.walk(tree.body))
+    if len(nodes) > MAX_FORMULA_NODES:
+        raise ValueError(f"calculate_output has more than {MAX_FORMULA_NODES} terms")
+    functions = ", ".join(_FORMULA_FUNCTIONS)
+    for node in nodes:
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+                raise ValueError(f"calculate_output has {node.value!r}, which is not a number")
+        elif isinstance(node, ast.Name):
+            if node.id not in allowed and node.id not in _FORMULA_FUNCTIONS:
+                raise ValueError(
+                    f"calculate_output names {node.id!r}, which is neither a grader name ({', '.join(sorted(allowed))}) nor an "
+                    f"allowed function ({functions})"
+                )
+        elif isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else None
+            if name not in _FORMULA_FUNCTIONS or node.keywords:
+                called = name or type(node.func).__name__
+                raise ValueError(f"calculate_output calls {called!r}: only {functions} may be called")
+            if any(isinstance(a, ast.Starred) for a in node.args) or not node.args:
+                raise ValueError(f"calculate_output calls {name}() with no plain arguments")
+            if name in _UNARY_FUNCTIONS and len(node.args) != 1:
+                raise ValueError(f"calculate_output calls {name}() with {len(node.args)} arguments, not 1")
+        elif isinstance(node, ast.BinOp):
+            if type(node.op) not in _BINARY_OPERATORS:
+                raise ValueError("calculate_output combines terms with an operator other than + - * / ** ^")
+        elif isinstance(node, ast.UnaryOp):
+            if type(node.op) not in _UNARY_OPERATORS:
+                raise ValueError("calculate_output applies an operator other than - or + to one term")
+        elif not isinstance(node, ast.Load | ast.operator | ast.unaryop):
+            raise ValueError(f"calculate_output uses {type(node).__name__}, which is not arithmetic (not allowed)")
+    return tree.body
+
+
+def evaluate_formula(node: ast.expr, scores: dict[str, float]) -> float:
+    """The value of a checked formula; ArithmeticError or ValueError when it has none (a division by zero)."""
+    if isinstance(node, ast.Constant):
+        assert isinstance(node.value, int | float), "checked by parse_formula"
+        return float(node.value)
+    if isinstance(node, ast.Name):
+        return scores[node.id]
+    if isinstance(node, ast.UnaryOp):
+        return float(_UNARY_OPERATORS[type(node.op)](evaluate_formula(node.operand, scores)))
+    if isinstance(node, ast.BinOp):
+        left, right = evaluate_formula(node.left, scores), evaluate_formula(node.right, scores)
+        value = _BINARY_OPERATORS[type(node.op)](left, right)
+        if isinstance(value, complex):  # a negative number to a fractional power
+            raise ValueError("complex result")
+        return float(value)
+    assert isinstance(node, ast.Call) and isinstance(node.func, ast.Name), "checked by parse_formula"
+    return float(_FORMULA_FUNCTIONS[node.func.id](*(evaluate_formula(a, scores) for a in node.args)))
+
+
+class OpenAIMulti(_OpenAIGrader):
+    """calculate_output over named graders' scores (a name is a key of `graders`)."""
+
+    type: Literal["multi"]
+    graders: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], SimpleOpenAIGrader] = Field(
+        min_length=1, max_length=16
+    )
+    calculate_output: str = Field(min_length=1, max_length=MAX_FORMULA_CHARS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_grader(cls, data: Any) -> Any:
+        # The openai client types `graders` as one grader (its API reference as a map of them): one is named by its name.
+        if isinstance(data, dict) and isinstance(data.get("graders"), dict) and "type" in data["graders"]:
+            one = data["graders"]
+            return {**data, "graders": {str(one.get("name", "")): one}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAIMulti:
+        clash = [n for n in self.graders if n in _FORMULA_FUNCTIONS]
+        if clash:
+            raise ValueError(f"graders {clash[0]!r}: a grader name may not be a function name of calculate_output")
+        parse_formula(self.calculate_output, list(self.graders))
+        return self
+
+    @cached_property
+    def _formula(self) -> ast.expr:
+        return parse_formula(self.calculate_output, list(self.graders))
+
+    def grade(self, sample: str, item: Any) -> GradeResult:
+        scores: dict[str, float] = {}
+        errors: list[str] = []
+        for name, grader in self.graders.items():
+            one = _grade_simple(grader, sample, item)
+            scores[name] = one.reward
+            errors += [e for e in one.errors if e not in errors]
+        try:
+            reward = evaluate_formula(self._formula, scores)
+            if not math.isfinite(reward):
+                raise ValueError("not finite")
+        except (ArithmeticError, ValueError, TypeError):
+            return GradeResult(reward=0.0, scores=scores, errors=[*errors, "formula_error"])
+        return GradeResult(reward=reward, scores=scores, errors=errors)
+
+
+def _grade_simple(grader: OpenAIStringCheck | OpenAITextSimilarity, sample: str, item: Any) -> GradeResult:
+    try:
+        reward = grader.grade_one(sample, item)
+    except _MissingVariable:
+        return GradeResult(reward=0.0, scores={grader.name: 0.0}, errors=["invalid_variable_error"])
+    return GradeResult(reward=reward, scores={grader.name: reward})
+
+
+OpenAIGraderModel = Annotated[OpenAIStringCheck | OpenAITextSimilarity | OpenAIMulti, Field(discriminator="type")]
+
+
+def grade_openai(grader: OpenAIStringCheck | OpenAITextSimilarity | OpenAIMulti, sample: str, item: Any) -> GradeResult:
+    """An OpenAI grader's reward for one sample (the model's output text) and its dataset item."""
+    if isinstance(grader, OpenAIMulti):
+        return grader.grade(sample, item)
+    return _grade_simple(grader, sample, item)
+
+
+class _OpenAISpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grader: OpenAIGraderModel
+
+
+def _refused_type(value: Any, where: str) -> tuple[str, str] | None:
+    """(field, why) for a grader type that is refused on purpose, so its 400 says why rather than 'unknown'."""
+    if not isinstance(value, dict):
+        return None
+    kind = value.get("type")
+    if isinstance(kind, str) and kind in _REFUSED_TYPES:
+        return f"{where}.type", f"{kind}: {_REFUSED_TYPES[kind]}"
+    if kind == "multi" and isinstance(value.get("graders"), dict):
+        inner = value["graders"]
+        if "type" in inner:
+            return _refused_type(inner, f"{where}.graders")
+        for name, sub in inner.items():
+            if isinstance(sub, dict) and sub.get("type") == "multi":
+                return f"{where}.graders.{name}.type", "a multi grader's graders are string_check or text_similarity"
+            found = _refused_type(sub, f"{where}.graders.{name}")
+            if found:
+                return found
+    return None
+
+
+def parse_openai_grader(value: Any, *, param: str = "grader") -> OpenAIStringCheck | OpenAITextSimilarity | OpenAIMulti:
+    """A validated OpenAI grader from its JSON, or a 422 naming the field (the OpenAI routes answer it as a 400)."""
+    from pydantic import ValidationError
+
+    refused = _refused_type(value, param)
+    if refused is not None:
+        raise InvalidInput(f"{refused[0]}: {refused[1]}", param=refused[0])
+    try:
+        return _OpenAISpec.model_validate({"grader": value}).grader
+    except ValidationError as e:
+        path, message = _error_path(e, param, _OPENAI_VARIANT_TAGS)
+        kind = e.errors()[0]["type"]
+        if kind == "extra_forbidden":
+            message = "is not a field of this grader"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            path, message = f"{path}.type", f"{message} (a python grader or a model grader is refused, saying why)"
+        raise InvalidInput(f"{path}: {message}", param=path) from None
+
+
+_OPENAI_VARIANT_TAGS = frozenset({"string_check", "text_similarity", "multi"})
+
+
+class OpenAIGraderSpec(_Grader):
+    """An OpenAI grader as a native one (what the /v1 fine-tuning API stores in a GRPO job)."""
+
+    type: Literal["openai"]
+    grader: OpenAIGraderModel
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allowlist(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            refused = _refused_type(data.get("grader"), "grader")
+            if refused is not None:
+                raise ValueError(f"{refused[0]} {refused[1]}")
+        return data
+
+    def score(self, output: str, reference: str, item: Any = None) -> float:
+        return grade_openai(self.grader, output, {"reference": reference} if item is None else item).reward
+
+
+Grader = Annotated[StringCheck | JsonSchema | LengthPenalty | Weighted | OpenAIGraderSpec, Field(discriminator="type")]
 WeightedItem.model_rebuild()
 
 
@@ -226,6 +646,18 @@ def _depth(grader: Any) -> int:
     return 1
 
 
+def _error_path(e: Any, param: str, tags: frozenset[str]) -> tuple[str, str]:
+    """The field a pydantic error is about, under param, and its message (the first error)."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"][1:] if not isinstance(p, str) or p not in tags)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        # A cross-field check (ours) starts its message with the field it is about: name that field.
+        field = message.split(" ", 1)[0]
+        where = f"{where}.{field}" if where else field
+    return (f"{param}.{where}" if where else param), message
+
+
 def parse_grader(value: Any, *, param: str = "grader") -> Any:
     """A validated grader from its JSON, or a 422 naming the field."""
     from pydantic import ValidationError
@@ -233,14 +665,7 @@ def parse_grader(value: Any, *, param: str = "grader") -> Any:
     try:
         grader = GraderSpec.model_validate({"grader": value}).grader
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"][1:] if not isinstance(p, str) or p not in _VARIANT_TAGS)
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "value_error":
-            # A cross-field check (ours) starts its message with the field it is about: name that field.
-            field = message.split(" ", 1)[0]
-            where = f"{where}.{field}" if where else field
-        path = f"{param}.{where}" if where else param
+        path, message = _error_path(e, param, _VARIANT_TAGS)
         raise InvalidInput(f"{path}: {message}", param=path) from None
     if _depth(grader) > MAX_GRADER_DEPTH:
         raise InvalidInput(f"{param}: weighted graders nest at most {MAX_GRADER_DEPTH} deep", param=param)
@@ -248,12 +673,15 @@ def parse_grader(value: Any, *, param: str = "grader") -> Any:
 
 
 # pydantic puts the union member's tag in an error's location; it is not a field the user wrote.
-_VARIANT_TAGS = frozenset({"string_check", "json_schema", "length", "weighted"})
+_VARIANT_TAGS = frozenset({"string_check", "json_schema", "length", "weighted", "openai", "text_similarity", "multi"})
 
 
 def grader_name(grader: Any) -> str:
+    if isinstance(grader, OpenAIGraderSpec) and grader.name is None:
+        return grader.grader.name
     return str(grader.name or grader.type)
 
 
-def score(grader: Any, output: str, reference: str) -> float:
-    return float(grader.score(output, reference))
+def score(grader: Any, output: str, reference: str, item: Any = None) -> float:
+    """A grader's score for one output; item is the row's fields for OpenAI templates (default: its reference)."""
+    return float(grader.score(output, reference, item))
