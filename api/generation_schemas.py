@@ -3,7 +3,7 @@ the OpenAI bodies the API itself checks before it forwards them to vLLM (which v
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -84,26 +84,64 @@ class GenerationChunkOut(BaseModel):
     usage: Usage | None = Field(None, description="On the last event only")
 
 
+# The fields of vLLM's OpenAI request bodies (vLLM 0.32) that a tenant may send, per endpoint; anything else is a
+# 422 naming it, so a field vLLM adds next reaches the engine only once it is listed here. Left out on purpose:
+# cache_salt (the API sets it per tenant), priority (the API's), request_id, kv/ec_transfer_params, vllm_xargs,
+# session_id and routed_experts_prompt_start (vLLM's internals), prompt_embeds (tensors vLLM deserializes),
+# mm_payload, mm_processor_kwargs, media_io_kwargs, return_mm_kwargs (media), chat_template and documents (a
+# template the engine would render), beam search and the rest of what this deployment does not document.
+SAMPLING_FIELDS = frozenset(
+    {
+        "model", "stream", "stream_options", "n", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens",
+        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+        "logit_bias", "logprobs", "prompt_logprobs", "response_format", "structured_outputs", "user", "ignore_eos",
+        "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens", "add_special_tokens",
+        "return_token_ids", "return_tokens_as_token_ids", "truncate_prompt_tokens", "bad_words", "allowed_token_ids",
+        "echo",
+    }
+)  # fmt: skip
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "suffix"}
+CHAT_FIELDS = SAMPLING_FIELDS | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+    "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "include_reasoning", "reasoning_effort",
+}  # fmt: skip
+# The keys of one chat message vLLM reads (its ChatCompletionMessageParam); content parts are checked apart.
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning", "reasoning_content"})
+
+
+def _refuse_unlisted(fields: Any, allowed: frozenset[str], *, at: str = "") -> None:
+    for name in fields:
+        if name not in allowed:
+            param = f"{at}{name}"
+            detail = (
+                "it is set by the API for each tenant"
+                if param == "cache_salt"
+                else "not a field this API accepts (docs/serving.md)"
+            )
+            raise InvalidInput(f"{param[:100]}: {detail}", param=param[:200], code="unsupported_field")
+
+
 class OpenAIBody(BaseModel):
-    """The fields of an OpenAI request the API checks itself; every other field goes to vLLM as sent."""
+    """The fields of an OpenAI request the API checks itself; the other fields of the endpoint's allowlist go to
+    vLLM as sent (vLLM validates them), and any field off the list is a 422 naming it."""
 
     model_config = ConfigDict(extra="allow")
+    allowed_fields: ClassVar[frozenset[str]] = SAMPLING_FIELDS
 
     model: str = Field(max_length=512, description="The base model's name, or the name of one of your adapters")
     stream: bool | None = None
     n: int | None = Field(None, ge=1, le=128, description="Choices; at most TUNESERVE_MAX_CHOICES_PER_REQUEST")
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32, description="At most TUNESERVE_SERVING_MAX_TOKENS")
 
+    def check_fields(self) -> None:
+        """Every field the client sent is on the endpoint's allowlist, or a 422 naming the first that is not. A
+        client's own cache_salt is refused too: with it one tenant could share another's prefix cache."""
+        _refuse_unlisted(self.model_extra or {}, self.allowed_fields)
+
     def forwarded(self, model: str, *, cache_salt: str) -> dict[str, Any]:
-        """The body to send to serving: what the client sent, with `model` as serving knows it and the tenant's
-        `cache_salt` (core.serving_contract.tenant_cache_salt). A client's own cache_salt is refused (a 422 naming
-        it), never passed on: with it one tenant could share another's prefix cache."""
-        if "cache_salt" in (self.model_extra or {}):
-            raise InvalidInput(
-                "cache_salt is set by the API for each tenant; do not send one",
-                param="cache_salt",
-                code="unsupported_field",
-            )
+        """The body to send to serving: what the client sent (checked against the allowlist), with `model` as
+        serving knows it and the tenant's `cache_salt` (core.serving_contract.tenant_cache_salt)."""
+        self.check_fields()
         body = self.model_dump(exclude_unset=True)
         body["model"] = model
         body["cache_salt"] = cache_salt
@@ -111,6 +149,8 @@ class OpenAIBody(BaseModel):
 
 
 class CompletionBody(OpenAIBody):
+    allowed_fields: ClassVar[frozenset[str]] = COMPLETION_FIELDS
+
     prompt: (
         PromptText
         | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
@@ -122,13 +162,18 @@ class CompletionBody(OpenAIBody):
 # Content parts a text model takes; media parts (image_url, input_audio, video_url, file...) make vLLM fetch URLs
 # from the serving host for a multimodal base, so they are refused here on every base this API serves.
 TEXT_PARTS = frozenset({"text"})
+TEXT_PART_FIELDS = frozenset({"type", "text"})
 
 
 class ChatCompletionBody(OpenAIBody):
+    allowed_fields: ClassVar[frozenset[str]] = CHAT_FIELDS
+
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
 
-    def forwarded(self, model: str, *, cache_salt: str) -> dict[str, Any]:
+    def check_fields(self) -> None:
+        super().check_fields()
         for i, message in enumerate(self.messages):
+            _refuse_unlisted(message, MESSAGE_FIELDS, at=f"messages.{i}.")
             content = message.get("content")
             for j, part in enumerate(content if isinstance(content, list) else []):
                 kind = part.get("type") if isinstance(part, dict) else None
@@ -139,7 +184,7 @@ class ChatCompletionBody(OpenAIBody):
                         param=f"messages.{i}.content.{j}.type",
                         code="unsupported_content",
                     )
-        return super().forwarded(model, cache_salt=cache_salt)
+                _refuse_unlisted(part, TEXT_PART_FIELDS, at=f"messages.{i}.content.{j}.")
 
     max_completion_tokens: int | None = Field(
         None, ge=1, le=MAX_INT32, description="At most TUNESERVE_SERVING_MAX_TOKENS"

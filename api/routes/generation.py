@@ -18,17 +18,17 @@ from api.schemas import ErrorResponse
 from api.services import generation as service
 from api.services.serving_client import ServingClient, get_serving_client
 from core.errors import InvalidInput
-from core.serving_contract import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH
+from core.serving_contract import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, tenant_cache_salt
 
 router = APIRouter(tags=["generation"], route_class=StrictJSONRoute)
 ServingDep = Annotated[ServingClient, Depends(get_serving_client)]
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 422, 429, 503)}
 
 
-def _openai_body(body: GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
-    """The vLLM request for a /generate body: its path and JSON."""
+def _openai_body(body: GenerateRequest, model: str, *, cache_salt: str) -> tuple[str, dict[str, Any]]:
+    """The vLLM request for a /generate body: its path and JSON, with the tenant's cache_salt as on /v1."""
     out: dict[str, Any] = body.model_dump(exclude={"prompt", "messages"}, exclude_none=True)
-    out.update(model=model, return_token_ids=True)
+    out.update(model=model, return_token_ids=True, cache_salt=cache_salt)
     if body.stream:
         out["stream_options"] = {"include_usage": True}
     if body.messages is not None:
@@ -69,7 +69,9 @@ async def generate(
     )
     service.check_generation_limits(settings, body.model_dump(exclude_none=True))
     name = await service.resolve_adapter(session, settings, tenant, adapter, param="adapter")
-    path, forwarded = _openai_body(body, name or settings.served_model_name)
+    path, forwarded = _openai_body(
+        body, name or settings.served_model_name, cache_salt=tenant_cache_salt(settings, tenant)
+    )
     slots = service.generation_slots(request.app.state, settings)
     rename = {"model": "adapter", "input_tokens": "prompt" if body.prompt is not None else "messages"}
     gen_id = f"gen-{uuid.uuid4().hex}"

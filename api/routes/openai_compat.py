@@ -5,7 +5,6 @@ outputs, tools where the chat template has them, prompt token ids, stream usage)
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -16,8 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.generation_schemas import ChatCompletionBody, CompletionBody, OpenAIBody
 from api.routing import StrictJSONRoute
-from api.schemas import ErrorResponse, unix
+from api.schemas import ErrorResponse
 from api.services import generation as service
+from api.services import openai_fine_tuning
 from api.services.serving_client import ServingClient, get_serving_client
 from core.serving_contract import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH, tenant_cache_salt
 
@@ -49,10 +49,16 @@ class ModelsOut(BaseModel):
 
 @router.get("/models", response_model=ModelsOut)
 async def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelsOut:
-    base, adapters = await run_in_threadpool(service.servable_models, session, settings, tenant)
-    now = int(time.time())
-    data = [ModelOut(id=base, created=now, root=settings.base_model, parent=None)]
-    data += [ModelOut(id=a.name, created=unix(a.created_at) or now, root=a.name, parent=base) for a in adapters]
+    """The base model and its aliases, the tenant's servable adapters, and their ft: names (a job's adapter, its
+    published checkpoints)."""
+    listed = await run_in_threadpool(openai_fine_tuning.listed_models, session, settings, tenant)
+    base = settings.served_model_name
+    data = [
+        ModelOut(id=m.id, created=m.created, owned_by=m.owned_by, root=settings.base_model, parent=None)
+        if m.owned_by == "tuneserve"
+        else ModelOut(id=m.id, created=m.created, owned_by=m.owned_by, root=m.id, parent=base)
+        for m in listed
+    ]
     return ModelsOut(data=data)
 
 
@@ -60,6 +66,7 @@ async def _forward(
     request: Request, path: str, body: OpenAIBody, session: SessionDep, settings: SettingsDep, tenant: str,
     serving: ServingClient,
 ) -> Any:  # fmt: skip
+    body.check_fields()
     service.check_generation_limits(settings, body.model_dump(exclude_unset=True))
     adapter = await service.resolve_adapter(session, settings, tenant, body.model, param="model")
     forwarded = body.forwarded(adapter or settings.served_model_name, cache_salt=tenant_cache_salt(settings, tenant))

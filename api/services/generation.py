@@ -30,9 +30,6 @@ from core.settings import Settings
 T = TypeVar("T")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Fields of vLLM's request bodies that steer its own internals (disaggregated prefill, request ids): a tenant has
-# no business there, so they are refused rather than forwarded.
-INTERNAL_FIELDS = ("kv_transfer_params", "ec_transfer_params", "request_id", "vllm_xargs")
 
 
 def _servable_adapter(session: Session, tenant_id: str, name: str, *, param: str) -> Adapter:
@@ -52,7 +49,7 @@ async def resolve_adapter(
 
     Serving resolves names without a tenant, so this check is what keeps tenants apart: it runs first.
     """
-    if name is None or name in (settings.served_model_name, settings.base_model):
+    if name is None or settings.names_base_model(name):
         return None
     return await run_in_threadpool(_servable_adapter_name, session, tenant_id, name, param=param)
 
@@ -119,7 +116,8 @@ def check_prompt_size(
 
 
 def check_generation_limits(settings: Settings, body: dict[str, Any]) -> None:
-    """`n` and the token budget against the deployment's settings; the rest is vLLM's to validate."""
+    """`n` and the token budget against the deployment's settings; the rest is vLLM's to validate (the fields
+    themselves pass the allowlists of api/generation_schemas.py first)."""
     n = body.get("n")
     if isinstance(n, int) and n > settings.max_choices_per_request:
         raise InvalidInput(
@@ -135,9 +133,6 @@ def check_generation_limits(settings: Settings, body: dict[str, Any]) -> None:
                 param=field,
                 code="max_tokens_too_large",
             )
-    for field in INTERNAL_FIELDS:
-        if field in body:
-            raise InvalidInput(f"{field} is not accepted here", param=field, code="unsupported_field")
 
 
 class GenerationSlots:
