@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
-from api.middleware import RequestGuard
+from api.middleware import RequestGuard, SecurityHeaders
 from api.routes import (
     adapters,
     dataset_rows,
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestGuard, settings=settings, open_paths=[p for p in open_paths if p], open_prefixes=open_prefixes
     )
     install_metrics(app, settings)
+    app.add_middleware(SecurityHeaders, console_prefix=CONSOLE_PREFIX)  # outermost: on every answer
     for router in (
         *(
             m.router

@@ -3,7 +3,8 @@
 Each app gets its own registry (tests build several apps in one process); `GET /metrics` renders it.
 Jobs by status and the queue depth are read at scrape time (reused for metrics_cache_seconds), so every API
 replica reports the same numbers: sum the request metrics across replicas, not these. With metrics_token set,
-a scrape needs `Authorization: Bearer <metrics_token>`.
+a scrape needs `Authorization: Bearer <metrics_token>`; without one, /metrics answers only on a loopback bind
+(job counts are every tenant's together, and route counts show what others do).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.services.health import Cached
 from core.db import session_scope
-from core.errors import Unauthenticated
+from core.errors import Forbidden, Unauthenticated
 from core.queue import celery_for
 from core.repository import jobs as jobs_repo
+from core.serving_contract import is_loopback
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,13 @@ def install_metrics(app: FastAPI, settings: Settings) -> ApiMetrics:
     def prometheus_metrics(request: Request) -> Response:
         if settings.metrics_token:
             check_metrics_token(request.headers.get("Authorization"), settings.metrics_token)
+        elif not is_loopback(settings.api_host):
+            raise Forbidden(
+                f"GET /metrics on a bind beyond loopback ({settings.api_host}) needs TUNESERVE_METRICS_TOKEN set, "
+                "and then Authorization: Bearer <TUNESERVE_METRICS_TOKEN>",
+                param="Authorization",
+                code="metrics_token_required",
+            )
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics

@@ -1,19 +1,26 @@
 """The request guard: what every request passes before routing, before its body is read.
 
-1. With auth on, a request to any route but the open ones (probes, /metrics, the docs) must carry a valid
+1. With auth off (a loopback bind only, api/main.py) every request is the default tenant's, so what a browser sends
+   matters: the Host must be a loopback name or address (a DNS-rebound name is a 403 `host_not_allowed`) and an
+   Origin, when sent, must be the Host itself (another site's page posting cross-site is a 403
+   `cross_site_request`).
+2. With auth on, a request to any route but the open ones (probes, /metrics, the docs) must carry a valid
    bearer key, or it is refused with the same 401 the route dependency gives (`missing_api_key` /
    `invalid_api_key`, `WWW-Authenticate: Bearer`). Unknown keys cost one indexed lookup in a worker thread;
    valid ones are remembered for `auth_cache_seconds` (the route's own dependency still checks every request,
    so a revoked key is refused at once, only after its body was read).
-2. The body is capped by route: `POST /datasets` at max_upload_bytes, `POST /adapters` at
+3. The body is capped by route: `POST /datasets` at max_upload_bytes, `POST /adapters` at
    max_adapter_upload_bytes (each plus max_multipart_overhead_bytes of multipart framing), every other route at
    max_json_body_bytes. A Content-Length over the cap is a 413 at once; a chunked or streamed body is counted
    as it arrives and refused with 413 as soon as it passes the cap.
-
-3. A NUL character in the URL (path or query) is a 422 naming the part: Postgres text cannot hold one, so every
+4. A NUL character in the URL (path or query) is a 422 naming the part: Postgres text cannot hold one, so every
    route that looks an id up would otherwise fail inside the database.
 
 Every refusal is in the one error shape (api/errors.py) and names the limit's setting or the field.
+
+SecurityHeaders adds to every answer (the guard's refusals too) a Content-Security-Policy (the console's allows
+only this host's scripts, styles and fetches; the JSON API's allows nothing), frame-ancestors 'none' with
+X-Frame-Options DENY, X-Content-Type-Options nosniff and Referrer-Policy no-referrer.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.auth import key_sha256, tenant_for_key
 from core.db import session_scope
-from core.errors import InvalidInput, PayloadTooLarge, TuneserveError, Unauthenticated
+from core.errors import Forbidden, InvalidInput, PayloadTooLarge, TuneserveError, Unauthenticated
+from core.serving_contract import is_loopback
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,35 @@ def _nul_in_url(scope: Scope) -> str | None:
     return None
 
 
+def _host_name(host: str) -> str:
+    """The name or address of a Host header or an Origin's authority, without its port (`[::1]:80` -> `::1`)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _cross_site(scope: Scope) -> Forbidden | None:
+    """With auth off: a Host that is not loopback (DNS rebinding) or an Origin that is not the Host (CSRF)."""
+    host = _header(scope, b"host") or ""
+    if not is_loopback(_host_name(host)):
+        return Forbidden(
+            f"Host {host[:100]!r} is refused: with TUNESERVE_AUTH_ENABLED=false only a loopback Host is served "
+            "(localhost, 127.0.0.1, [::1])",
+            param="Host",
+            code="host_not_allowed",
+        )
+    origin = _header(scope, b"origin")
+    if origin is not None and origin.lower().split("://", 1)[-1].rstrip("/") != host.lower():
+        return Forbidden(
+            f"Origin {origin[:100]!r} is refused: with TUNESERVE_AUTH_ENABLED=false only pages of this host may send "
+            "requests",
+            param="Origin",
+            code="cross_site_request",
+        )
+    return None
+
+
 class RequestGuard:
     """Pure ASGI middleware (no body buffering): authentication, then the body-size cap."""
 
@@ -101,6 +138,11 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path, method = _route_path(scope), scope.get("method", "GET")
+        if not self.settings.auth_enabled:
+            refused = _cross_site(scope)
+            if refused is not None:
+                await _send_error(send, refused)
+                return
         if self.settings.auth_enabled and path not in self.open_paths and not path.startswith(self.open_prefixes):
             refusal = await self._authenticate(scope)
             if refusal is not None:
@@ -199,3 +241,48 @@ async def _send_error(send: Send, error: TuneserveError) -> None:
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
+
+
+# The console (templates, console.js, vendored Alpine.js and uPlot): scripts, styles, images and fetches from this
+# host only. Alpine.js evaluates its x- attributes with Function(), hence 'unsafe-eval' (its CSP build would need
+# every expression rewritten); no inline script or style attribute is in any template, so no 'unsafe-inline'.
+CONSOLE_CSP = (
+    "default-src 'none'; script-src 'self' 'unsafe-eval'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+# Every other answer is JSON, an event stream or a file: nothing in it may load or run anything.
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+)
+
+
+class SecurityHeaders:
+    """Adds the security headers to every HTTP answer; a route that sets its own CSP (/docs, with the hashes of
+    its inline script) keeps it."""
+
+    def __init__(self, app: ASGIApp, console_prefix: str) -> None:
+        self.app = app
+        self.console_prefix = console_prefix.rstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        console = path == self.console_prefix or path.startswith(self.console_prefix + "/")
+        csp = (CONSOLE_CSP if console else API_CSP).encode()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                present = {bytes(k).lower() for k, _ in headers}
+                headers += [(k, v) for k, v in SECURITY_HEADERS if k not in present]
+                if b"content-security-policy" not in present:
+                    headers.append((b"content-security-policy", csp))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

@@ -47,6 +47,14 @@ class Unauthenticated(TuneserveError):
     code = "invalid_api_key"
 
 
+class Forbidden(TuneserveError):
+    """A request this deployment refuses whoever sends it (a browser's cross-site request with auth off)."""
+
+    status_code = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class NotFound(TuneserveError):
     status_code = 404
     type = "not_found_error"

@@ -239,7 +239,7 @@ def test_auth_off_only_by_setting_and_then_everything_is_the_default_tenants(sta
     from api.main import create_app
 
     open_settings = stack.settings.model_copy(update={"auth_enabled": False, "reconcile_interval_seconds": 0})
-    with TestClient(create_app(open_settings)) as keyless:
+    with TestClient(create_app(open_settings), base_url="http://127.0.0.1:8000") as keyless:  # a loopback Host
         mine = {d["id"] for d in stack.client.get("/datasets", params={"limit": 100}).json()["data"]}
         seen = {d["id"] for d in keyless.get("/datasets", params={"limit": 100}).json()["data"]}
     assert stack.settings.auth_enabled and seen == mine  # the stack's key is the default tenant's

@@ -1,0 +1,100 @@
+"""Issue 25's boundaries at the browser and the scrape, on an app over SQLite (no worker, no serving): auth off
+serves only a loopback Host and same-origin pages, every answer carries the security headers, and /metrics beyond
+loopback needs its token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from core.migrate import upgrade
+from core.settings import Settings
+
+LOCAL = "http://127.0.0.1:8000"
+
+
+@pytest.fixture(scope="module")
+def app_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """One migrated SQLite database for the module; each test builds the app it needs over it."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("security"), reconcile_interval_seconds=0, metrics_cache_seconds=60
+    )
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def keyless(app_settings: Settings) -> Iterator[TestClient]:
+    """The app with auth off (the embedded demo), reached as a browser on this host reaches it."""
+    settings = app_settings.model_copy(update={"auth_enabled": False})
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
+        yield client
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "10.0.0.5:8000", "127.0.0.1.nip.io"])
+def test_auth_off_refuses_a_host_that_is_not_loopback(keyless: TestClient, host: str) -> None:
+    """DNS rebinding: a name the attacker points at 127.0.0.1 still says its own name in Host."""
+    refused = keyless.get("/datasets", headers={"Host": host})
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["param"] == "Host" and refused.json()["error"]["code"] == "host_not_allowed"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "localhost", "[::1]:8000"])
+def test_auth_off_serves_loopback_hosts_and_same_origin_pages(keyless: TestClient, host: str) -> None:
+    assert keyless.get("/datasets", headers={"Host": host}).status_code == 200
+    same = keyless.post("/jobs", json={}, headers={"Host": host, "Origin": f"http://{host}"})
+    assert same.status_code == 422, same.text  # routed (the body is the route's to refuse), not the guard's 403
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:9999", "http://localhost:8000"])
+def test_auth_off_refuses_a_cross_site_origin(keyless: TestClient, origin: str) -> None:
+    """CSRF: another page (another port is another origin) posting to the keyless API."""
+    refused = keyless.post("/jobs", json={}, headers={"Origin": origin})
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["param"] == "Origin" and refused.json()["error"]["code"] == "cross_site_request"
+
+
+def test_auth_on_needs_no_host_check(app_settings: Settings) -> None:
+    """With keys a cross-site page has nothing to ride on (no cookie): Host and Origin are not the guard's."""
+    with TestClient(create_app(app_settings)) as client:
+        assert client.get("/healthz", headers={"Origin": "https://elsewhere.example"}).status_code == 200
+
+
+def test_every_answer_carries_the_security_headers(app_settings: Settings) -> None:
+    with TestClient(create_app(app_settings)) as client:
+        answers = {
+            "api": client.get("/healthz"),
+            "refusal": client.get("/datasets"),  # the guard's 401
+            "missing": client.get("/no-such-route"),
+            "console": client.get("/ui/jobs"),
+            "static": client.get("/ui/static/js/console.js"),
+            "docs": client.get("/docs"),
+        }
+    for name, answer in answers.items():
+        assert answer.headers["x-content-type-options"] == "nosniff", name
+        assert answer.headers["referrer-policy"] == "no-referrer", name
+        assert answer.headers["x-frame-options"] == "DENY", name
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"], name
+    assert answers["api"].headers["content-security-policy"].startswith("default-src 'none'")
+    console = answers["console"].headers["content-security-policy"]
+    assert "script-src 'self' 'unsafe-eval';" in console and "'unsafe-inline'" not in console
+    assert "<script>" not in answers["console"].text  # every script is a file, so the policy needs no inline
+    docs = answers["docs"].headers["content-security-policy"]
+    assert "'sha256-" in docs and "'unsafe-inline'" not in docs.split("style-src")[0]
+
+
+def test_metrics_beyond_loopback_need_a_token(app_settings: Settings) -> None:
+    public = app_settings.model_copy(update={"api_host": "0.0.0.0"})
+    with TestClient(create_app(public)) as client:
+        refused = client.get("/metrics")
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "metrics_token_required"
+        assert "TUNESERVE_METRICS_TOKEN" in refused.json()["error"]["message"]
+    with TestClient(create_app(public.model_copy(update={"metrics_token": "scrape"}))) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer scrape"}).status_code == 200
+    with TestClient(create_app(app_settings)) as client:  # loopback: the local scraper needs nothing
+        assert client.get("/metrics").status_code == 200
