@@ -259,13 +259,25 @@ def _copy_limited(source: IO[bytes], target: Path, *, budget: int, member: str, 
     return written
 
 
+# What the unpacking child inherits: enough to start Python and import this package; no TUNESERVE_ setting (the
+# database URL with its password, the tokens), no cloud credentials, nothing else of the API's environment.
+CHILD_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV")
+
+
+def unpack_child_env() -> dict[str, str]:
+    """The unpacking child's whole environment."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {key: os.environ[key] for key in CHILD_ENV_KEYS if key in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
 def unpack_adapter(archive: Path, target: Path, settings: Settings) -> None:
     """Write the archive's adapter_config.json and adapter_model.safetensors into target (nothing else), in a
     child process limited in memory and time; its refusals come back as the same 413 / 422."""
     limits = UnpackLimits.of(settings)
     timeout = settings.adapter_unpack_timeout_seconds
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     command = [
         sys.executable,
         "-m",
@@ -280,7 +292,9 @@ def unpack_adapter(archive: Path, target: Path, settings: Settings) -> None:
         f"unpacking the archive took longer than {timeout:g} s", "adapter_unpack_timeout_seconds"
     )
     try:
-        done = subprocess.run(command, capture_output=True, timeout=timeout, env=env, cwd=target, check=False)
+        done = subprocess.run(
+            command, capture_output=True, timeout=timeout, env=unpack_child_env(), cwd=target, check=False
+        )
     except subprocess.TimeoutExpired:
         raise too_slow from None
     if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL):

@@ -1,17 +1,21 @@
-"""Issue 25's boundaries at the browser and the scrape, on an app over SQLite (no worker, no serving): auth off
-serves only a loopback Host and same-origin pages, every answer carries the security headers, and /metrics beyond
-loopback needs its token."""
+"""Issue 25's boundaries at the browser, the scrape and the API host, on an app over SQLite (no worker, no
+serving): auth off serves only a loopback Host and same-origin pages, every answer carries the security headers,
+/metrics beyond loopback needs its token, and the adapter-unpacking child inherits no secret."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from core.adapter_import import CHILD_ENV_KEYS, unpack_adapter, unpack_child_env
 from core.migrate import upgrade
 from core.settings import Settings
+from tests.support.adapters import tar_gz
 
 LOCAL = "http://127.0.0.1:8000"
 
@@ -98,3 +102,18 @@ def test_metrics_beyond_loopback_need_a_token(app_settings: Settings) -> None:
         assert client.get("/metrics", headers={"Authorization": "Bearer scrape"}).status_code == 200
     with TestClient(create_app(app_settings)) as client:  # loopback: the local scraper needs nothing
         assert client.get("/metrics").status_code == 200
+
+
+def test_the_unpack_child_gets_a_minimal_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No TUNESERVE_ setting (the database password), no credentials: only what starting Python needs; and the
+    child still unpacks with it."""
+    monkeypatch.setenv("TUNESERVE_DATABASE_URL", "postgresql+psycopg://tuneserve:secret@db/tuneserve")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    env = unpack_child_env()
+    assert "secret" not in json.dumps(env)
+    assert set(env) <= {*CHILD_ENV_KEYS, "PYTHONPATH", "PYTHONNOUSERSITE"}
+    archive, target = tmp_path / "a.tar.gz", tmp_path / "out"
+    archive.write_bytes(tar_gz({"a/adapter_config.json": b"{}", "a/adapter_model.safetensors": b"weights"}))
+    target.mkdir()
+    unpack_adapter(archive, target, Settings(data_dir=tmp_path))
+    assert (target / "adapter_model.safetensors").read_bytes() == b"weights"
