@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.errors import redact_paths
 from core.models import Dataset, Evaluation, Job, JobEvent, JobStatus
 from core.repository import get_owned, leases, newest_first_page
 
@@ -78,6 +79,9 @@ def record_progress(
 
 
 def add_event(session: Session, event: JobEvent) -> None:
+    """Store a job event; its message, which the tenant reads, without server paths (core.errors.redact_paths)."""
+    if event.message:
+        event.message = redact_paths(event.message)
     session.add(event)
 
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.errors import redact_paths
 from core.models import AdapterOperation, Evaluation, Job, JobEvent, utcnow
 from core.repository import rowcount
 
@@ -40,7 +41,9 @@ def note(
 ) -> None:
     """A status line in the record's history: jobs keep an event log; the other kinds show their error columns."""
     if model is Job:
-        session.add(JobEvent(job_id=record_id, kind="status", level=level, attempt=attempt, message=message))
+        session.add(
+            JobEvent(job_id=record_id, kind="status", level=level, attempt=attempt, message=redact_paths(message))
+        )
 
 
 def _update(model: Leased, *where: Any) -> Any:
@@ -120,9 +123,11 @@ def finish(
     error: tuple[str, str, str | None] | None = None,
     **values: Any,
 ) -> bool:
-    """Move an owned running record to a terminal state and release the lease."""
+    """Move an owned running record to a terminal state and release the lease; the error's message, which its tenant
+    reads, without server paths (core.errors.redact_paths)."""
     if error is not None:
         values["error_code"], values["error_message"], values["error_param"] = error
+        values["error_message"] = redact_paths(values["error_message"])
     return update_owned(
         session,
         model,
@@ -151,7 +156,7 @@ def release_for_retry(session: Session, model: Leased, record_id: str, *, owner:
             lease_expires_at=None,
             updated_at=now,
             error_code="worker_lost",
-            error_message=reason,
+            error_message=redact_paths(reason),
             error_param=None,
         )
     )
