@@ -430,7 +430,6 @@ _BINARY_OPERATORS: dict[type, Any] = {
     ast.Mult: operator.mul,
     ast.Div: operator.truediv,
     ast.Pow: operator.pow,
-    ast.BitXor: operator.pow,  # OpenAI's formulas write a power as ^
 }
 _UNARY_OPERATORS: dict[type, Any] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
@@ -441,7 +440,9 @@ def parse_formula(formula: str, names: Iterator[str] | list[str]) -> ast.expr:
     if len(formula) > MAX_FORMULA_CHARS:
         raise ValueError(f"calculate_output is longer than {MAX_FORMULA_CHARS} characters")
     try:
-        tree = ast.parse(formula.strip(), mode="eval")
+        # OpenAI's formulas write a power as ^: as ** it binds as a power does (Python's ^ is a loose xor). No string
+        # literal survives the checks below, so replacing the character changes nothing else.
+        tree = ast.parse(formula.strip().replace("^", "**"), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise ValueError("calculate_output is not an arithmetic expression") from None
     nodes = list(ast.walk(tree.body))
@@ -455,13 +456,13 @@ def parse_formula(formula: str, names: Iterator[str] | list[str]) -> ast.expr:
         elif isinstance(node, ast.Name):
             if node.id not in allowed and node.id not in _FORMULA_FUNCTIONS:
                 raise ValueError(
-                    f"calculate_output names {node.id!r}, which is neither a grader name ({', '.join(sorted(allowed))}) nor an "
-                    f"allowed function ({functions})"
+                    f"calculate_output names {node.id!r}, which is neither a grader name "
+                    f"({', '.join(sorted(allowed))}) nor an allowed function ({functions})"
                 )
         elif isinstance(node, ast.Call):
             name = node.func.id if isinstance(node.func, ast.Name) else None
             if name not in _FORMULA_FUNCTIONS or node.keywords:
-                called = name or type(node.func).__name__
+                called = ast.unparse(node.func)[:80]
                 raise ValueError(f"calculate_output calls {called!r}: only {functions} may be called")
             if any(isinstance(a, ast.Starred) for a in node.args) or not node.args:
                 raise ValueError(f"calculate_output calls {name}() with no plain arguments")
@@ -509,7 +510,7 @@ class OpenAIMulti(_OpenAIGrader):
     @model_validator(mode="before")
     @classmethod
     def _one_grader(cls, data: Any) -> Any:
-        # The openai client types `graders` as one grader (its API reference as a map of them): one is named by its name.
+        # The openai client types `graders` as one grader (its API reference as a map of them): one goes by its name.
         if isinstance(data, dict) and isinstance(data.get("graders"), dict) and "type" in data["graders"]:
             one = data["graders"]
             return {**data, "graders": {str(one.get("name", "")): one}}

@@ -1,0 +1,184 @@
+"""OpenAI's graders: the math of each (no stack), and /v1/fine_tuning/alpha/graders validate and run through the
+official `openai` client, refusals included (a python grader, a `$ref`, an unknown field, a calculate_output that is
+not arithmetic) — each a 400 naming the field, never a 5xx."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from api.services.openai_fine_tuning import BadRequest
+from api.services.openai_graders import native_grader_from_openai
+from core.errors import InvalidInput
+from core.graders import grade_openai, parse_grader, parse_openai_grader, score, text_similarity
+from tests.support.http import api_server
+from tests.support.stack import Stack
+
+OUTPUT = "{{sample.output_text}}"
+
+
+def _check(operation: str, reference: str = "{{item.answer}}") -> dict[str, Any]:
+    return {"type": "string_check", "name": "check", "input": OUTPUT, "reference": reference, "operation": operation}
+
+
+def _similarity(metric: str) -> dict[str, Any]:
+    return {
+        "type": "text_similarity",
+        "name": "similar",
+        "input": OUTPUT,
+        "reference": "{{item.answer}}",
+        "evaluation_metric": metric,
+    }
+
+
+def _multi(formula: str) -> dict[str, Any]:
+    return {
+        "type": "multi",
+        "name": "combined",
+        "graders": {"exact": _check("eq"), "close": _similarity("fuzzy_match")},
+        "calculate_output": formula,
+    }
+
+
+def _reward(grader: dict[str, Any], sample: str, item: Any) -> float:
+    return grade_openai(parse_openai_grader(grader), sample, item).reward
+
+
+@pytest.mark.parametrize(
+    ("operation", "sample", "answer", "expected"),
+    [
+        ("eq", "Paris", "Paris", 1.0),
+        ("eq", "paris", "Paris", 0.0),
+        ("ne", "Lyon", "Paris", 1.0),
+        ("ne", "Paris", "Paris", 0.0),
+        ("like", "It is Paris.", "Paris", 1.0),
+        ("like", "It is paris.", "Paris", 0.0),
+        ("ilike", "IT IS PARIS.", "Paris", 1.0),
+        ("ilike", "Lyon", "Paris", 0.0),
+    ],
+)
+def test_string_check_operations(operation: str, sample: str, answer: str, expected: float) -> None:
+    assert _reward(_check(operation), sample, {"answer": answer}) == expected
+
+
+def test_templates_read_the_sample_its_json_and_nested_item_fields() -> None:
+    nested = _check("eq", "{{item.expected.city}}-{{item.list.1}}")
+    nested["input"] = "{{sample.output_json.city}}-{{sample.output_json.n}}"
+    assert _reward(nested, '{"city": "Paris", "n": 2}', {"expected": {"city": "Paris"}, "list": [1, 2]}) == 1.0
+    # A field the item lacks, or a sample that is not JSON: no reward, and the run says which error it was.
+    missing = grade_openai(parse_openai_grader(_check("eq")), "Paris", {"other": 1})
+    assert (missing.reward, missing.errors) == (0.0, ["invalid_variable_error"])
+    assert _reward(nested, "not json", {}) == 0.0
+
+
+@pytest.mark.parametrize(
+    "metric",
+    ["fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l"],
+)
+def test_text_similarity_is_one_for_the_same_text_and_ordered_by_overlap(metric: str) -> None:
+    reference = "the quick brown fox jumps over the lazy dog near the river bank"
+    near = "the quick brown fox jumps over the lazy cat near the river bank"
+    far = "completely unrelated words appear here instead"
+    same, close, distant = (text_similarity(metric, t, reference) for t in (reference, near, far))
+    assert same == pytest.approx(1.0, abs=0.01)  # METEOR's fragmentation penalty keeps it just under 1
+    assert same >= close > distant >= 0.0
+
+
+def test_multi_calculate_output_over_named_graders() -> None:
+    item = {"answer": "Paris"}
+    assert _reward(_multi("0.5 * exact + 0.5 * close"), "Paris", item) == 1.0
+    assert _reward(_multi("min(exact, close) - abs(-1) + 2 ^ 2 + sqrt(4) / 2"), "Paris", item) == pytest.approx(5.0)
+    partial = grade_openai(parse_openai_grader(_multi("exact + close")), "Pariss", item)
+    assert partial.scores["exact"] == 0.0 and 0.8 < partial.scores["close"] < 1.0
+    # A formula with no value for these scores (a division by zero, an overflow) is no reward, not a crash.
+    for formula in ("exact / (exact - exact)", "9 ** 9 ** 9", "exp(1000)", "log(exact - 1)"):
+        result = grade_openai(parse_openai_grader(_multi(formula)), "Paris", item)
+        assert (result.reward, result.errors) == (0.0, ["formula_error"])
+
+
+@pytest.mark.parametrize(
+    ("grader", "param", "says"),
+    [
+        ({"type": "python", "name": "p", "source": "import os"}, "grader.type", "no sandbox"),
+        (
+            {"type": "multi", "name": "m", "graders": {"p": {"type": "python", "name": "p", "source": "1"}}},
+            "grader.graders.p.type",
+            "no sandbox",
+        ),
+        ({"type": "score_model", "name": "s", "model": "x", "input": []}, "grader.type", "not supported"),
+        ({"type": "label_model", "name": "s", "model": "x", "input": []}, "grader.type", "not supported"),
+        ({**_check("eq"), "$ref": "http://127.0.0.1:1/x"}, "grader.$ref", "not a field"),
+        ({**_check("eq"), "source": "print(1)"}, "grader.source", "not a field"),
+        ({"type": "regex", "name": "r"}, "grader.type", "does not match"),
+        (_check("contains"), "grader.operation", "eq"),
+        (_check("eq", "{{__import__('os')}}"), "grader.reference", "not sample.output_text"),
+        (_check("eq", "{{item.answer"), "grader.reference", "no closing"),
+        (_similarity("cosine"), "grader.evaluation_metric", "embeddings"),
+        (_multi("__import__('os').system('id')"), "grader.calculate_output", "__import__"),
+        (_multi("exact.__class__"), "grader.calculate_output", "Attribute"),
+        (_multi("[x for x in ()]"), "grader.calculate_output", "not arithmetic"),
+        (_multi("exact if close else 0"), "grader.calculate_output", "not arithmetic"),
+        (_multi("'a' * 9"), "grader.calculate_output", "not a number"),
+        (_multi("unknown + 1"), "grader.calculate_output", "neither a grader name"),
+        (_multi("max()"), "grader.calculate_output", "no plain arguments"),
+        (_multi("(" * 300 + "1" + ")" * 300), "grader.calculate_output", "at most 512"),
+        (_multi("(" * 250 + "1" + ")" * 250), "grader.calculate_output", "not an arithmetic expression"),
+        (_multi("+".join(["1"] * 150)), "grader.calculate_output", "more than 200 terms"),
+        (_multi("exact +"), "grader.calculate_output", "not an arithmetic expression"),
+    ],
+)
+def test_refusals_name_the_field(grader: dict[str, Any], param: str, says: str) -> None:
+    with pytest.raises(InvalidInput) as native:
+        parse_openai_grader(grader)
+    assert native.value.param == param and says in native.value.message
+    with pytest.raises(BadRequest) as openai_shape:  # what /v1/fine_tuning answers for method.reinforcement.grader
+        native_grader_from_openai(grader, "method.reinforcement.grader")
+    assert openai_shape.value.status_code == 400
+    assert openai_shape.value.param == param.replace("grader", "method.reinforcement.grader", 1)
+
+
+def test_native_grader_of_an_openai_one_scores_the_row_fields() -> None:
+    native = native_grader_from_openai(_multi("exact"), "grader")
+    assert native["type"] == "openai" and native["grader"]["graders"]["exact"]["operation"] == "eq"
+    grader = parse_grader(native)  # what a GRPO job stores and its reward parses again in the training child
+    assert score(grader, "Paris", "unused", {"answer": "Paris"}) == 1.0
+    # Without the row's fields (an evaluation), the reference column is item.reference.
+    assert score(parse_grader(native_grader_from_openai(_check("eq", "{{item.reference}}"), "g")), "a", "a") == 1.0
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    with api_server(stack.settings) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key=stack.api_key, max_retries=0)
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_validate_and_run_with_the_openai_client(client: openai.OpenAI) -> None:
+    # Any: the client types a grader as its TypedDicts (and a multi's graders as one grader), ours are plain dicts.
+    graders: Any = client.fine_tuning.alpha.graders
+    for grader in (_check("ilike"), _similarity("rouge_l"), _multi("0.7 * exact + 0.3 * close")):
+        validated = graders.validate(grader=grader)
+        assert validated.grader is not None and validated.grader.to_dict() == grader
+
+    ran = graders.run(grader=_check("ilike"), model_sample="It is PARIS", item={"answer": "paris"})
+    assert ran.reward == 1.0 and ran.metadata.name == "check" and ran.metadata.type == "string_check"
+    assert not any(v for k, v in ran.metadata.errors.to_dict().items() if k.endswith("_error"))
+    multi = graders.run(grader=_multi("0.5 * exact + 0.5 * close"), model_sample="Pariss", item={"answer": "Paris"})
+    assert set(multi.sub_rewards) == {"exact", "close"} and 0.4 < multi.reward < 0.5
+    missing = graders.run(grader=_check("eq"), model_sample="Paris", item={})
+    assert missing.reward == 0.0 and missing.metadata.errors.invalid_variable_error
+
+    refusals = [
+        (lambda: graders.validate(grader={"type": "python", "name": "p", "source": "1"}), "grader.type"),
+        (lambda: graders.validate(grader={**_check("eq"), "$ref": "file:///etc/passwd"}), "grader.$ref"),
+        (lambda: graders.run(grader=_multi("__import__('os')"), model_sample="x"), "grader.calculate_output"),
+        (lambda: graders.validate(grader=_check("eq"), extra_body={"sandbox": True}), "sandbox"),
+        (lambda: graders.run(grader=_check("eq"), model_sample=3), "model_sample"),
+    ]
+    for call, param in refusals:
+        with pytest.raises(openai.BadRequestError) as refused:
+            call()
+        assert refused.value.status_code == 400 and refused.value.param == param, refused.value.message
