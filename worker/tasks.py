@@ -32,7 +32,7 @@ from core.queue import (
     commit_and_send,
     send_committed,
 )
-from core.repository import leases
+from core.repository import dispatch, leases
 from core.repository.leases import Leased
 from core.settings import Settings, get_settings
 from core.storage import Store
@@ -96,9 +96,21 @@ def run_leased(settings: Settings, kind: WorkKind, record_id: str) -> None:
     warm = settings.warm_children and forkserver.server().wait_ready()
     try:
         with session_scope(settings.database_url) as s:
-            if not leases.claim(s, kind.model, record_id, owner=owner, lease_seconds=settings.lease_seconds):
-                log.info("%s: not claimable (finished, cancelled or held elsewhere); skipping", label)
+            # The message is a wake-up: claim the fairly next record, which is the named one unless another tenant's
+            # turn comes first (core.repository.dispatch).
+            picked = dispatch.claim_fair(
+                s,
+                owner=owner,
+                lease_seconds=settings.lease_seconds,
+                cap=settings.tenant_max_running_work,
+            )
+            if picked is None:
+                log.info("%s: not claimable (finished, cancelled or held elsewhere), nothing else due; skipping", label)
                 return
+            if picked[1] != record_id:
+                kind, record_id = KINDS[picked[0]], picked[1]
+                log.info("%s: woken for it, %s %s is fairly next; running that", label, kind.label, record_id)
+                label = f"{kind.label} {record_id}"
             row = leases.get(s, kind.model, record_id)
             assert row is not None
             attempt = row.attempt_count
@@ -116,6 +128,19 @@ def run_leased(settings: Settings, kind: WorkKind, record_id: str) -> None:
         # a supervisor killed outright takes its child along through PR_SET_PDEATHSIG.
         _kill(child)
     settle(settings, kind, record_id, owner, attempt, outcome, limit_seconds=limit)
+    wake_capped_tenant(settings, kind.model, record_id)
+
+
+def wake_capped_tenant(settings: Settings, model: Leased, record_id: str) -> None:
+    """The attempt's tenant may have been at its running cap, and workers may have taken its waiting records' messages
+    and claimed nothing: send one for the tenant's next waiting record now that a slot is free."""
+    try:
+        with session_scope(settings.database_url) as s:
+            pick = dispatch.tenant_waiting_at_cap(s, model, record_id, cap=settings.tenant_max_running_work)
+            if pick is not None:
+                commit_and_send(s, settings, pick[0], pick[1])
+    except SQLAlchemyError:
+        log.warning("%s: could not wake its tenant's next record; the reconciler will", record_id, exc_info=True)
 
 
 Child = subprocess.Popen[bytes] | WarmChild

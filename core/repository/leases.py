@@ -23,6 +23,8 @@ Leased = type[Job] | type[Evaluation] | type[AdapterOperation]
 # Re-sends of one record back off as requeue_after x 2^n, n capped here: at most ~7 sends in the first
 # 64 x requeue_after of a wait, whatever the number of API replicas (each send is claimed by one UPDATE).
 MAX_BACKOFF_EXPONENT = 6
+# States in which a record waits with no worker on it (only jobs pause).
+IDLE = ("queued", "paused")
 
 
 def get(session: Session, model: Leased, record_id: str) -> Job | Evaluation | AdapterOperation | None:
@@ -50,14 +52,16 @@ def _update(model: Leased, *where: Any) -> Any:
     return update(model).where(*where).execution_options(synchronize_session=False)
 
 
-def claim(session: Session, model: Leased, record_id: str, *, owner: str, lease_seconds: int) -> bool:
+def claim(session: Session, model: Leased, record_id: str, *, owner: str, lease_seconds: int, also: Any = None) -> bool:
     """Take the lease if the record is queued, or running under an expired lease; False if it is held, done,
-    cancel-requested or out of attempts. A claim ends the record's dispatch episode (its message arrived)."""
+    cancel-requested or out of attempts (or `also`, a further SQL condition, fails: the tenant's cap). A claim ends
+    the record's dispatch episode (its message arrived)."""
     now = utcnow()
     m: Any = model
     result = session.execute(
         _update(
             model,
+            *(() if also is None else (also,)),
             m.id == record_id,
             m.cancel_requested.is_(False),
             m.attempt_count < m.max_attempts,
@@ -172,8 +176,10 @@ def request_cancel(session: Session, model: Leased, record_id: str) -> None:
     once its lease expired)."""
     m: Any = model
     now = utcnow()
+    # Nobody runs a queued record, nor a paused job: cancelled at once.
+    idle = [member for name, member in m.__table__.c.status.type.enum_class.__members__.items() if name in IDLE]
     session.execute(
-        _update(model, m.id == record_id, m.status == status(model, "queued")).values(
+        _update(model, m.id == record_id, m.status.in_(idle)).values(
             status=status(model, "cancelled"), cancel_requested=True, finished_at=now, updated_at=now
         )
     )
