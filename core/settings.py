@@ -174,6 +174,18 @@ class Settings(BaseSettings):
         "it, or a job / derive / merge submitted at or over it, gets 413",
     )
     max_keep_checkpoints: int = Field(3, ge=2, description="Highest keep_checkpoints a job may ask for (disk per job)")
+    max_evaluation_examples: int = Field(
+        10_000,
+        ge=1,
+        description="Most examples one evaluation scores (a job's before/after ones too): a larger max_examples is a "
+        "422, and an evaluation without one scores the split's first this many",
+    )
+    max_concurrent_uploads_per_tenant: int = Field(
+        4,
+        ge=1,
+        description="Dataset uploads (POST /datasets, /v1/files) and adapter imports (POST /adapters) one tenant may "
+        "have in progress at once in one API process; past it a 429 before the body is read",
+    )
     max_sample_chars: int = Field(
         4096,
         ge=64,
