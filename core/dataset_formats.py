@@ -24,7 +24,9 @@ __all__ = [
 
 Message = dict[str, str]
 # A supervised row is its chat messages; a preference row is {"prompt": [messages], "chosen": str, "rejected": str};
-# an unpaired (KTO) row is {"prompt": [messages], "completion": str, "label": bool}. Stored in that form, one a line.
+# an unpaired (KTO) row is {"prompt": [messages], "completion": str, "label": bool}; a reinforcement row (OpenAI's RFT
+# file: messages ending on a user turn, and fields for its grader) is {"prompt": [messages], "item": {fields}}. Stored
+# in that form, one a line.
 Row = Any
 T = TypeVar("T")
 
@@ -45,6 +47,7 @@ class DatasetFormat(str, Enum):
     OPENAI_PREFERENCE = "openai_preference"  # input.messages, preferred_output, non_preferred_output
     PREFERENCE = "preference"  # prompt, chosen, rejected
     UNPAIRED = "unpaired"  # prompt, completion, label (KTO)
+    REINFORCEMENT = "reinforcement"  # messages ending on a user turn, and other fields a grader reads (OpenAI RFT)
 
     @property
     def kind(self) -> str:
@@ -53,6 +56,8 @@ class DatasetFormat(str, Enum):
             return "preference"
         if self is DatasetFormat.UNPAIRED:
             return "unpaired"
+        if self is DatasetFormat.REINFORCEMENT:
+            return "prompts"
         return "messages"
 
 
@@ -63,6 +68,7 @@ OBJECTIVES_BY_KIND: dict[str, tuple[str, ...]] = {
     "messages": ("sft", "grpo"),
     "preference": ("sft", "dpo", "orpo", "kto", "grpo"),
     "unpaired": ("kto",),
+    "prompts": ("grpo",),
 }
 OBJECTIVES_BY_FORMAT: dict[str, tuple[str, ...]] = {f.value: OBJECTIVES_BY_KIND[f.kind] for f in DatasetFormat}
 
@@ -334,6 +340,21 @@ def _unpaired_row(obj: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "completion": _answer(obj["completion"], "completion"), "label": label}
 
 
+def _reinforcement_row(obj: dict[str, Any]) -> dict[str, Any]:
+    """Validate an OpenAI RFT row: {"messages": [... ending on user], <fields its grader reads>}."""
+    if "messages" not in obj:
+        raise _RowError("messages", "is missing", missing=True)
+    prompt = _prompt_messages(obj["messages"], "messages")
+    return {"prompt": prompt, "item": {k: v for k, v in obj.items() if k != "messages"}}
+
+
+def _is_reinforcement(obj: dict[str, Any]) -> bool:
+    """A first row with messages that end on a user turn and other fields beside them: an RFT file."""
+    messages = obj.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    return len(obj) > 1 and isinstance(last, dict) and last.get("role") == "user"
+
+
 _ROW_PARSERS: dict[DatasetFormat, Any] = {
     DatasetFormat.CHAT: _chat_row,
     DatasetFormat.PROMPT_COMPLETION: _prompt_completion_row,
@@ -341,6 +362,7 @@ _ROW_PARSERS: dict[DatasetFormat, Any] = {
     DatasetFormat.OPENAI_PREFERENCE: _openai_preference_row,
     DatasetFormat.PREFERENCE: _preference_row,
     DatasetFormat.UNPAIRED: _unpaired_row,
+    DatasetFormat.REINFORCEMENT: _reinforcement_row,
 }
 
 
@@ -349,6 +371,8 @@ def as_messages(row: Row) -> list[Message]:
     completion (what SFT trains on and what generation metrics compare with)."""
     if isinstance(row, list):
         return row
+    if "item" in row:  # a reinforcement row has no answer: its prompt and an empty turn (no reference to compare)
+        return [*row["prompt"], {"role": "assistant", "content": ""}]
     answer = row["chosen"] if "chosen" in row else row["completion"]
     return [*row["prompt"], {"role": "assistant", "content": answer}]
 
@@ -356,6 +380,8 @@ def as_messages(row: Row) -> list[Message]:
 def _row_chars(row: Row) -> int:
     if isinstance(row, list):
         return sum(len(m["content"]) for m in row)
+    if "item" in row:
+        return sum(len(m["content"]) for m in row["prompt"]) + len(json.dumps(row["item"], ensure_ascii=False))
     answers = [row["chosen"], row["rejected"]] if "chosen" in row else [row["completion"]]
     return sum(len(m["content"]) for m in row["prompt"]) + sum(len(a) for a in answers)
 
@@ -363,7 +389,7 @@ def _row_chars(row: Row) -> int:
 def _detect_format(obj: dict[str, Any]) -> DatasetFormat:
     """Pick the format from the first row's keys, or say which key is missing."""
     if "messages" in obj:
-        return DatasetFormat.CHAT
+        return DatasetFormat.REINFORCEMENT if _is_reinforcement(obj) else DatasetFormat.CHAT
     if "preferred_output" in obj or "non_preferred_output" in obj:
         return DatasetFormat.OPENAI_PREFERENCE
     if "chosen" in obj or "rejected" in obj:
@@ -457,7 +483,8 @@ def parse_jsonl(
             obj = _load_object(text)
             if fmt is None:
                 fmt, first_line = _detect_format(obj), line_no
-            items = obj.get("messages") if fmt == DatasetFormat.CHAT else obj.get("prompt")
+            chat = fmt in (DatasetFormat.CHAT, DatasetFormat.REINFORCEMENT)
+            items = obj.get("messages") if chat else obj.get("prompt")
             if fmt == DatasetFormat.OPENAI_PREFERENCE and isinstance(obj.get("input"), dict):
                 items = obj["input"].get("messages")
             if max_messages is not None and isinstance(items, list) and len(items) > max_messages:
@@ -469,7 +496,7 @@ def parse_jsonl(
             chars = _row_chars(row)
             if max_chars is not None and chars > max_chars:
                 raise _RowError(
-                    "messages" if fmt == DatasetFormat.CHAT else "row",
+                    "messages" if chat else "row",
                     f"has {chars} characters of text; the limit is {max_chars} per row (TUNESERVE_MAX_CHARS_PER_ROW)",
                     subject="the row",
                 )

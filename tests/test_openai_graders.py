@@ -4,6 +4,7 @@ not arithmetic) — each a 400 naming the field, never a 5xx."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,10 +13,12 @@ import pytest
 
 from api.services.openai_fine_tuning import BadRequest
 from api.services.openai_graders import native_grader_from_openai
+from core.dataset_formats import OBJECTIVES_BY_FORMAT, DatasetFormat, DatasetLineError, parse_jsonl
 from core.errors import InvalidInput
 from core.graders import grade_openai, parse_grader, parse_openai_grader, score, text_similarity
 from tests.support.http import api_server
 from tests.support.stack import Stack
+from worker.objectives import reward_function, trl_rows
 
 OUTPUT = "{{sample.output_text}}"
 
@@ -182,3 +185,36 @@ def test_validate_and_run_with_the_openai_client(client: openai.OpenAI) -> None:
         with pytest.raises(openai.BadRequestError) as refused:
             call()
         assert refused.value.status_code == 400 and refused.value.param == param, refused.value.message
+
+
+RFT_ROWS = [
+    {"messages": [{"role": "user", "content": "Capital of France?"}], "answer": "Paris", "meta": {"n": 1}},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "answer": "4"},
+]
+
+
+def _rft_file(*rows: object) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_rft_rows_end_on_a_user_turn_and_their_fields_reach_the_grpo_reward() -> None:
+    parsed = parse_jsonl(_rft_file(*RFT_ROWS), max_rows=10, max_line_bytes=10_000)
+    assert parsed.format is DatasetFormat.REINFORCEMENT and OBJECTIVES_BY_FORMAT["reinforcement"] == ("grpo",)
+    assert parsed.rows[0] == {"prompt": RFT_ROWS[0]["messages"], "item": {"answer": "Paris", "meta": {"n": 1}}}
+    # The reward TRL calls in the GRPO child, on the columns trl_rows gives it (the same native grader JSON).
+    rows = trl_rows("grpo", parsed.rows)
+    assert rows[1]["prompt"][-1] == {"role": "user", "content": "2+2?"}
+    reward = reward_function(native_grader_from_openai(_check("eq"), "grader"))
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    completions = [[{"role": "assistant", "content": text}] for text in ("Paris", "5")]
+    assert reward(completions=completions, prompts=[r["prompt"] for r in rows], **columns) == [1.0, 0.0]
+
+
+def test_rft_row_refusals_name_the_line_and_field() -> None:
+    bad_turn = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "answer": "y"}
+    with pytest.raises(DatasetLineError) as ended_on_assistant:
+        parse_jsonl(_rft_file(RFT_ROWS[0], bad_turn), max_rows=10, max_line_bytes=10_000)
+    assert (ended_on_assistant.value.line, ended_on_assistant.value.field) == (2, "messages[1].role")
+    with pytest.raises(DatasetLineError) as no_messages:
+        parse_jsonl(_rft_file(RFT_ROWS[0], {"answer": "y"}), max_rows=10, max_line_bytes=10_000)
+    assert (no_messages.value.line, no_messages.value.field) == (2, "messages")

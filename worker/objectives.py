@@ -7,11 +7,12 @@ tokenizer's chat template: the one template training, evaluation and serving sha
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from core.dataset_formats import Row
 from core.errors import TrainingError
-from core.graders import grader_name, parse_grader
+from core.graders import grader_name, parse_grader, score
 from core.jobspec import Hyperparameters
 
 
@@ -36,6 +37,9 @@ def trl_rows(objective: str, records: list[Row]) -> list[dict[str, Any]]:
         elif objective == "grpo":
             if isinstance(r, list):  # a supervised row: its last assistant turn is the reference
                 out.append({"prompt": r[:-1], "reference": r[-1]["content"]})
+            elif "item" in r:  # a reinforcement row: its fields, as JSON (one column whatever keys each row has)
+                item = {"messages": r["prompt"], **r["item"]}
+                out.append({"prompt": r["prompt"], "reference": "", "item": json.dumps(item)})
             else:
                 out.append({"prompt": r["prompt"], "reference": r["chosen"]})
         else:  # pragma: no cover - JobSpec's Literal refuses anything else
@@ -49,10 +53,12 @@ def reward_function(grader_json: dict[str, Any]) -> Any:
     """GRPO's reward: the job's declarative grader on each completion against its row's reference column."""
     grader = parse_grader(grader_json)
 
-    def reward(completions: list[Any], reference: list[str], **_: Any) -> list[float]:
-        # TRL passes prompts, completions and every dataset column by keyword; the grader reads the reference column.
+    def reward(completions: list[Any], reference: list[str], item: list[str] | None = None, **_: Any) -> list[float]:
+        # TRL passes prompts, completions and every dataset column by keyword; the grader reads the reference column,
+        # and an OpenAI grader's {{item.<field>}} the row's fields.
         texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
-        return [float(grader.score(t, ref)) for t, ref in zip(texts, reference, strict=True)]
+        items = [json.loads(i) for i in item] if item is not None else [None] * len(texts)
+        return [score(grader, t, ref, it) for t, ref, it in zip(texts, reference, items, strict=True)]
 
     # TRL logs each reward function's mean under rewards/<name>/mean.
     reward.__name__ = grader_name(grader)
