@@ -187,7 +187,7 @@ def test_validate_and_run_with_the_openai_client(client: openai.OpenAI) -> None:
         assert refused.value.status_code == 400 and refused.value.param == param, refused.value.message
 
 
-RFT_ROWS = [
+RFT_ROWS: list[dict[str, Any]] = [
     {"messages": [{"role": "user", "content": "Capital of France?"}], "answer": "Paris", "meta": {"n": 1}},
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "answer": "4"},
 ]
