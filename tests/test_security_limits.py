@@ -16,6 +16,7 @@ from core.adapter_import import CHILD_ENV_KEYS, unpack_adapter, unpack_child_env
 from core.migrate import upgrade
 from core.settings import Settings
 from tests.support.adapters import tar_gz
+from tests.support.stack import bearer, mint_api_key
 
 LOCAL = "http://127.0.0.1:8000"
 
@@ -117,3 +118,29 @@ def test_the_unpack_child_gets_a_minimal_environment(tmp_path: Path, monkeypatch
     target.mkdir()
     unpack_adapter(archive, target, Settings(data_dir=tmp_path))
     assert (target / "adapter_model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.fixture(scope="module")
+def tenant(app_settings: Settings) -> Iterator[TestClient]:
+    """A tenant of the app (auth on) with a dataset whose test split has 3 rows, no worker: work stays queued."""
+    settings = app_settings.model_copy(update={"max_evaluation_examples": 2})
+    with TestClient(create_app(settings), headers=bearer(mint_api_key(settings))) as client:
+        rows = b"".join(b'{"prompt": "p%d", "completion": "c"}\n' % i for i in range(3))
+        dataset = client.post("/datasets", files={"file": rows, "test_file": rows})
+        assert dataset.status_code == 201, dataset.text
+        client.headers["X-Dataset"] = dataset.json()["id"]
+        yield client
+
+
+def test_max_examples_is_capped_by_the_deployment(tenant: TestClient) -> None:
+    dataset_id = tenant.headers["X-Dataset"]
+    over = tenant.post("/evaluations", json={"dataset_id": dataset_id, "max_examples": 3})
+    assert over.status_code == 422 and over.json()["error"]["param"] == "max_examples", over.text
+    assert "TUNESERVE_MAX_EVALUATION_EXAMPLES" in over.json()["error"]["message"]
+    job = {"dataset_id": dataset_id, "evaluation": {"max_examples": 3}}
+    refused = tenant.post("/jobs", json=job)
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "evaluation.max_examples", refused.text
+    unbounded = tenant.post("/evaluations", json={"dataset_id": dataset_id})
+    assert unbounded.status_code == 201, unbounded.text
+    assert unbounded.json()["max_examples"] == 2  # the split's 3 rows, scored up to the cap
+    tenant.post(f"/evaluations/{unbounded.json()['id']}/cancel")

@@ -82,10 +82,12 @@ def evaluate(run: EvaluationRun) -> None:
     settings, store = run.settings, Store(run.settings)
     started = time.monotonic()
     ev, dataset, adapter = _load_records(run)
-    conversations = load_rows(store, dataset.path, ev.split)[: ev.max_examples or None]
+    # The deployment's cap holds for rows written before it, or by an older API, too.
+    limit = min(ev.max_examples or settings.max_evaluation_examples, settings.max_evaluation_examples)
+    conversations = load_rows(store, dataset.path, ev.split)[:limit]
     # Preference pairs, in the order of their conversations (prompt + chosen): scored for preference accuracy too.
     pairs = [r for r in load_records(store, dataset.path, ev.split) if isinstance(r, dict) and "chosen" in r]
-    pairs = pairs[: ev.max_examples or None]
+    pairs = pairs[:limit]
     scales: list[float | None] = list(ev.scales) if adapter is not None and ev.scales else [None]
     run.write(n_examples=len(conversations), done_examples=0, results=[])
     if adapter is not None:

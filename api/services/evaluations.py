@@ -50,6 +50,7 @@ def create_evaluation(session: Session, settings: Settings, tenant_id: str, spec
             code="split_missing",
         )
     _unique(list(spec.metrics), "metrics")
+    spec.check_max_examples(settings, param="max_examples")
     scales: list[float] | None = None
     if spec.adapter is None:
         if spec.scales is not None:
@@ -77,7 +78,8 @@ def create_evaluation(session: Session, settings: Settings, tenant_id: str, spec
             scales=scales,
             batch_size=spec.batch_size,
             max_new_tokens=spec.max_new_tokens,
-            max_examples=spec.max_examples,
+            # Without max_examples a split past the cap is scored up to it (the row says so).
+            max_examples=spec.max_examples or (cap if rows > (cap := settings.max_evaluation_examples) else None),
             status=WorkStatus.queued,
             max_attempts=settings.max_attempts,
         ),

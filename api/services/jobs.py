@@ -48,6 +48,7 @@ def create_job(
         return get_job_or_404(session, tenant_id, earlier), True
     hp = spec.hyperparameters
     hp.check_limits(settings, spec.method)
+    spec.evaluation.check_max_examples(settings, param="evaluation.max_examples")
     hp.check_objective(spec.objective, method=spec.method, init_adapter=spec.init_adapter)
     grader = check_grader(spec)
     if isinstance(hp.target_modules, list):

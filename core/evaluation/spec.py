@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.adapter_ops import MAX_SCALE, MIN_SCALE
 from core.bounds import MAX_INT32
+from core.errors import InvalidInput
 from core.evaluation.metrics import ALL_METRICS
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 # Spelled out for the schema; tests/test_metrics.py checks it against ALL_METRICS.
 MetricName = Literal[
@@ -38,7 +42,21 @@ class EvaluationOptions(BaseModel):
     metrics: list[MetricName] = Field(default_factory=lambda: list(DEFAULT_METRICS), min_length=1, max_length=32)
     batch_size: int = Field(16, ge=1, le=MAX_EVAL_BATCH, description="Prompts per left-padded generation batch")
     max_new_tokens: int = Field(32, ge=1, le=1024)
-    max_examples: int | None = Field(None, ge=1, le=MAX_INT32, description="Evaluate only the split's first N examples")
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INT32,
+        description="Evaluate only the split's first N examples (at most TUNESERVE_MAX_EVALUATION_EXAMPLES)",
+    )
+
+    def check_max_examples(self, settings: Settings, *, param: str) -> None:
+        """The deployment's cap on what one evaluation scores (and stores as samples): 422 naming `param`."""
+        cap = settings.max_evaluation_examples
+        if self.max_examples is not None and self.max_examples > cap:
+            raise InvalidInput(
+                f"{param} must be at most {cap} (TUNESERVE_MAX_EVALUATION_EXAMPLES); got {self.max_examples}",
+                param=param,
+            )
 
 
 class EvaluationSpec(EvaluationOptions):
