@@ -111,6 +111,7 @@ class JobOut(BaseModel):
     fine_tuned_model: str | None
     attempts: int
     cancel_requested: bool
+    pause_requested: bool = Field(False, description="A pause is asked; the running attempt stops at its next step")
     error: ErrorBody | None
     evaluation: JobEvaluationSummary | None = None
     validation_dataset_id: str | None = None
@@ -149,6 +150,7 @@ class JobOut(BaseModel):
             fine_tuned_model=job.adapter_name,
             attempts=job.attempt_count,
             cancel_requested=job.cancel_requested,
+            pause_requested=bool(job.pause_requested),
             error=error,
             validation_dataset_id=job.validation_dataset_id,
             metadata=job.metadata_,

@@ -22,7 +22,14 @@ from cli.client import DEFAULT_API_URL, Api, ApiError
 from cli.plot import loss_curve, save_loss_plot
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "queued": "blue"}
+STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "running": "cyan",
+    "queued": "blue",
+    "paused": "magenta",
+}
 # A watch survives an API restart: it gives up only after this long without an answer.
 WATCH_UNREACHABLE_SECONDS = 60.0
 
@@ -399,6 +406,30 @@ def jobs_cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="
     state.out.print(
         f"job {job['id']}: {styled(job['status'])}" + (" (cancel requested)" if job["cancel_requested"] else "")
     )
+
+
+@jobs_app.command("pause")
+@api_errors
+def jobs_pause(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Job id")]) -> None:
+    """Pause a job at a checkpoint, freeing its worker (a running one pauses at its next step)."""
+    state = state_of(ctx)
+    job = state.api.post(f"/jobs/{job_id}/pause")
+    if state.json:
+        return print_json(state, job)
+    state.out.print(
+        f"job {job['id']}: {styled(job['status'])}" + (" (pause requested)" if job["pause_requested"] else "")
+    )
+
+
+@jobs_app.command("resume")
+@api_errors
+def jobs_resume(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Job id")]) -> None:
+    """Resume a paused job from its last checkpoint."""
+    state = state_of(ctx)
+    job = state.api.post(f"/jobs/{job_id}/resume")
+    if state.json:
+        return print_json(state, job)
+    state.out.print(f"job {job['id']}: {styled(job['status'])}")
 
 
 def optional_report(state: State, job_id: str) -> dict[str, Any] | None:

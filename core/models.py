@@ -37,6 +37,8 @@ class JobStatus(str, enum.Enum):
     validating_files = "validating_files"
     queued = "queued"
     running = "running"
+    # Stopped at a checkpoint on request, holding no worker; resume queues it again from that checkpoint.
+    paused = "paused"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
@@ -156,6 +158,8 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Asked to pause: the running attempt saves a checkpoint at its next step, releases the lease and the job is paused.
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     dispatch_count: Mapped[int] = mapped_column(Integer, default=0, doc="sends since the last claim (backoff)")
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

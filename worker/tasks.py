@@ -227,8 +227,9 @@ def watch(
 
 
 def _is_terminal(session: object, model: Leased, record_id: str) -> bool:
+    """Ended, or paused: either way the child released the record itself and only has to exit."""
     status = session.scalar(select(model.status).where(model.id == record_id))  # type: ignore[attr-defined]
-    return status is None or status.is_terminal
+    return status is None or status.is_terminal or status.value == "paused"
 
 
 def settle(

@@ -29,8 +29,8 @@ from core.jobspec import LORA_METHODS, Hyperparameters
 from core.logs import setup_logging
 from core.models import Adapter, AdapterStatus, Job, JobEvent, JobStatus
 from core.repository import adapters as adapters_repo
+from core.repository import job_control, leases
 from core.repository import jobs as jobs_repo
-from core.repository import leases
 from core.settings import Settings, get_settings
 from core.storage import Store, hash_dir
 from worker.collators import PackingCollator, PaddingCollator
@@ -55,7 +55,7 @@ OPTIMIZERS = {
     "adamw_8bit": "adamw_bnb_8bit",
     "paged_adamw_8bit": "paged_adamw_8bit",
 }
-STOP_CANCEL, STOP_LEASE_LOST = 1, 2
+STOP_CANCEL, STOP_LEASE_LOST, STOP_PAUSE = 1, 2, 4
 
 
 def adapter_name_for(job: Job) -> str:
@@ -144,12 +144,23 @@ class Attempt:
             log.warning("job %s: could not record progress (database unreachable); going on", self.job_id)
             return True
 
-    def cancel_requested(self) -> bool:
+    def stop_requested(self) -> int:
+        """STOP_CANCEL and/or STOP_PAUSE, as the job's flags in SQL ask."""
         try:
             with session_scope(self.settings.database_url) as s:
-                return bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+                row = s.execute(select(Job.cancel_requested, Job.pause_requested).where(Job.id == self.job_id)).first()
         except SQLAlchemyError:
-            return False  # asked again at the next step
+            return 0  # asked again at the next step
+        if row is None:
+            return 0
+        return (STOP_CANCEL if row[0] else 0) | (STOP_PAUSE if row[1] else 0)
+
+    def pause(self) -> bool:
+        """The job paused at its last checkpoint (the lease released, the worker free); False if not ours any more."""
+        if not self.main:
+            return True
+        with session_scope(self.settings.database_url) as s:
+            return job_control.settle_pause(s, self.job_id, owner=self.owner, attempt=self.attempt)
 
     def finish(self, status: JobStatus, *, error: TrainingError | None = None) -> None:
         if not self.main:
@@ -202,12 +213,13 @@ def _make_callback(attempt: Attempt):
             attempt.progress(state.global_step, state.max_steps, None)
 
         def on_step_end(self, args, state, control, **kwargs):
-            flag = self.pending_flag | (STOP_CANCEL if attempt.cancel_requested() else 0)
+            flag = self.pending_flag | attempt.stop_requested()
             flag = _agree_on_stop(flag)
             if flag:
                 self.stop_reason = flag
                 control.should_training_stop = True
-                control.should_save = False
+                # A pause alone saves a checkpoint at this step, the one resume continues from.
+                control.should_save = flag == STOP_PAUSE
             return control
 
         def on_save(self, args, state, control, **kwargs):
@@ -398,6 +410,10 @@ def run_trainer(attempt: Attempt, job: Job, trainer: Any, callback: Any) -> floa
         return None
     if callback.stop_reason & STOP_CANCEL:
         attempt.finish(JobStatus.cancelled)
+        return None
+    if callback.stop_reason & STOP_PAUSE:
+        # Not paused (a resume came first, or the lease went): the supervisor retries it from this checkpoint.
+        attempt.pause()
         return None
     return elapsed
 

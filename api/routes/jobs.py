@@ -8,6 +8,7 @@ from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, TenantDep
 from api.routing import StrictJSONRoute
 from api.schemas import CheckpointOut, ErrorResponse, JobEventOut, JobOut, JobReport, ListResponse
 from api.services import evaluations as evaluations_service
+from api.services import job_control
 from api.services import jobs as service
 from api.services.idempotency import mark_replayed
 from core.bounds import MAX_INT32
@@ -82,6 +83,18 @@ def list_job_events(
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
     return JobOut.of(service.cancel_job(session, tenant, job_id))
+
+
+@router.post("/{job_id}/pause", response_model=JobOut, responses={409: {"model": ErrorResponse}})
+def pause_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+    """Stop at a checkpoint and free the worker (a queued job pauses at once); resume continues from there."""
+    return JobOut.of(job_control.pause_job(session, tenant, job_id))
+
+
+@router.post("/{job_id}/resume", response_model=JobOut, responses={409: {"model": ErrorResponse}})
+def resume_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: str) -> JobOut:
+    """Queue a paused job again; it continues from its last checkpoint, not from step 0."""
+    return JobOut.of(job_control.resume_job(session, settings, tenant, job_id))
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointOut])

@@ -47,7 +47,8 @@ def count_by_status(session: Session) -> dict[JobStatus, int]:
     return counts
 
 
-ACTIVE = (JobStatus.queued, JobStatus.running)
+# A paused job counts: it holds checkpoints and takes a worker again on resume.
+ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.paused)
 # The Postgres advisory lock around job admission: any constant, the same in every API process ("tune").
 ADMISSION_LOCK_KEY = 0x74756E65
 
