@@ -218,3 +218,34 @@ def test_rft_row_refusals_name_the_line_and_field() -> None:
     with pytest.raises(DatasetLineError) as no_messages:
         parse_jsonl(_rft_file(RFT_ROWS[0], {"answer": "y"}), max_rows=10, max_line_bytes=10_000)
     assert (no_messages.value.line, no_messages.value.field) == (2, "messages")
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_a_grpo_job_rewards_with_an_openai_grader_over_the_rows_fields(stack: Stack) -> None:
+    """The native GRPO path (what method.type reinforcement becomes) on an RFT file, one step on the tiny model.
+
+    The grader's `ne` against an answer no completion gives scores 1 only where the row's `answer` reached it (a
+    missing item field scores 0), so a mean reward of 1 says every row's fields were there.
+    """
+    rows = [{**row, "answer": "no completion says this"} for row in RFT_ROWS * 2]
+    created = stack.client.post("/datasets", files={"file": ("rft.jsonl", _rft_file(*rows))})
+    assert created.status_code == 201, created.text
+    assert (created.json()["format"], created.json()["objectives"]) == ("reinforcement", ["grpo"])
+    body = {
+        "dataset_id": created.json()["id"],
+        "objective": "grpo",
+        "grader": native_grader_from_openai(_check("ne"), "grader"),
+        "hyperparameters": {"max_steps": 1, "batch_size": 4, "num_generations": 2, "max_completion_length": 4},
+        "evaluation": {"enabled": False},
+    }
+    response = stack.client.post("/jobs", json=body)
+    assert response.status_code == 201, response.text
+    assert response.json()["grader"] == body["grader"]
+    job = stack.wait_for_job(response.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", job
+    events = stack.client.get(f"/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    metrics = [e["metrics"] for e in events if e["type"] == "metrics" and e["metrics"]]
+    assert metrics and all(m["rewards/check/mean"] == 1.0 for m in metrics), metrics
+    # An SFT job cannot train on rows with no answer: a 422 naming the objective.
+    sft = stack.client.post("/jobs", json={"dataset_id": created.json()["id"], "objective": "sft"})
+    assert (sft.status_code, sft.json()["error"]["param"]) == (422, "objective"), sft.text
