@@ -3,7 +3,7 @@ them (openai/types/file_object.py, file_deleted.py), so `client.files.*` parses 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -75,7 +75,9 @@ class OpenAIJobCreate(BaseModel):
     validation_file: str | None = Field(None, max_length=64)
     suffix: str | None = Field(None, min_length=1, max_length=64)
     seed: int | None = Field(None, ge=0, le=2147483647)
-    metadata: dict[str, str] | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Up to 16 pairs: keys up to 64 characters, values up to 512 (as OpenAI)"
+    )
     method: OpenAIMethod | None = None
     hyperparameters: OpenAIHyperparameters | None = Field(None, description="Deprecated by OpenAI; use method")
     integrations: list[dict[str, Any]] | None = None

@@ -65,3 +65,18 @@ def latest_complete(settings: Settings, job_id: str) -> Checkpoint | None:
 
 def mark_complete(checkpoint_dir: Path, step: int) -> None:
     (checkpoint_dir / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+
+
+# A checkpoint published as an adapter when its job succeeds (hyperparameters.checkpoint_adapters): `ft-...-step-N`.
+CHECKPOINT_ADAPTER_MARK = "-step-"
+
+
+def checkpoint_adapter_name(adapter_name: str, step: int) -> str:
+    return f"{adapter_name}{CHECKPOINT_ADAPTER_MARK}{step}"
+
+
+def checkpoint_adapter_step(adapter_name: str, name: str) -> int | None:
+    """The step of `name` when it is one of `adapter_name`'s published checkpoints, else None."""
+    prefix = adapter_name + CHECKPOINT_ADAPTER_MARK
+    digits = name.removeprefix(prefix) if name.startswith(prefix) else ""
+    return int(digits) if digits.isdigit() else None

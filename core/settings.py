@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     base_model: str = Field("", description="Local model dir or hub name; default data_dir/models/tiny")
     served_model_name: str = Field("", description="Name of the base model in the API; default: base_model's last part")
     queue_name: str = Field("tuneserve", description="Celery queue for training tasks")
+    model_aliases: str = Field(
+        "",
+        description="Other names of the base model, `name=base` pairs separated by commas (e.g. "
+        "`gpt-4o-mini-2024-07-18=tiny`), so an OpenAI script's model name means the local base",
+    )
 
     auth_enabled: bool = Field(
         True, description="Require a tenant's bearer API key; false only for a single-user embedded demo (one tenant)"
@@ -253,6 +258,9 @@ class Settings(BaseSettings):
             self.base_model = str(self.data_dir / "models" / "tiny")
         if not self.served_model_name:
             self.served_model_name = Path(self.base_model).name or self.base_model
+        for alias, target in self.model_alias_map.items():
+            if target not in (self.base_model, self.served_model_name):
+                raise ValueError(f"model_aliases: {alias}={target} must name the base model ({self.served_model_name})")
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
         if not self.serving_url:
@@ -275,6 +283,23 @@ class Settings(BaseSettings):
         """The replicas the API sends generations to (at least one)."""
         urls = [u.strip().rstrip("/") for u in self.serving_urls.split(",") if u.strip()]
         return urls or [self.serving_url.rstrip("/")]
+
+    @property
+    def model_alias_map(self) -> dict[str, str]:
+        """model_aliases as {alias: base}; a pair without `=` or with an empty side is an error at start."""
+        pairs = {}
+        for item in (p.strip() for p in self.model_aliases.split(",")):
+            if not item:
+                continue
+            alias, sep, target = (x.strip() for x in item.partition("="))
+            if not (sep and alias and target):
+                raise ValueError(f"model_aliases: {item!r} is not name=base")
+            pairs[alias] = target
+        return pairs
+
+    def names_base_model(self, name: str) -> bool:
+        """Whether `name` is the base model: its path, its served name or one of model_aliases."""
+        return name in (self.base_model, self.served_model_name) or name in self.model_alias_map
 
     @property
     def allowed_lora_ranks(self) -> tuple[int, ...]:

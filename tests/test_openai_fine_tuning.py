@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -186,7 +191,7 @@ def test_supervised_job_is_one_row_in_both_views(stack: Stack, client: openai.Op
     for wrong in (
         f"ft:{base}:{org}:other:{job.id}",
         f"ft:{base}:{org}:tiny:ftjob-000000000000000000000000",
-        f"{finished.fine_tuned_model}:ckpt-step-1",
+        f"{finished.fine_tuned_model}:ckpt-step-999",  # a step with no published checkpoint
     ):
         with pytest.raises(openai.NotFoundError) as unknown:
             client.chat.completions.create(model=wrong, **chat)  # type: ignore[call-overload]
@@ -228,20 +233,26 @@ def test_a_native_job_is_an_openai_job(stack: Stack, client: openai.OpenAI) -> N
         ({"bogus": 1}, "bogus"),
         ({"suffix": "x" * 65}, "suffix"),
         ({"model": "not-served"}, "model"),
-        ({"method": {"type": "reinforcement"}}, "method.type"),
+        # Without a grader: a 400 naming it (method.type while reinforcement is not wired to GRPO).
+        ({"method": {"type": "reinforcement"}}, ("method.reinforcement.grader", "method.type")),
+        ({"suffix": "has space"}, "suffix"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k"),
         ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}}, None),
         ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.2}}}}, None),
     ],
 )
 def test_job_refusals_are_400s_naming_the_field(
-    stack: Stack, client: openai.OpenAI, extra: dict[str, object], param: str | None
+    stack: Stack, client: openai.OpenAI, extra: dict[str, object], param: str | tuple[str, ...] | None
 ) -> None:
     training = client.files.create(file=("r.jsonl", _jsonl(CHAT)), purpose="fine-tune")
     before = len(stack.client.get("/jobs", params={"limit": 100}).json()["data"])
     body: dict[str, object] = {"model": stack.settings.served_model_name, "training_file": training.id, **extra}
     with pytest.raises(openai.BadRequestError) as refused:
         client.post("/fine_tuning/jobs", cast_to=dict, body=body)
-    if param is not None:
+    if isinstance(param, tuple):
+        assert refused.value.param in param
+    elif param is not None:
         assert refused.value.param == param
     else:
         assert str(refused.value.param).startswith("method.supervised.hyperparameters.")
@@ -258,8 +269,19 @@ def test_another_tenants_job_and_file_are_not_found(stack: Stack, api_url: str, 
     with pytest.raises(openai.NotFoundError) as file_refused:
         other.fine_tuning.jobs.create(model=stack.settings.served_model_name, training_file=training.id)
     assert file_refused.value.param == "training_file"
+    own = other.files.create(file=("o.jsonl", _jsonl(CHAT)), purpose="fine-tune")
+    with pytest.raises(openai.NotFoundError) as validation_refused:
+        other.fine_tuning.jobs.create(
+            model=stack.settings.served_model_name, training_file=own.id, validation_file=training.id
+        )
+    assert validation_refused.value.param == "validation_file"
     job_id = client.fine_tuning.jobs.create(model=stack.settings.served_model_name, training_file=training.id).id
-    for call in (other.fine_tuning.jobs.retrieve, other.fine_tuning.jobs.cancel, other.fine_tuning.jobs.list_events):
+    for call in (
+        other.fine_tuning.jobs.retrieve,
+        other.fine_tuning.jobs.cancel,
+        other.fine_tuning.jobs.list_events,
+        other.fine_tuning.jobs.checkpoints.list,
+    ):
         with pytest.raises(openai.NotFoundError):
             call(job_id)
     assert job_id not in [j.id for j in other.fine_tuning.jobs.list()]
@@ -270,3 +292,208 @@ def test_another_tenants_job_and_file_are_not_found(stack: Stack, api_url: str, 
         )
     client.fine_tuning.jobs.cancel(job_id)
     stack.wait_for_job(job_id)
+
+
+def _labelled(text: str, label: str) -> dict[str, object]:
+    return {
+        "messages": [
+            {"role": "user", "content": f"Is '{text}' positive or negative?"},
+            {"role": "assistant", "content": label},
+        ]
+    }
+
+
+TRAIN_ROWS = [_labelled(t, lab) for t, lab in [("great", "positive"), ("awful", "negative")] * 4]
+VALID_ROWS = [_labelled("lovely", "positive"), _labelled("dreadful", "negative")]
+PAIR = {
+    "input": {"messages": [{"role": "user", "content": "Is 'great film' positive or negative?"}]},
+    "preferred_output": [{"role": "assistant", "content": "positive"}],
+    "non_preferred_output": [{"role": "assistant", "content": "negative"}],
+}
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_script_flow_validation_results_checkpoints_then_dpo(stack: Stack, client: openai.OpenAI) -> None:
+    """The issue's script: files -> supervised job with a validation file -> events, checkpoints and the results
+    file -> the ft: name and its checkpoints as models -> DPO continued from the ft: model."""
+    started = time.monotonic()
+    training = client.files.create(file=("train.jsonl", _jsonl(*TRAIN_ROWS)), purpose="fine-tune")
+    validation = client.files.create(file=("valid.jsonl", _jsonl(*VALID_ROWS)), purpose="fine-tune")
+    suffix = "s" * 64  # OpenAI's longest
+    base = stack.settings.served_model_name
+    job = client.fine_tuning.jobs.create(
+        model=base,
+        training_file=training.id,
+        validation_file=validation.id,
+        suffix=suffix,
+        seed=3,
+        metadata={"team": "search", "run": "a"},
+        # 8 rows / 4 a step: 2 steps an epoch, a checkpoint each epoch.
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4}}},
+    )
+    assert (job.validation_file, job.metadata) == (validation.id, {"team": "search", "run": "a"})
+    assert job.hyperparameters.learning_rate_multiplier == 1.0  # "auto": the native default learning rate
+    assert stack.wait_for_job(job.id)["status"] == "succeeded"
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    ft = f"ft:{base}:{done.organization_id}:{suffix}:{job.id}"
+    assert done.fine_tuned_model == ft and done.estimated_finish is None and done.finished_at is not None
+    assert (done.hyperparameters.n_epochs, done.hyperparameters.batch_size) == (3, 4)
+
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "search"}).data]
+    assert job.id not in [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "ads"}).data]
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=200).data
+    data = [e.data for e in events if e.type == "metrics" and isinstance(e.data, dict)]
+    valid: list[dict[str, Any]] = [d for d in data if "valid_loss" in d]
+    assert valid and all(d["valid_loss"] > 0 and 0 <= d["valid_mean_token_accuracy"] <= 1 for d in valid)
+    assert max(d["step"] for d in valid) == 6  # the final step's validation pass
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [6, 4, 2]  # one an epoch, newest first
+    assert [c.fine_tuned_model_checkpoint for c in checkpoints] == [f"{ft}:ckpt-step-{n}" for n in (6, 4, 2)]
+    assert checkpoints[0].metrics.full_valid_loss is not None and checkpoints[0].metrics.valid_loss is not None
+    assert all(c.metrics.train_loss is not None for c in checkpoints)
+
+    (results_id,) = done.result_files
+    results = client.files.retrieve(results_id)
+    assert results.purpose == "fine-tune-results"
+    assert results_id in [f.id for f in client.files.list(purpose="fine-tune-results").data]
+    rows = list(csv.DictReader(io.StringIO(client.files.content(results_id).text)))
+    assert len(client.files.content(results_id).content) == results.bytes
+    assert list(rows[0]) == ["step", "train_loss", "train_mean_token_accuracy", "valid_loss",
+                             "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy"]  # fmt: skip
+    assert rows[0]["train_loss"] and rows[-1]["step"] == "6" and rows[-1]["full_valid_loss"]
+    with pytest.raises(openai.BadRequestError):
+        client.files.delete(results_id)
+
+    listed = {m.id for m in client.models.list()}
+    assert {ft, f"{ft}:ckpt-step-2", f"{ft}:ckpt-step-4"} <= listed
+    assert client.models.retrieve(f"{ft}:ckpt-step-4").owned_by == done.organization_id
+    chat = {"messages": [{"role": "user", "content": "Is 'great' positive or negative?"}], "max_tokens": 1}
+    for name in (ft, f"{ft}:ckpt-step-2"):
+        # Resolved to the adapter (this stack runs no serving, so past resolution it is serving's 503).
+        with pytest.raises(openai.APIStatusError) as served:
+            client.chat.completions.create(model=name, **chat)  # type: ignore[call-overload]
+        assert served.value.status_code == 503, served.value.message
+
+    pairs = client.files.create(file=("pairs.jsonl", _jsonl(PAIR, PAIR, PAIR, PAIR)), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as no_validation:
+        client.fine_tuning.jobs.create(
+            model=ft, training_file=pairs.id, validation_file=validation.id, method={"type": "dpo"}
+        )
+    assert no_validation.value.param == "validation_file"
+    dpo = client.fine_tuning.jobs.create(
+        model=ft,
+        training_file=pairs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}},
+    )
+    assert dpo.method is not None and dpo.method.type == "dpo" and dpo.method.dpo is not None
+    assert dpo.method.dpo.hyperparameters is not None and dpo.method.dpo.hyperparameters.beta == 0.2
+    native = stack.wait_for_job(dpo.id)
+    assert native["status"] == "succeeded" and native["objective"] == "dpo", native
+    assert native["init_adapter"] == stack.client.get(f"/jobs/{job.id}").json()["fine_tuned_model"]
+    assert client.fine_tuning.jobs.retrieve(dpo.id).fine_tuned_model is not None
+
+    # A checkpoint is a model to continue from too (its adapter is the new job's init_adapter).
+    from_checkpoint = client.fine_tuning.jobs.create(model=f"{ft}:ckpt-step-2", training_file=training.id)
+    assert stack.client.get(f"/jobs/{from_checkpoint.id}").json()["init_adapter"].endswith("-step-2")
+    client.fine_tuning.jobs.cancel(from_checkpoint.id)
+    stack.wait_for_job(from_checkpoint.id)
+    print(f"\n[{stack.kind}] the issue's script end to end (no serving): {time.monotonic() - started:.1f} s")
+
+
+def test_model_aliases_name_the_base() -> None:
+    from core.settings import Settings
+
+    settings = Settings(data_dir="/tmp/tuneserve-alias", base_model="/m/tiny", model_aliases="gpt-4o-mini=tiny")
+    assert settings.names_base_model("gpt-4o-mini") and settings.names_base_model("tiny")
+    assert not settings.names_base_model("gpt-4o")
+    for bad in ("gpt-4o-mini", "gpt-4o-mini=other", "=tiny"):
+        with pytest.raises(ValueError, match="model_aliases"):
+            Settings(data_dir="/tmp/tuneserve-alias", base_model="/m/tiny", model_aliases=bad)
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_the_same_training_through_either_view_learns_the_same(
+    stack: Stack, client: openai.OpenAI, demo_files: tuple[Path, Path], demo_dataset: dict[str, Any]
+) -> None:
+    """OpenAI's n_epochs, batch_size and learning_rate_multiplier train as the equivalent POST /jobs does: the same
+    held-out exact match and loss on the demo task's test split."""
+    training = client.files.create(file=("demo.jsonl", demo_files[0].read_bytes()), purpose="fine-tune")
+    via_openai = client.fine_tuning.jobs.create(
+        model=stack.settings.served_model_name,
+        training_file=training.id,
+        seed=0,
+        method={
+            "type": "supervised",
+            # 256 rows / 16 = 16 steps an epoch; 15 x the native 2e-4 is the demo's 3e-3.
+            "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 16, "learning_rate_multiplier": 15}},
+        },
+    )
+    native = stack.client.post(
+        "/jobs",
+        json={
+            "dataset_id": f"ds-{training.id.removeprefix('file-')}",
+            "hyperparameters": {"n_epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "seed": 0},
+            "evaluation": {"enabled": False},
+        },
+    )
+    assert native.status_code == 201, native.text
+    results = []
+    for job_id in (via_openai.id, native.json()["id"]):
+        done = stack.wait_for_job(job_id)
+        assert done["status"] == "succeeded", done
+        evaluation = stack.client.post(
+            "/evaluations",
+            json={
+                "dataset_id": demo_dataset["id"],
+                "adapter": done["fine_tuned_model"],
+                "metrics": ["exact_match", "loss"],
+                "batch_size": 32,
+                "max_new_tokens": 6,
+            },
+        )
+        assert evaluation.status_code == 201, evaluation.text
+        results.append(_finished_evaluation(stack, evaluation.json()["id"])["results"][0]["metrics"])
+    print(
+        f"\n[{stack.kind}] held-out exact match: /v1 {results[0]['exact_match']:.3f}, /jobs {results[1]['exact_match']:.3f}"
+    )
+    assert results[0]["exact_match"] == results[1]["exact_match"]
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-4)
+
+
+def _finished_evaluation(stack: Stack, evaluation_id: str, timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = stack.client.get(f"/evaluations/{evaluation_id}").json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            assert body["status"] == "succeeded", body
+            return body
+        time.sleep(0.25)
+    raise AssertionError(f"evaluation {evaluation_id} not done in {timeout}s")
+
+
+def test_the_ft_model_and_its_checkpoint_answer_through_serving(serving_stack: Stack) -> None:
+    """On real serving (vLLM): the ft: name and a checkpoint name answer chat and completions like any adapter."""
+    stack = serving_stack
+    with api_server(stack.settings) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=stack.api_key, max_retries=0)
+        training = client.files.create(file=("train.jsonl", _jsonl(*TRAIN_ROWS)), purpose="fine-tune")
+        stack.start_worker()
+        try:
+            job = client.fine_tuning.jobs.create(
+                model=stack.settings.served_model_name,
+                training_file=training.id,
+                method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 8}}},
+            )
+            assert stack.wait_for_job(job.id)["status"] == "succeeded"
+        finally:
+            stack.stop_worker()
+        ft = client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model
+        assert ft is not None
+        messages = [{"role": "user", "content": "Is 'great' positive or negative?"}]
+        for name in (ft, f"{ft}:ckpt-step-1"):
+            chat = client.chat.completions.create(model=name, messages=messages, max_tokens=2, temperature=0)  # type: ignore[arg-type]
+            assert isinstance(chat.choices[0].message.content, str)
+            completion = client.completions.create(model=name, prompt="positive or", max_tokens=2, temperature=0)
+            assert isinstance(completion.choices[0].text, str)

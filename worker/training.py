@@ -12,15 +12,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from core.chat import IGNORE_INDEX, encode_for_training
-from core.checkpoints import checkpoints_dir, latest_complete, mark_complete
+from core.checkpoints import (
+    checkpoint_adapter_name,
+    checkpoints_dir,
+    latest_complete,
+    list_checkpoints,
+    mark_complete,
+)
 from core.dataset_formats import Row, as_messages
 from core.db import session_scope
 from core.errors import TrainingError
@@ -230,6 +239,17 @@ def _make_callback(attempt: Attempt):
                 )
                 attempt.event(f"checkpoint saved at step {state.global_step}", step=state.global_step)
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            values = validation_metrics(metrics or {})
+            if values and attempt.main:
+                attempt.event(
+                    f"step {state.global_step}: validation loss {values.get('valid_loss', float('nan')):.4f}",
+                    kind="metrics",
+                    step=state.global_step,
+                    epoch=float(state.epoch or 0.0),
+                    metrics=values,
+                )
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is None or not attempt.main:
@@ -273,6 +293,29 @@ def trainer_metrics(logs: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def validation_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The Trainer's eval_* numbers as a job reports them: eval_loss is valid_loss (OpenAI's name), and so on."""
+    out = trainer_metrics(metrics)
+    return {f"valid_{k.removeprefix('eval_')}": v for k, v in out.items() if k in VALIDATION_METRICS}
+
+
+# What a validation pass reports (the Trainer's runtime and throughput numbers are left out).
+VALIDATION_METRICS = frozenset({"eval_loss", "eval_mean_token_accuracy"})
+
+
+def argmax_logits(logits: Any, _labels: Any) -> Any:
+    """Keep each position's predicted token, not the whole vocabulary's logits, across the validation pass."""
+    return logits.argmax(dim=-1)
+
+
+def mean_token_accuracy(eval_prediction: Any) -> dict[str, float]:
+    """The share of label tokens predicted exactly (the prediction at t is for the token at t + 1)."""
+    predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+    mask = labels[:, 1:] != IGNORE_INDEX
+    hits = (predictions[:, :-1] == labels[:, 1:]) & mask
+    return {"mean_token_accuracy": float(hits.sum() / max(int(mask.sum()), 1))}
+
+
 def metrics_summary(metrics: dict[str, float]) -> str:
     return "".join(f", {label} {metrics[key]:.4f}" for key, label in _SUMMARY if key in metrics)
 
@@ -290,22 +333,44 @@ def encode_rows(tokenizer: Any, rows: list, hp: Hyperparameters) -> tuple[list[d
 
 
 def training_arguments(
-    hp: Hyperparameters, *, output_dir: str, logging_steps: int, use_cpu: bool, distributed: bool
+    hp: Hyperparameters,
+    *,
+    output_dir: str,
+    logging_steps: int,
+    use_cpu: bool,
+    distributed: bool,
+    evaluate: bool = False,
 ) -> Any:
     from transformers import TrainingArguments
 
     return TrainingArguments(
         **training_argument_values(
-            hp, output_dir=output_dir, logging_steps=logging_steps, use_cpu=use_cpu, distributed=distributed
+            hp,
+            output_dir=output_dir,
+            logging_steps=logging_steps,
+            use_cpu=use_cpu,
+            distributed=distributed,
+            evaluate=evaluate,
         )
     )
 
 
 def training_argument_values(
-    hp: Hyperparameters, *, output_dir: str, logging_steps: int, use_cpu: bool, distributed: bool
+    hp: Hyperparameters,
+    *,
+    output_dir: str,
+    logging_steps: int,
+    use_cpu: bool,
+    distributed: bool,
+    evaluate: bool = False,
 ) -> dict[str, Any]:
-    """Our knobs as TrainingArguments' keywords; TRL's configs (DPOConfig, ...) extend TrainingArguments and take them too."""
+    """Our knobs as TrainingArguments' keywords; TRL's configs (DPOConfig, ...) extend TrainingArguments and take them too.
+
+    evaluate: a validation pass every logging_steps steps (the job's validation dataset)."""
     return dict(
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=logging_steps if evaluate else None,
+        per_device_eval_batch_size=hp.batch_size,
         output_dir=output_dir,
         per_device_train_batch_size=hp.batch_size,
         gradient_accumulation_steps=hp.gradient_accumulation_steps,
@@ -349,6 +414,7 @@ def build_trainer(
     use_cpu: bool,
     callbacks: list[Any] | None = None,
     init_adapter_dir: str | None = None,
+    eval_examples: list[dict[str, list[int]]] | None = None,
 ) -> tuple[Any, PaddingCollator | PackingCollator]:
     """The Trainer for a method and its knobs (also what bench/train.py measures)."""
     import torch
@@ -363,8 +429,23 @@ def build_trainer(
         logging_steps=logging_steps,
         use_cpu=use_cpu,
         distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        evaluate=bool(eval_examples),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks or [])
+    validation: dict[str, Any] = {}
+    if eval_examples:
+        validation = {
+            "eval_dataset": eval_examples,
+            "compute_metrics": mean_token_accuracy,
+            "preprocess_logits_for_metrics": argmax_logits,
+        }
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=collator,
+        callbacks=callbacks or [],
+        **validation,
+    )
     return trainer, collator
 
 
@@ -418,7 +499,7 @@ def run_trainer(attempt: Attempt, job: Job, trainer: Any, callback: Any) -> floa
     return elapsed
 
 
-def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
+def train(attempt: Attempt, job: Job, dataset_path: str, validation_path: str | None = None) -> None:
     if job.objective != "sft":
         train_objective(attempt, job, dataset_path)
         return
@@ -443,6 +524,13 @@ def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
     attempt.event(
         f"{len(examples)} training examples, {dataset_tokens} tokens, {truncated} truncated to {hp.max_seq_length} tokens"
     )
+    eval_examples = None
+    if validation_path is not None:
+        # The validation dataset's own train split: its rows as uploaded (a file is one split).
+        eval_examples, _ = encode_rows(tokenizer, load_rows(Store(settings), validation_path, "train"), hp)
+        attempt.event(
+            f"{len(eval_examples)} validation examples: validation loss every {settings.event_every_steps} steps"
+        )
 
     callback = _make_callback(attempt)
     trainer, collator = build_trainer(
@@ -456,13 +544,18 @@ def train(attempt: Attempt, job: Job, dataset_path: str) -> None:
         use_cpu=settings.training_device == "cpu" or not torch.cuda.is_available(),
         callbacks=[callback],
         init_adapter_dir=init_adapter_dir(settings, job),
+        eval_examples=eval_examples,
     )
     model = trainer.model
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     elapsed = run_trainer(attempt, job, trainer, callback)
-    if elapsed is None or not attempt.main:
+    if elapsed is None:
         return
     steps = trainer.state.global_step
+    if eval_examples and steps % settings.event_every_steps:
+        trainer.evaluate()  # the final step's validation loss, when the periodic pass did not land on it
+    if not attempt.main:
+        return
     attempt.progress(steps, steps, None)
     attempt.event(
         f"trained {steps} steps in {elapsed:.1f}s: {collator.real_tokens * world_size / max(elapsed, 1e-9):.0f} tokens/s, "
@@ -545,7 +638,8 @@ def publish_adapter(
     target_modules = trained_target_modules(model, job.method.value)
     serve = servability(job.method.value, target_modules)
     lora = job.method.value in LORA_METHODS
-    with store.staging_dir() as staged:
+    with store.staging_dir() as staged, ExitStack() as stack:
+        checkpoints = stage_checkpoint_adapters(store, stack, attempt.settings, job, name, hp.checkpoint_adapters)
         if hasattr(model, "peft_config"):
             # Only the trained adapter: DPO and KTO add a frozen "ref" copy that is no part of the result.
             model.save_pretrained(str(staged), safe_serialization=True, selected_adapters=["default"])
@@ -557,6 +651,15 @@ def publish_adapter(
         try:
             with session_scope(settings.database_url) as s:
                 relative = publish_under_lease(s, store, Job, job.id, attempt.owner, staged, name)
+                published: list[tuple[str, str | None, str, dict[str, str], int]] = [
+                    (name, job.id, relative, files, size)
+                ]
+                for checkpoint_name, checkpoint_dir, checkpoint_files, checkpoint_size in checkpoints:
+                    checkpoint_relative = publish_under_lease(
+                        s, store, Job, job.id, attempt.owner, checkpoint_dir, checkpoint_name
+                    )
+                    # job_id is the final adapter's alone (unique); a checkpoint is known by its name.
+                    published.append((checkpoint_name, None, checkpoint_relative, checkpoint_files, checkpoint_size))
                 leases.finish(
                     s,
                     Job,
@@ -566,26 +669,27 @@ def publish_adapter(
                     adapter_name=name,
                     train_tokens=train_tokens,
                 )
-                adapters_repo.add_adapter(
-                    s,
-                    Adapter(
-                        name=name,
-                        tenant_id=job.tenant_id,
-                        job_id=job.id,
-                        base_model=job.base_model,
-                        method=job.method.value,
-                        rank=hp.lora_r if lora else None,
-                        alpha=hp.lora_alpha if lora else None,
-                        target_modules=target_modules,
-                        path=relative,
-                        files=files,
-                        size_bytes=size,
-                        status=AdapterStatus.ready,
-                        servable=serve.servable,
-                        servable_reason=serve.reason,
-                        parent_name=job.init_adapter,
-                    ),
-                )
+                for adapter_name, job_id, path, adapter_files, adapter_size in published:
+                    adapters_repo.add_adapter(
+                        s,
+                        Adapter(
+                            name=adapter_name,
+                            tenant_id=job.tenant_id,
+                            job_id=job_id,
+                            base_model=job.base_model,
+                            method=job.method.value,
+                            rank=hp.lora_r if lora else None,
+                            alpha=hp.lora_alpha if lora else None,
+                            target_modules=target_modules,
+                            path=path,
+                            files=adapter_files,
+                            size_bytes=adapter_size,
+                            status=AdapterStatus.ready,
+                            servable=serve.servable,
+                            servable_reason=serve.reason,
+                            parent_name=job.init_adapter,
+                        ),
+                    )
                 jobs_repo.add_event(
                     s,
                     JobEvent(
@@ -595,6 +699,29 @@ def publish_adapter(
                 plan_job_evaluations(s, settings, job, name)
         except LeaseLost:
             raise TrainingError("lease_lost", "another attempt owns this job now", transient=True) from None
+
+
+CHECKPOINT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def stage_checkpoint_adapters(
+    store: Store, stack: ExitStack, settings: Settings, job: Job, name: str, count: int
+) -> list[tuple[str, Path, dict[str, str], int]]:
+    """The adapter files of the last `count` complete checkpoints, each copied to a staging dir (name, dir, files,
+    bytes); the optimizer and trainer state stay behind, so each is an adapter like any other."""
+    if count <= 0:
+        return []
+    complete = [c for c in list_checkpoints(settings, job.id) if c.complete][-count:]
+    staged = []
+    for checkpoint in complete:
+        if not all((checkpoint.path / f).is_file() for f in CHECKPOINT_ADAPTER_FILES):
+            continue  # a method whose checkpoints are not adapter files (full fine-tuning)
+        directory = stack.enter_context(store.staging_dir())
+        for file_name in CHECKPOINT_ADAPTER_FILES:
+            shutil.copyfile(checkpoint.path / file_name, directory / file_name)
+        files, size = hash_dir(directory)
+        staged.append((checkpoint_adapter_name(name, checkpoint.step), directory, files, size))
+    return staged
 
 
 def run(job_id: str, owner: str) -> int:
@@ -607,9 +734,11 @@ def run(job_id: str, owner: str) -> int:
 
         dataset = get_dataset(s, job.dataset_id)
         dataset_path = dataset.path if dataset else ""
+        validation = get_dataset(s, job.validation_dataset_id) if job.validation_dataset_id else None
+        validation_path = validation.path if validation else None
         attempt = Attempt(settings, job_id, owner, job.attempt_count)
     try:
-        train(attempt, job, dataset_path)
+        train(attempt, job, dataset_path, validation_path)
         return 0
     except TrainingError as e:
         if e.transient:

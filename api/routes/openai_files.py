@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.openai_schemas import FileDeleted, FileList, FileObject
@@ -35,8 +35,7 @@ def list_files(
     after: Annotated[str | None, Query(max_length=64)] = None,
     order: Literal["asc", "desc"] = "desc",
 ) -> FileList:
-    rows, has_more = service.list_files(session, tenant, purpose=purpose, limit=limit, after=after, order=order)
-    data = [service.file_of(d) for d in rows]
+    data, has_more = service.list_files(session, tenant, purpose=purpose, limit=limit, after=after, order=order)
     return FileList(
         data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
     )
@@ -44,7 +43,7 @@ def list_files(
 
 @router.get("/{file_id}", response_model=FileObject)
 def retrieve_file(session: SessionDep, tenant: TenantDep, file_id: str) -> FileObject:
-    return service.file_of(service.get_file_dataset(session, tenant, file_id))
+    return service.get_file(session, tenant, file_id)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
@@ -53,6 +52,8 @@ def delete_file(session: SessionDep, settings: SettingsDep, tenant: TenantDep, f
 
 
 @router.get("/{file_id}/content", response_class=FileResponse)
-def file_content(session: SessionDep, settings: SettingsDep, tenant: TenantDep, file_id: str) -> FileResponse:
-    dataset = service.get_file_dataset(session, tenant, file_id)
-    return FileResponse(service.file_content_path(settings, dataset), media_type="application/octet-stream")
+def file_content(session: SessionDep, settings: SettingsDep, tenant: TenantDep, file_id: str) -> Response:
+    content = service.file_content(session, settings, tenant, file_id)
+    if isinstance(content, bytes):
+        return Response(content, media_type="text/csv")
+    return FileResponse(content, media_type="application/octet-stream")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query
+from fastapi import APIRouter, Body, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep
@@ -21,7 +21,6 @@ from api.services import adapters as adapters_service
 from api.services import jobs as jobs_service
 from api.services import openai_fine_tuning as service
 from api.services.serving_client import ServingClient, get_serving_client
-from core.repository import jobs as jobs_repo
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai fine-tuning"], route_class=StrictJSONRoute)
 
@@ -39,13 +38,16 @@ def create_job(
 
 @router.get("", response_model=FineTuningJobList)
 def list_jobs(
+    request: Request,
     session: SessionDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=40)] = None,
 ) -> FineTuningJobList:
-    rows, has_more = jobs_repo.list_jobs(session, tenant, limit=limit, after=after)
-    return FineTuningJobList(data=[service.job_of(j) for j in rows], has_more=has_more)
+    """`metadata[k]=v` (any number of keys, OpenAI's filter) lists only jobs whose metadata holds them all."""
+    query = list(request.query_params.multi_items())
+    rows, has_more = service.list_jobs(session, tenant, limit=limit, after=after, query=query)
+    return FineTuningJobList(data=rows, has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)

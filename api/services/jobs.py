@@ -25,7 +25,7 @@ from core.settings import Settings
 
 def resolve_base_model(settings: Settings, requested: str | None) -> str:
     """One base model per deployment (serving batches adapters over it); accept its path or served name."""
-    if requested is None or requested in (settings.base_model, settings.served_model_name):
+    if requested is None or settings.names_base_model(requested):
         return settings.served_model_name
     raise InvalidInput(
         f"base_model {requested!r} is not served here; use {settings.served_model_name!r}", param="base_model"

@@ -35,6 +35,16 @@ def list_adapters(session: Session, tenant_id: str, *, limit: int, after: str | 
     return newest_first_page(session, Adapter, query, limit=limit, after=after)
 
 
+def list_checkpoint_adapters(session: Session, tenant_id: str, adapter_name: str, mark: str) -> list[Adapter]:
+    """The tenant's adapters named `adapter_name` + `mark` + a step (a job's published checkpoints), not deleted."""
+    query = select(Adapter).where(
+        Adapter.tenant_id == tenant_id,
+        Adapter.status != AdapterStatus.deleted,
+        Adapter.name.startswith(adapter_name + mark, autoescape=True),
+    )
+    return list(session.scalars(query.order_by(Adapter.created_at, Adapter.id)))
+
+
 def add_adapter(session: Session, adapter: Adapter) -> Adapter:
     session.add(adapter)
     session.flush()

@@ -28,15 +28,38 @@ def get_owned_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
 
 
 def list_jobs(
-    session: Session, tenant_id: str | None, *, limit: int, after: str | None, status: JobStatus | None = None
+    session: Session,
+    tenant_id: str | None,
+    *,
+    limit: int,
+    after: str | None,
+    status: JobStatus | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[Job], bool]:
-    """A page of the tenant's jobs (None: every tenant's, for maintenance)."""
+    """A page of the tenant's jobs (None: every tenant's, for maintenance); with metadata, only jobs whose metadata
+    holds each of those keys with that value."""
     query = select(Job)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.metadata_[key].as_string() == value)
     return newest_first_page(session, Job, query, limit=limit, after=after)
+
+
+def jobs_by_adapter(session: Session, tenant_id: str, adapter_names: list[str]) -> dict[str, Job]:
+    """The tenant's jobs that made these adapters, by adapter name."""
+    if not adapter_names:
+        return {}
+    query = select(Job).where(Job.tenant_id == tenant_id, Job.adapter_name.in_(adapter_names))
+    return {job.adapter_name: job for job in session.scalars(query) if job.adapter_name is not None}
+
+
+def metrics_events(session: Session, job_id: str) -> list[JobEvent]:
+    """The job's metrics events (training loss, validation loss), oldest first."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "metrics").order_by(JobEvent.id)
+    return list(session.scalars(query))
 
 
 def count_by_status(session: Session) -> dict[JobStatus, int]:
