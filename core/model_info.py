@@ -44,3 +44,22 @@ def check_target_modules(model_dir: str, requested: list[str]) -> None:
             f"target_modules {unknown} match no module of the base model; it has {sorted(available)}",
             param="hyperparameters.target_modules",
         )
+
+
+@lru_cache(maxsize=8)
+def weight_shapes(model_dir: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) of every tensor in a local model's *.safetensors files; empty for a hub name."""
+    path = Path(model_dir)
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        with file.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        shapes += [(k, tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"]
+    return tuple(shapes)
+
+
+def weight_file_bytes(model_dir: str) -> int:
+    """Bytes of a local model's *.safetensors files (what a merged copy of it takes); 0 for a hub name."""
+    path = Path(model_dir)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0

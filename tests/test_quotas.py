@@ -367,6 +367,33 @@ def test_storage_quota_is_413_and_leaves_no_files(
     assert snapshot(stack, tenant_id) == before
 
 
+def test_queued_work_reserves_its_estimated_size(
+    stack: Stack, owner: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25, item 8: a merge reserves the base model's size at admission. Under the quota by less than that, a
+    merge is refused (413) although the bytes stored are under it; a queued merge's reservation refuses the next."""
+    from api.services.usage import tenant_usage
+    from core import reservations
+
+    client, tenant_id, adapter = owner["client"], owner["tenant_id"], owner["adapter"]
+    with session_scope(stack.settings.database_url) as s:
+        used = tenant_usage(s, stack.settings, tenant_id).committed_bytes  # stored + reserved by queued work
+    merge = reservations.merge_bytes(stack.settings.base_model)
+    monkeypatch.setattr(stack.settings, "max_storage_bytes_per_tenant", used + merge - 1)
+    before = snapshot(stack, tenant_id)
+    error = refused(client.post(f"/adapters/{adapter}/merge", json={"scale": 0.5}), 413, "max_storage_bytes_per_tenant")
+    assert "reserves" in error["message"] and snapshot(stack, tenant_id) == before
+    monkeypatch.setattr(stack.settings, "max_storage_bytes_per_tenant", used + merge)
+    first = client.post(f"/adapters/{adapter}/merge", json={"scale": 0.5})
+    assert first.status_code == 202, first.text
+    try:
+        refused(client.post(f"/adapters/{adapter}/merge", json={"scale": 0.25}), 413, "max_storage_bytes_per_tenant")
+        job = {"dataset_id": owner["dataset"]["id"], "hyperparameters": {"max_steps": 2}, "evaluation": NO_EVAL}
+        refused(client.post("/jobs", json=job), 413, "max_storage_bytes_per_tenant")
+    finally:
+        client.post(f"/adapter-operations/{first.json()['id']}/cancel")
+
+
 def test_epochs_past_max_steps_and_too_many_checkpoints_are_422(
     stack: Stack, owner: dict[str, Any], fresh: tuple[str, TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:

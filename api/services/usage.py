@@ -4,6 +4,11 @@ Admission is race-free the way job admission always was: the new row is inserted
 lock is taken (a Postgres advisory lock; SQLite already holds its one write lock), then the tenant's use is
 counted with the new row in it. Over a limit, the error propagates and the request's rollback leaves nothing.
 Every refusal names its setting in the message (TUNESERVE_...) and in `param`.
+
+Storage is bytes stored plus bytes reserved: each queued or running job, derive and merge reserves an estimate of
+what it will write (core/reservations.py; a running job's checkpoints already on disk are taken off its
+reservation), so the merge or job whose reservation would take the tenant past its quota is refused at admission,
+not after it filled the disk.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Literal
 from sqlalchemy.orm import Session
 
 from api.schemas import AdapterQuotaOut, QuotaOut, StorageUsageOut, UsageOut
+from core import reservations
 from core.errors import PayloadTooLarge, RateLimited
 from core.repository import jobs as jobs_repo
 from core.repository import usage as usage_repo
@@ -26,7 +32,7 @@ from core.storage import Store
 Kind = Literal["job", "evaluation", "derive", "merge", "import", "dataset"]
 MAKES_ADAPTER: frozenset[Kind] = frozenset({"job", "derive", "merge", "import"})
 ADDS_BYTES: frozenset[Kind] = frozenset({"dataset", "import"})  # bytes known at submission: "would it pass?"
-WRITES_LATER: frozenset[Kind] = frozenset({"job", "derive", "merge"})  # bytes unknown: refused once at the limit
+WRITES_LATER: frozenset[Kind] = frozenset({"job", "derive", "merge"})  # bytes estimated: reserved at admission
 ACTIVE_LIMITS: dict[Kind, tuple[str, str]] = {
     "job": ("max_active_jobs", "jobs"),
     "evaluation": ("max_active_evaluations", "evaluations"),
@@ -51,10 +57,16 @@ class Usage:
     adapter_bytes: int
     merged_bytes: int
     checkpoint_bytes: int
+    reserved_bytes: int = 0
 
     @property
     def storage_bytes(self) -> int:
         return self.dataset_bytes + self.adapter_bytes + self.merged_bytes + self.checkpoint_bytes
+
+    @property
+    def committed_bytes(self) -> int:
+        """Stored plus reserved by queued and running work: what the quota is checked against."""
+        return self.storage_bytes + self.reserved_bytes
 
     def active(self, kind: Kind) -> int:
         if kind == "job":
@@ -86,6 +98,19 @@ def checkpoint_bytes(session: Session, settings: Settings, tenant_id: str) -> in
     return sum(dir_bytes(jobs_root / job_id) for job_id in usage_repo.owned_job_ids(session, tenant_id, entries))
 
 
+def reserved_bytes(session: Session, settings: Settings, tenant_id: str) -> int:
+    """What the tenant's queued and running jobs, derives and merges are estimated to write still."""
+    jobs_root = Store(settings).root / "jobs"
+    total = 0
+    for job_id, method, hyperparameters in usage_repo.reserving_jobs(session, tenant_id):
+        estimate = reservations.job_bytes(settings.base_model, method, hyperparameters)
+        total += max(0, estimate - dir_bytes(jobs_root / job_id))
+    for kind, source_bytes in usage_repo.reserving_operations(session, tenant_id):
+        merge = kind == "merge"
+        total += reservations.merge_bytes(settings.base_model) if merge else reservations.derive_bytes(source_bytes)
+    return total
+
+
 def tenant_usage(session: Session, settings: Settings, tenant_id: str, *, checkpoints: int | None = None) -> Usage:
     adapters, merged = usage_repo.adapter_bytes(session, tenant_id)
     return Usage(
@@ -98,6 +123,7 @@ def tenant_usage(session: Session, settings: Settings, tenant_id: str, *, checkp
         adapter_bytes=adapters,
         merged_bytes=merged,
         checkpoint_bytes=checkpoint_bytes(session, settings, tenant_id) if checkpoints is None else checkpoints,
+        reserved_bytes=reserved_bytes(session, settings, tenant_id),
     )
 
 
@@ -135,19 +161,23 @@ def _check(settings: Settings, usage: Usage, kind: Kind, *, new_bytes: int, inse
     """Refuse `kind` if it passes a limit. inserted: the new row is already in `usage` (else it is added here)."""
     extra = 0 if inserted else 1
     limit = settings.max_storage_bytes_per_tenant
+    quota = env_name("max_storage_bytes_per_tenant")
     if kind in ADDS_BYTES:
-        total = usage.storage_bytes + (0 if inserted else new_bytes)
+        total = usage.committed_bytes + (0 if inserted else new_bytes)
         if total > limit:
             raise PayloadTooLarge(
-                f"this {kind} of {new_bytes} bytes would bring your storage to {total} bytes, past your quota of "
-                f"{limit} bytes ({env_name('max_storage_bytes_per_tenant')}); delete adapters or datasets first",
+                f"this {kind} of {new_bytes} bytes would bring your storage to {total} bytes (stored, plus "
+                f"{usage.reserved_bytes} reserved by queued and running work), past your quota of {limit} bytes "
+                f"({quota}); delete adapters or datasets first",
                 param="max_storage_bytes_per_tenant",
                 code="storage_quota_exceeded",
             )
-    elif kind in WRITES_LATER and usage.storage_bytes >= limit:
+    elif kind in WRITES_LATER and (usage.committed_bytes > limit or usage.committed_bytes >= limit and not inserted):
         raise PayloadTooLarge(
-            f"your storage is {usage.storage_bytes} bytes, at or over your quota of {limit} bytes "
-            f"({env_name('max_storage_bytes_per_tenant')}); delete adapters first",
+            f"your storage is {usage.storage_bytes} bytes and queued and running work"
+            f"{' (this ' + kind + ' included)' if inserted else ''} reserves {usage.reserved_bytes} bytes more (an "
+            f"estimate of what it writes), {usage.committed_bytes} bytes in all, past your quota of {limit} bytes "
+            f"({quota}); delete adapters or wait for work to finish",
             param="max_storage_bytes_per_tenant",
             code="storage_quota_exceeded",
         )

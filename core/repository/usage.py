@@ -93,3 +93,27 @@ def owned_job_ids(session: Session, tenant_id: str, candidates: Iterable[str]) -
         chunk = candidates[start : start + 500]
         owned += session.scalars(select(Job.id).where(Job.tenant_id == tenant_id, Job.id.in_(chunk)))
     return owned
+
+
+def reserving_jobs(session: Session, tenant_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(id, method, hyperparameters) of the tenant's active jobs: each reserves what it will write."""
+    rows = session.execute(
+        select(Job.id, Job.method, Job.hyperparameters).where(
+            Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATUSES)
+        )
+    ).all()
+    return [(job_id, str(getattr(method, "value", method)), dict(hp or {})) for job_id, method, hp in rows]
+
+
+def reserving_operations(session: Session, tenant_id: str) -> list[tuple[str, int]]:
+    """(kind, the source adapter's bytes) of the tenant's active derives and merges."""
+    rows = session.execute(
+        select(AdapterOperation.kind, func.coalesce(Adapter.size_bytes, 0))
+        .outerjoin(Adapter, Adapter.name == AdapterOperation.source_adapter)
+        .where(
+            AdapterOperation.tenant_id == tenant_id,
+            AdapterOperation.status.in_(ACTIVE_WORK),
+            AdapterOperation.kind.in_(list(PRODUCING_OPERATIONS)),
+        )
+    ).all()
+    return [(str(getattr(kind, "value", kind)), int(size)) for kind, size in rows]
