@@ -15,6 +15,8 @@
    as it arrives and refused with 413 as soon as it passes the cap.
 4. A NUL character in the URL (path or query) is a 422 naming the part: Postgres text cannot hold one, so every
    route that looks an id up would otherwise fail inside the database.
+5. Uploads (POST /datasets, /v1/files, /adapters) in progress at once are capped per tenant and API process
+   (max_concurrent_uploads_per_tenant): past it a 429 with Retry-After, before a byte of the body is spooled.
 
 Every refusal is in the one error shape (api/errors.py) and names the limit's setting or the field.
 
@@ -37,7 +39,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.auth import key_sha256, tenant_for_key
 from core.db import session_scope
-from core.errors import Forbidden, InvalidInput, PayloadTooLarge, TuneserveError, Unauthenticated
+from core.errors import (
+    Forbidden,
+    InvalidInput,
+    PayloadTooLarge,
+    RateLimited,
+    RetryLater,
+    TuneserveError,
+    Unauthenticated,
+)
+from core.models import DEFAULT_TENANT_ID
 from core.serving_contract import is_loopback
 from core.settings import Settings
 
@@ -45,6 +56,9 @@ log = logging.getLogger(__name__)
 
 # The routes whose body is a multipart upload, with the setting that caps it.
 UPLOAD_LIMITS = {("POST", "/datasets"): "max_upload_bytes", ("POST", "/adapters"): "max_adapter_upload_bytes"}
+# The routes whose body is an upload that the API spools and parses (or unpacks in a child): each holds one of the
+# tenant's upload slots while it runs.
+UPLOAD_ROUTES = frozenset({("POST", "/datasets"), ("POST", "/v1/files"), ("POST", "/adapters")})
 MAX_CACHED_KEYS = 10_000
 
 
@@ -124,7 +138,8 @@ class RequestGuard:
         self.open_paths = frozenset(p.rstrip("/") or "/" for p in open_paths)
         # Whole trees without a key (the console's pages and static files, which hold no tenant data), each "/x/".
         self.open_prefixes = tuple(p.rstrip("/") + "/" for p in open_prefixes)
-        self._valid_keys: dict[str, float] = {}  # sha256 of a key -> monotonic time it is trusted until
+        self._valid_keys: dict[str, tuple[float, str]] = {}  # sha256 of a key -> (trusted until, its tenant)
+        self._uploads: dict[str, int] = {}  # tenant -> uploads in progress (one event loop: plain counting is exact)
 
     def body_limit(self, method: str, path: str) -> tuple[int, str, str | None]:
         """The cap on this request's body: (bytes, the setting's name, the param a 413 names)."""
@@ -138,13 +153,14 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path, method = _route_path(scope), scope.get("method", "GET")
+        tenant: str | None = DEFAULT_TENANT_ID
         if not self.settings.auth_enabled:
             refused = _cross_site(scope)
             if refused is not None:
                 await _send_error(send, refused)
                 return
         if self.settings.auth_enabled and path not in self.open_paths and not path.startswith(self.open_prefixes):
-            refusal = await self._authenticate(scope)
+            refusal, tenant = await self._authenticate(scope)
             if refusal is not None:
                 await _send_error(send, refusal)
                 return
@@ -163,7 +179,31 @@ class RequestGuard:
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
             await _send_error(send, too_large)
             return
-        await self._call_counting(scope, receive, send, limit, too_large)
+        if (method, path) not in UPLOAD_ROUTES or tenant is None:  # None: the key was not checked here (DB down)
+            await self._call_counting(scope, receive, send, limit, too_large)
+            return
+        running, cap = self._uploads.get(tenant, 0), self.settings.max_concurrent_uploads_per_tenant
+        if running >= cap:
+            await _send_error(
+                send,
+                RateLimited(
+                    f"{running} uploads of this tenant are in progress; the limit is {cap} at once "
+                    "(TUNESERVE_MAX_CONCURRENT_UPLOADS_PER_TENANT)",
+                    param="max_concurrent_uploads_per_tenant",
+                    code="too_many_concurrent_uploads",
+                    retry_after=1,
+                ),
+            )
+            return
+        self._uploads[tenant] = running + 1
+        try:
+            await self._call_counting(scope, receive, send, limit, too_large)
+        finally:
+            left = self._uploads[tenant] - 1
+            if left:
+                self._uploads[tenant] = left
+            else:
+                del self._uploads[tenant]
 
     async def _call_counting(
         self, scope: Scope, receive: Receive, send: Send, limit: int, too_large: PayloadTooLarge
@@ -199,32 +239,35 @@ class RequestGuard:
         if exceeded and not started:
             await _send_error(send, too_large)
 
-    async def _authenticate(self, scope: Scope) -> TuneserveError | None:
-        """None if the request may go on; else the 401 the route dependency (api/deps.py) would give."""
+    async def _authenticate(self, scope: Scope) -> tuple[TuneserveError | None, str | None]:
+        """(None, the key's tenant) if the request may go on; else the 401 the route dependency (api/deps.py) would
+        give. The tenant is None when the database could not be asked (the route checks the key then)."""
         scheme, credentials = get_authorization_scheme_param(_header(scope, b"authorization"))
         if not (scheme and credentials) or scheme.lower() != "bearer":
-            return Unauthenticated(
+            missing = Unauthenticated(
                 "send an API key: Authorization: Bearer <key>", param="Authorization", code="missing_api_key"
             )
+            return missing, None
         digest = key_sha256(credentials)
         now = time.monotonic()
-        if self._valid_keys.get(digest, 0.0) > now:
-            return None
+        until, tenant = self._valid_keys.get(digest, (0.0, ""))
+        if until > now:
+            return None, tenant
         try:
-            await anyio.to_thread.run_sync(self._lookup, credentials)
+            tenant = await anyio.to_thread.run_sync(self._lookup, credentials)
         except Unauthenticated as e:
-            return e
+            return e, None
         except Exception as e:  # noqa: BLE001 - the database is down: let the route answer as it does today
             log.warning("request guard: key lookup failed (%s); the route checks the key", type(e).__name__)
-            return None
+            return None, None
         if len(self._valid_keys) >= MAX_CACHED_KEYS:
             self._valid_keys.clear()
-        self._valid_keys[digest] = now + self.settings.auth_cache_seconds
-        return None
+        self._valid_keys[digest] = (now + self.settings.auth_cache_seconds, tenant)
+        return None, tenant
 
-    def _lookup(self, credentials: str) -> None:
+    def _lookup(self, credentials: str) -> str:
         with session_scope(self.settings.database_url) as session:
-            tenant_for_key(session, credentials)
+            return tenant_for_key(session, credentials)
 
 
 async def _send_error(send: Send, error: TuneserveError) -> None:
@@ -235,6 +278,8 @@ async def _send_error(send: Send, error: TuneserveError) -> None:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(error, PayloadTooLarge):
         headers["Connection"] = "close"
+    if isinstance(error, RetryLater):
+        headers["Retry-After"] = str(error.retry_after)
     response = JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
     await response({"type": "http"}, _no_body, send)
 

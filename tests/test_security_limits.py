@@ -4,16 +4,21 @@ serving): auth off serves only a loopback Host and same-origin pages, every answ
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from core import reservations
 from core.adapter_import import CHILD_ENV_KEYS, unpack_adapter, unpack_child_env
 from core.migrate import upgrade
+from core.model_info import weight_shapes
 from core.settings import Settings
 from tests.support.adapters import tar_gz
 from tests.support.stack import bearer, mint_api_key
@@ -144,3 +149,56 @@ def test_max_examples_is_capped_by_the_deployment(tenant: TestClient) -> None:
     assert unbounded.status_code == 201, unbounded.text
     assert unbounded.json()["max_examples"] == 2  # the split's 3 rows, scored up to the cap
     tenant.post(f"/evaluations/{unbounded.json()['id']}/cancel")
+
+
+def test_concurrent_uploads_past_the_cap_are_429_before_the_body_is_read(app_settings: Settings) -> None:
+    """Issue 25, item 9: one tenant's uploads in progress at once are capped (here 1); the next is refused at once,
+    the slot is given back when the upload ends, and another tenant is not held up."""
+    settings = app_settings.model_copy(update={"max_concurrent_uploads_per_tenant": 1})
+    app = create_app(settings)
+    mine, theirs = bearer(mint_api_key(settings)), bearer(mint_api_key(settings, "other-uploader", new_tenant=True))
+    rows = b'{"prompt": "p", "completion": "c"}\n' * 4
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'.encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+    async def scenario() -> tuple[int, int, int, int, str]:
+        release = asyncio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield head
+            await release.wait()  # the upload is in progress, its body still arriving
+            yield rows + tail
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL, timeout=30) as http:
+            first = asyncio.ensure_future(http.post("/datasets", content=slow_body(), headers={**headers, **mine}))
+            await asyncio.sleep(0.2)
+            second = await http.post("/datasets", content=head + rows + tail, headers={**headers, **mine})
+            other = await http.post("/datasets", content=head + rows + tail, headers={**headers, **theirs})
+            release.set()
+            done = await first
+            again = await http.post("/datasets", content=head + rows + tail, headers={**headers, **mine})
+            return second.status_code, other.status_code, done.status_code, again.status_code, second.text
+
+    second, other, first, again, text = asyncio.run(scenario())
+    assert second == 429 and "TUNESERVE_MAX_CONCURRENT_UPLOADS_PER_TENANT" in text, text
+    assert (other, first, again) == (201, 201, 201)
+
+
+def test_reservations_grow_with_what_the_work_writes(model_dir: Path) -> None:
+    """Issue 25, item 8: a full fine-tune reserves more than a low-rank LoRA; a LoRA's reservation grows with its rank, its
+    targets and its checkpoints; a merge reserves the base model's files."""
+    base = str(model_dir)
+    lora = reservations.job_bytes(base, "lora", {"lora_r": 8})
+    assert reservations.job_bytes(base, "lora", {"lora_r": 16}) == 2 * lora or lora == reservations.MIN_RESERVATION
+    attention = reservations.job_bytes(base, "lora", {"lora_r": 64, "target_modules": "attention"})
+    assert attention < reservations.job_bytes(base, "lora", {"lora_r": 64})
+    more = reservations.job_bytes(base, "lora", {"lora_r": 64, "keep_checkpoints": 5})
+    assert more > reservations.job_bytes(base, "lora", {"lora_r": 64})
+    full = reservations.job_bytes(base, "full", {})
+    assert full > lora
+    params = sum(math.prod(shape) for _, shape in weight_shapes(base))
+    assert full == params * 4 * (1 + 3 * 2)  # fp32 model + 2 checkpoints of parameters and AdamW's moments
+    assert reservations.merge_bytes(base) >= sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
