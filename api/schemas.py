@@ -430,12 +430,13 @@ class AdapterQuotaOut(QuotaOut):
 
 
 class StorageUsageOut(QuotaOut):
-    """Bytes: `used` is the total of the four kinds."""
+    """Bytes: `used` is the total of the five kinds (evaluation samples estimated per sample)."""
 
     datasets: int
     adapters: int
     merged_models: int
     checkpoints: int
+    evaluation_samples: int
 
 
 class UsageOut(BaseModel):

@@ -14,6 +14,10 @@ write, and admission refuses the record whose reservation would take the tenant 
   embeddings, a small upper bound.
 
 A base model given as a hub name (no local files) reserves nothing beyond MIN_RESERVATION.
+
+Evaluation samples are rows in SQL, one per example and scale, each text cut to max_sample_chars: they are counted
+(and an active evaluation reserves the ones still to come) at an estimate per sample from its dataset's mean row
+size and max_new_tokens, rather than by summing the texts' lengths on every admission.
 """
 
 from __future__ import annotations
@@ -72,3 +76,15 @@ def merge_bytes(base_model: str) -> int:
 
 def derive_bytes(source_adapter_bytes: int) -> int:
     return max(MIN_RESERVATION, source_adapter_bytes)
+
+
+SAMPLE_ROW_OVERHEAD = 256  # ids, scale, scores JSON and the row's own overhead
+CHARS_PER_TOKEN = 8  # a generous bound on a prediction's characters per new token
+
+
+def sample_bytes(*, dataset_bytes: int, dataset_rows: int, max_new_tokens: int, max_sample_chars: int) -> int:
+    """The estimated size of one stored evaluation sample: its prompt and reference (each about a dataset row, at
+    most max_sample_chars), its prediction (max_new_tokens tokens, at most max_sample_chars) and the row."""
+    row = dataset_bytes // max(1, dataset_rows)
+    prediction = max_new_tokens * CHARS_PER_TOKEN
+    return 2 * min(max_sample_chars, row) + min(max_sample_chars, prediction) + SAMPLE_ROW_OVERHEAD

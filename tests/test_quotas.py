@@ -212,9 +212,14 @@ def test_usage_equals_the_sums_in_sql(stack: Stack, owner: dict[str, Any]) -> No
         expected["merged_bytes"],
         expected["checkpoints"],
     )
+    assert storage["evaluation_samples"] > 0  # the owner's finished two-scale evaluation, estimated per sample
     assert (
         storage["used"]
-        == expected["datasets"] + expected["adapter_bytes"] + expected["merged_bytes"] + expected["checkpoints"]
+        == expected["datasets"]
+        + expected["adapter_bytes"]
+        + expected["merged_bytes"]
+        + expected["checkpoints"]
+        + storage["evaluation_samples"]
     )
     settings = stack.settings
     assert {k: (usage[k]["limit"], usage[k]["setting"]) for k in usage if k != "object"} == {

@@ -1,6 +1,7 @@
-"""Issue 25's boundaries at the browser, the scrape and the API host, on an app over SQLite (no worker, no
-serving): auth off serves only a loopback Host and same-origin pages, every answer carries the security headers,
-/metrics beyond loopback needs its token, and the adapter-unpacking child inherits no secret."""
+"""Issue 25's boundaries and limits on an app over SQLite (no worker, no serving): auth off serves only a loopback
+Host and same-origin pages, every answer carries the security headers, /metrics beyond loopback needs its token,
+the adapter-unpacking child inherits no secret; max_examples is capped, uploads in progress are capped per tenant,
+reservations grow with what work writes and evaluation samples count against the storage quota."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from core import reservations
 from core.adapter_import import CHILD_ENV_KEYS, unpack_adapter, unpack_child_env
 from core.migrate import upgrade
 from core.model_info import weight_shapes
+from core.models import Dataset
 from core.settings import Settings
 from tests.support.adapters import tar_gz
 from tests.support.stack import bearer, mint_api_key
@@ -202,3 +204,30 @@ def test_reservations_grow_with_what_the_work_writes(model_dir: Path) -> None:
     params = sum(math.prod(shape) for _, shape in weight_shapes(base))
     assert full == params * 4 * (1 + 3 * 2)  # fp32 model + 2 checkpoints of parameters and AdamW's moments
     assert reservations.merge_bytes(base) >= sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def test_an_evaluation_reserves_its_samples_against_the_storage_quota(app_settings: Settings) -> None:
+    """Issue 25, item 10: samples count against the storage quota; an evaluation whose samples would pass it is a
+    413 at admission, and one that fits reserves them while it is queued."""
+    from api.services.usage import tenant_usage
+    from core.db import session_scope
+
+    settings = app_settings.model_copy(update={"max_evaluation_examples": 2})
+    key = mint_api_key(settings, "evaluator", new_tenant=True)
+    with TestClient(create_app(settings), headers=bearer(key)) as client:
+        rows = b"".join(b'{"prompt": "p%d", "completion": "c"}\n' % i for i in range(3))
+        dataset_id = client.post("/datasets", files={"file": rows, "test_file": rows}).json()["id"]
+        with session_scope(settings.database_url) as s:
+            tenant_id = s.get(Dataset, dataset_id).tenant_id  # type: ignore[union-attr]
+            before = tenant_usage(s, settings, tenant_id)
+        assert before.sample_bytes == 0 and before.reserved_bytes == 0
+        tight = settings.model_copy(update={"max_storage_bytes_per_tenant": before.committed_bytes + 1})
+        with TestClient(create_app(tight), headers=bearer(key)) as limited:
+            refused = limited.post("/evaluations", json={"dataset_id": dataset_id})
+        assert refused.status_code == 413 and refused.json()["error"]["param"] == "max_storage_bytes_per_tenant"
+        queued = client.post("/evaluations", json={"dataset_id": dataset_id})
+        assert queued.status_code == 201, queued.text
+        with session_scope(settings.database_url) as s:
+            reserved = tenant_usage(s, settings, tenant_id).reserved_bytes
+        assert reserved > 0  # 2 examples (the cap) x 1 scale, each estimated from the dataset's rows
+        client.post(f"/evaluations/{queued.json()['id']}/cancel")

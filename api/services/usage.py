@@ -32,7 +32,8 @@ from core.storage import Store
 Kind = Literal["job", "evaluation", "derive", "merge", "import", "dataset"]
 MAKES_ADAPTER: frozenset[Kind] = frozenset({"job", "derive", "merge", "import"})
 ADDS_BYTES: frozenset[Kind] = frozenset({"dataset", "import"})  # bytes known at submission: "would it pass?"
-WRITES_LATER: frozenset[Kind] = frozenset({"job", "derive", "merge"})  # bytes estimated: reserved at admission
+# Bytes estimated, reserved at admission (an evaluation's are its samples' rows).
+WRITES_LATER: frozenset[Kind] = frozenset({"job", "derive", "merge", "evaluation"})
 ACTIVE_LIMITS: dict[Kind, tuple[str, str]] = {
     "job": ("max_active_jobs", "jobs"),
     "evaluation": ("max_active_evaluations", "evaluations"),
@@ -57,11 +58,12 @@ class Usage:
     adapter_bytes: int
     merged_bytes: int
     checkpoint_bytes: int
+    sample_bytes: int = 0
     reserved_bytes: int = 0
 
     @property
     def storage_bytes(self) -> int:
-        return self.dataset_bytes + self.adapter_bytes + self.merged_bytes + self.checkpoint_bytes
+        return self.dataset_bytes + self.adapter_bytes + self.merged_bytes + self.checkpoint_bytes + self.sample_bytes
 
     @property
     def committed_bytes(self) -> int:
@@ -98,10 +100,30 @@ def checkpoint_bytes(session: Session, settings: Settings, tenant_id: str) -> in
     return sum(dir_bytes(jobs_root / job_id) for job_id in usage_repo.owned_job_ids(session, tenant_id, entries))
 
 
-def reserved_bytes(session: Session, settings: Settings, tenant_id: str) -> int:
-    """What the tenant's queued and running jobs, derives and merges are estimated to write still."""
+def evaluation_sample_bytes(session: Session, settings: Settings, tenant_id: str) -> tuple[int, int]:
+    """(stored, still to come): the estimated bytes of the tenant's evaluation samples (core.reservations), those
+    written (done_examples: one sample per example and scale) and those its active evaluations will write."""
+    cap, stored, coming = settings.max_evaluation_examples, 0, 0
+    for row in usage_repo.evaluation_sample_rows(session, tenant_id):
+        status, done, n, max_examples, split, scales, new_tokens, data_bytes, train_rows, test_rows = row
+        per_sample = reservations.sample_bytes(
+            dataset_bytes=int(data_bytes or 0),
+            dataset_rows=int(train_rows or 0) + int(test_rows or 0),
+            max_new_tokens=int(new_tokens),
+            max_sample_chars=settings.max_sample_chars,
+        )
+        stored += int(done or 0) * per_sample
+        if status in usage_repo.ACTIVE_WORK:
+            examples = n if n is not None else min(max_examples or cap, test_rows if split == "test" else train_rows)
+            coming += max(0, min(int(examples or 0), cap) * max(1, len(scales or [])) - int(done or 0)) * per_sample
+    return stored, coming
+
+
+def reserved_bytes(session: Session, settings: Settings, tenant_id: str, *, samples_to_come: int = 0) -> int:
+    """What the tenant's queued and running jobs, derives, merges (and evaluations: samples_to_come) are estimated
+    to write still."""
     jobs_root = Store(settings).root / "jobs"
-    total = 0
+    total = samples_to_come
     for job_id, method, hyperparameters in usage_repo.reserving_jobs(session, tenant_id):
         estimate = reservations.job_bytes(settings.base_model, method, hyperparameters)
         total += max(0, estimate - dir_bytes(jobs_root / job_id))
@@ -113,6 +135,7 @@ def reserved_bytes(session: Session, settings: Settings, tenant_id: str) -> int:
 
 def tenant_usage(session: Session, settings: Settings, tenant_id: str, *, checkpoints: int | None = None) -> Usage:
     adapters, merged = usage_repo.adapter_bytes(session, tenant_id)
+    samples, samples_to_come = evaluation_sample_bytes(session, settings, tenant_id)
     return Usage(
         active_jobs=usage_repo.active_jobs(session, tenant_id),
         active_evaluations=usage_repo.active_evaluations(session, tenant_id),
@@ -123,7 +146,8 @@ def tenant_usage(session: Session, settings: Settings, tenant_id: str, *, checkp
         adapter_bytes=adapters,
         merged_bytes=merged,
         checkpoint_bytes=checkpoint_bytes(session, settings, tenant_id) if checkpoints is None else checkpoints,
-        reserved_bytes=reserved_bytes(session, settings, tenant_id),
+        sample_bytes=samples,
+        reserved_bytes=reserved_bytes(session, settings, tenant_id, samples_to_come=samples_to_come),
     )
 
 
@@ -149,6 +173,7 @@ def usage_out(settings: Settings, usage: Usage) -> UsageOut:
             adapters=usage.adapter_bytes,
             merged_models=usage.merged_bytes,
             checkpoints=usage.checkpoint_bytes,
+            evaluation_samples=usage.sample_bytes,
         ),
     )
 

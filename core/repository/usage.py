@@ -117,3 +117,26 @@ def reserving_operations(session: Session, tenant_id: str) -> list[tuple[str, in
         )
     ).all()
     return [(str(getattr(kind, "value", kind)), int(size)) for kind, size in rows]
+
+
+def evaluation_sample_rows(session: Session, tenant_id: str) -> list[Any]:
+    """Each of the tenant's evaluations with what sizes its samples: (status, done_examples, n_examples,
+    max_examples, split, scales, max_new_tokens, and its dataset's bytes, train_rows, test_rows)."""
+    return list(
+        session.execute(
+            select(
+                Evaluation.status,
+                Evaluation.done_examples,
+                Evaluation.n_examples,
+                Evaluation.max_examples,
+                Evaluation.split,
+                Evaluation.scales,
+                Evaluation.max_new_tokens,
+                Dataset.bytes,
+                Dataset.train_rows,
+                Dataset.test_rows,
+            )
+            .join(Dataset, Dataset.id == Evaluation.dataset_id)
+            .where(Evaluation.tenant_id == tenant_id)
+        ).all()
+    )
