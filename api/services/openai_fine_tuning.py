@@ -266,20 +266,18 @@ def _resolve_hyperparameters(body: OpenAIJobCreate) -> tuple[str, Hyperparameter
 
 
 def _reinforcement_grader(body: OpenAIJobCreate) -> dict[str, Any]:
-    """The native grader of a reinforcement job (helper module api.services.openai_graders translates OpenAI's)."""
-    try:
-        from api.services.openai_graders import native_grader_from_openai
-    except ImportError:
-        raise BadRequest(
-            "method.type reinforcement is not supported through /v1/fine_tuning yet (OpenAI grader shapes are not "
-            "translated); use POST /jobs with objective grpo and a native grader",
-            param="method.type",
-            code="unsupported_method",
-        ) from None
+    """The native grader of a reinforcement job: OpenAI's grader JSON as api.services.openai_graders translates it
+    (a 400 naming the field it refuses)."""
+    # Imported here: that module builds on this one's BadRequest.
+    from api.services.openai_graders import native_grader_from_openai
+
     section = body.method.reinforcement if body.method is not None else None
     grader = section.get("grader") if isinstance(section, dict) else None
     if not isinstance(grader, dict):
-        raise BadRequest("method.reinforcement.grader is required", param="method.reinforcement.grader")
+        raise BadRequest(
+            "method.reinforcement.grader is required: the grader that rewards each sample",
+            param="method.reinforcement.grader",
+        )
     return dict(native_grader_from_openai(grader, "method.reinforcement.grader"))
 
 
