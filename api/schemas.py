@@ -150,7 +150,7 @@ class JobOut(BaseModel):
             fine_tuned_model=job.adapter_name,
             attempts=job.attempt_count,
             cancel_requested=job.cancel_requested,
-            pause_requested=bool(job.pause_requested),
+            pause_requested=bool(job.pause_requested) and job.status == JobStatus.running,
             error=error,
             validation_dataset_id=job.validation_dataset_id,
             metadata=job.metadata_,
