@@ -25,6 +25,7 @@ import ast
 import json
 import math
 import operator
+import re
 from collections.abc import Iterator
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -224,8 +225,8 @@ MAX_FORMULA_NODES = 200
 # Similarity metrics are quadratic in places (fuzzy_match, rouge_l): each side is cut to this many characters.
 MAX_SIMILARITY_CHARS = 10_000
 # {{ sample.output_text }}, {{ sample.output_json.a.0 }}, {{ item }}, {{ item.answer }}: a namespace and a dotted path.
-_TEMPLATE = re2.compile(r"\{\{(.*?)\}\}")
-_VARIABLE = re2.compile(r"^\s*(sample\.output_text|sample\.output_json|item)((?:\.[A-Za-z0-9_-]+)*)\s*$")
+_NAMESPACES = ("sample.output_text", "sample.output_json", "item")
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 _REFUSED_TYPES = {
     "python": "a python grader runs tenant code, and this deployment has no sandbox to run it in (user code never "
     "runs unconfined on a worker); use string_check, text_similarity or multi",
@@ -241,14 +242,36 @@ class _MissingVariable(Exception):
     """A template names a field the sample or item does not have."""
 
 
+def _template_parts(text: str) -> Iterator[tuple[str, str | None]]:
+    """(literal text, the variable after it or None at the end): a scan with str.find, linear in the text."""
+    at = 0
+    while (start := text.find("{{", at)) >= 0:
+        end = text.find("}}", start + 2)
+        if end < 0:
+            raise ValueError("has a {{ with no closing }}")
+        yield text[at:start], text[start + 2 : end]
+        at = end + 2
+    yield text[at:], None
+
+
+def _variable(inner: str) -> tuple[str, list[str]] | None:
+    """A template variable's namespace and path (`item.a.0` is ("item", ["a", "0"])), or None if it is not one."""
+    parts = inner.strip().split(".")
+    for namespace in _NAMESPACES:
+        head = namespace.split(".")
+        if parts[: len(head)] == head:
+            path = parts[len(head) :]
+            if namespace == "sample.output_text" and path:
+                return None
+            return (namespace, path) if all(p and set(p) <= _PATH_CHARS for p in path) else None
+    return None
+
+
 def _check_template(text: str) -> str:
-    if "{{" in _TEMPLATE.sub("", text):
-        raise ValueError("has a {{ with no closing }}")
-    for m in _TEMPLATE.finditer(text):
-        if _VARIABLE.match(m.group(1)) is None:
+    for _, inner in _template_parts(text):
+        if inner is not None and _variable(inner) is None:
             raise ValueError(
-                f"template {{{{{m.group(1)[:100]}}}}} is not sample.output_text, sample.output_json[.path] "
-                "or item[.path]"
+                f"template {{{{{inner[:100]}}}}} is not sample.output_text, sample.output_json[.path] or item[.path]"
             )
     return text
 
@@ -256,8 +279,8 @@ def _check_template(text: str) -> str:
 Template = Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)]
 
 
-def _lookup(value: Any, path: str) -> Any:
-    for part in path.split(".")[1:]:
+def _lookup(value: Any, path: list[str]) -> Any:
+    for part in path:
         if isinstance(value, dict) and part in value:
             value = value[part]
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
@@ -269,15 +292,17 @@ def _lookup(value: Any, path: str) -> Any:
 
 def render(text: str, sample: str, item: Any) -> str:
     """A template with each {{variable}} replaced by the sample's or item's value (JSON unless a string)."""
-
-    def value_of(m: Any) -> str:
-        found = _VARIABLE.match(m.group(1))
+    out: list[str] = []
+    for literal, inner in _template_parts(text):
+        out.append(literal)
+        if inner is None:
+            break
+        found = _variable(inner)
         assert found is not None, "checked when the grader was parsed"
-        namespace, path = found.group(1), found.group(2)
+        namespace, path = found
         if namespace == "sample.output_text":
-            if path:
-                raise _MissingVariable(path)
-            return sample
+            out.append(sample)
+            continue
         if namespace == "sample.output_json":
             try:
                 root: Any = json.loads(sample)
@@ -286,9 +311,8 @@ def render(text: str, sample: str, item: Any) -> str:
         else:
             root = item
         value = _lookup(root, path)
-        return value if isinstance(value, str) else json.dumps(value)
-
-    return str(_TEMPLATE.sub(value_of, text))
+        out.append(value if isinstance(value, str) else json.dumps(value))
+    return "".join(out)
 
 
 class GradeResult(BaseModel):
@@ -369,8 +393,11 @@ def _checked_templates(grader: Any, *fields: str) -> Any:
     return grader
 
 
+_TOKEN = re.compile(r"\w+|[^\w\s]")  # no nested repetition: linear on Python's re too
+
+
 def _tokens(text: str) -> list[str]:
-    return [str(t) for t in re2.findall(r"\w+|[^\w\s]", text)]
+    return _TOKEN.findall(text)
 
 
 def text_similarity(metric: str, output: str, reference: str) -> float:
@@ -588,6 +615,24 @@ def _refused_type(value: Any, where: str) -> tuple[str, str] | None:
     return None
 
 
+def check_encodable(value: Any, param: str) -> None:
+    """A 422 naming the first string (key or value) in a JSON value that UTF-8 cannot hold (a lone surrogate)."""
+    stack: list[tuple[Any, str]] = [(value, param)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            paths = {k: f"{where}.{k}" if where else str(k) for k in node}
+            stack += [(k, paths[k]) for k in node] + [(v, paths[k]) for k, v in node.items()]
+        elif isinstance(node, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        elif isinstance(node, str) and not node.isascii():
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                where = where.encode("utf-8", "backslashreplace").decode()
+                raise InvalidInput(f"{where}: contains an unpaired surrogate (\\ud800-\\udfff)", param=where) from None
+
+
 def parse_openai_grader(value: Any, *, param: str = "grader") -> OpenAIStringCheck | OpenAITextSimilarity | OpenAIMulti:
     """A validated OpenAI grader from its JSON, or a 422 naming the field (the OpenAI routes answer it as a 400)."""
     from pydantic import ValidationError
@@ -595,6 +640,7 @@ def parse_openai_grader(value: Any, *, param: str = "grader") -> OpenAIStringChe
     refused = _refused_type(value, param)
     if refused is not None:
         raise InvalidInput(f"{refused[0]}: {refused[1]}", param=refused[0])
+    check_encodable(value, param)
     try:
         return _OpenAISpec.model_validate({"grader": value}).grader
     except ValidationError as e:

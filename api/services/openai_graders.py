@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.services import openai_fine_tuning
 from core.errors import InvalidInput
-from core.graders import OpenAIGraderSpec, grade_openai, parse_grader, parse_openai_grader
+from core.graders import OpenAIGraderSpec, check_encodable, grade_openai, parse_grader, parse_openai_grader
 
 # The error flags OpenAI's run answers with (openai/types/fine_tuning/alpha/grader_run_response.py), all false
 # unless one of ours maps to it.
@@ -95,6 +95,10 @@ def native_grader_from_openai(grader: Mapping[str, object], param: str) -> dict[
 
 
 def _body(model: type[BaseModel], body: Mapping[str, Any]) -> Any:
+    try:
+        check_encodable(dict(body), "")  # every string the answer may echo (a field name, the item) is UTF-8
+    except InvalidInput as e:
+        raise _bad_request(e) from None
     try:
         return model.model_validate(dict(body))
     except ValidationError as e:

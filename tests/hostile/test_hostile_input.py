@@ -233,6 +233,23 @@ def _fill(path: str, ids: dict[str, str], override: dict[str, str] | None = None
     return path
 
 
+# validate parses the same grader as run: run's body alone carries it (a multi, a template of each namespace).
+_OPENAI_GRADER = {
+    "type": "multi",
+    "name": "m",
+    "graders": {
+        "a": {
+            "type": "string_check",
+            "name": "a",
+            "input": "{{sample.output_json.a}}",
+            "reference": "{{item.x}}",
+            "operation": "eq",
+        }
+    },
+    "calculate_output": "2 ^ a / (a + 1)",
+}
+
+
 def _base_bodies(ids: dict[str, str], model: str) -> dict[tuple[str, str], list[Any]]:
     """A valid (or nearly valid) body per JSON route, whose every value is then replaced by each hostile one."""
     return {
@@ -292,6 +309,9 @@ def _base_bodies(ids: dict[str, str], model: str) -> dict[tuple[str, str], list[
                 "max_completion_tokens": 4,
                 "seed": 3,
             }
+        ],
+        ("POST", "/v1/fine_tuning/alpha/graders/run"): [
+            {"grader": _OPENAI_GRADER, "model_sample": '{"a": "P"}', "item": {"x": "P"}}
         ],
         ("POST", "/adapters/{name}/derive"): [{"scale": 0.5}],
         ("POST", "/adapters/{name}/merge"): [{"scale": 0.5}],
