@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from api.services.openai_fine_tuning import BadRequest
-from api.services.openai_graders import native_grader_from_openai
+from api.services.openai_graders import native_grader_from_openai, run_grader
 from core.dataset_formats import OBJECTIVES_BY_FORMAT, DatasetFormat, DatasetLineError, parse_jsonl
 from core.errors import InvalidInput
 from core.graders import grade_openai, parse_grader, parse_openai_grader, score, text_similarity
@@ -131,6 +131,8 @@ def test_multi_calculate_output_over_named_graders() -> None:
         (_multi("(" * 250 + "1" + ")" * 250), "grader.calculate_output", "not an arithmetic expression"),
         (_multi("+".join(["1"] * 150)), "grader.calculate_output", "more than 200 terms"),
         (_multi("exact +"), "grader.calculate_output", "not an arithmetic expression"),
+        ({**_check("eq"), "name": "\ud800"}, "grader.name", "unpaired surrogate"),
+        (_check("eq", "{{item.\udfff}}"), "grader.reference", "unpaired surrogate"),
     ],
 )
 def test_refusals_name_the_field(grader: dict[str, Any], param: str, says: str) -> None:
@@ -141,6 +143,17 @@ def test_refusals_name_the_field(grader: dict[str, Any], param: str, says: str) 
         native_grader_from_openai(grader, "method.reinforcement.grader")
     assert openai_shape.value.status_code == 400
     assert openai_shape.value.param == param.replace("grader", "method.reinforcement.grader", 1)
+
+
+def test_a_run_body_that_utf8_cannot_hold_is_a_400_naming_the_field() -> None:
+    for body, param in (
+        ({"grader": _check("eq"), "model_sample": "a", "item": {"answer": "\ud800"}}, "item.answer"),
+        ({"grader": _check("eq"), "model_sample": "\ud800"}, "model_sample"),
+        ({"grader": _check("eq"), "model_sample": "a", "\ud800": 1}, "\\ud800"),
+    ):
+        with pytest.raises(BadRequest) as refused:
+            run_grader(body)
+        assert (refused.value.status_code, refused.value.param) == (400, param)
 
 
 def test_native_grader_of_an_openai_one_scores_the_row_fields() -> None:
