@@ -437,6 +437,10 @@ class StorageUsageOut(QuotaOut):
     merged_models: int
     checkpoints: int
     evaluation_samples: int
+    reserved: int = Field(
+        description="Not in `used`: what queued and running work is estimated to write still; the quota is checked "
+        "against used + reserved"
+    )
 
 
 class UsageOut(BaseModel):

@@ -230,4 +230,5 @@ def test_an_evaluation_reserves_its_samples_against_the_storage_quota(app_settin
         with session_scope(settings.database_url) as s:
             reserved = tenant_usage(s, settings, tenant_id).reserved_bytes
         assert reserved > 0  # 2 examples (the cap) x 1 scale, each estimated from the dataset's rows
+        assert client.get("/usage").json()["storage_bytes"]["reserved"] == reserved
         client.post(f"/evaluations/{queued.json()['id']}/cancel")

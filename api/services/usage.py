@@ -174,6 +174,7 @@ def usage_out(settings: Settings, usage: Usage) -> UsageOut:
             merged_models=usage.merged_bytes,
             checkpoints=usage.checkpoint_bytes,
             evaluation_samples=usage.sample_bytes,
+            reserved=usage.reserved_bytes,
         ),
     )
 
