@@ -233,8 +233,11 @@ def test_a_native_job_is_an_openai_job(stack: Stack, client: openai.OpenAI) -> N
         ({"bogus": 1}, "bogus"),
         ({"suffix": "x" * 65}, "suffix"),
         ({"model": "not-served"}, "model"),
-        # Without a grader: a 400 naming it (method.type while reinforcement is not wired to GRPO).
-        ({"method": {"type": "reinforcement"}}, ("method.reinforcement.grader", "method.type")),
+        ({"method": {"type": "reinforcement"}}, "method.reinforcement.grader"),
+        (
+            {"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "x"}}}},
+            "method.reinforcement.grader.type",
+        ),
         ({"suffix": "has space"}, "suffix"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
         ({"metadata": {"k": "v" * 513}}, "metadata.k"),
@@ -243,16 +246,14 @@ def test_a_native_job_is_an_openai_job(stack: Stack, client: openai.OpenAI) -> N
     ],
 )
 def test_job_refusals_are_400s_naming_the_field(
-    stack: Stack, client: openai.OpenAI, extra: dict[str, object], param: str | tuple[str, ...] | None
+    stack: Stack, client: openai.OpenAI, extra: dict[str, object], param: str | None
 ) -> None:
     training = client.files.create(file=("r.jsonl", _jsonl(CHAT)), purpose="fine-tune")
     before = len(stack.client.get("/jobs", params={"limit": 100}).json()["data"])
     body: dict[str, object] = {"model": stack.settings.served_model_name, "training_file": training.id, **extra}
     with pytest.raises(openai.BadRequestError) as refused:
         client.post("/fine_tuning/jobs", cast_to=dict, body=body)
-    if isinstance(param, tuple):
-        assert refused.value.param in param
-    elif param is not None:
+    if param is not None:
         assert refused.value.param == param
     else:
         assert str(refused.value.param).startswith("method.supervised.hyperparameters.")
@@ -419,22 +420,24 @@ def test_the_same_training_through_either_view_learns_the_same(
 ) -> None:
     """OpenAI's n_epochs, batch_size and learning_rate_multiplier train as the equivalent POST /jobs does: the same
     held-out exact match and loss on the demo task's test split."""
-    training = client.files.create(file=("demo.jsonl", demo_files[0].read_bytes()), purpose="fine-tune")
+    # 64 of the demo task's rows: 4 steps an epoch at 16 rows a step, as few as the comparison needs.
+    rows = demo_files[0].read_bytes().splitlines(keepends=True)[:64]
+    training = client.files.create(file=("demo.jsonl", b"".join(rows)), purpose="fine-tune")
     via_openai = client.fine_tuning.jobs.create(
         model=stack.settings.served_model_name,
         training_file=training.id,
         seed=0,
         method={
             "type": "supervised",
-            # 256 rows / 16 = 16 steps an epoch; 15 x the native 2e-4 is the demo's 3e-3.
-            "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 16, "learning_rate_multiplier": 15}},
+            # 25 x the native 2e-4: 5e-3.
+            "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 16, "learning_rate_multiplier": 25}},
         },
     )
     native = stack.client.post(
         "/jobs",
         json={
             "dataset_id": f"ds-{training.id.removeprefix('file-')}",
-            "hyperparameters": {"n_epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "seed": 0},
+            "hyperparameters": {"n_epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "seed": 0},
             "evaluation": {"enabled": False},
         },
     )
@@ -497,3 +500,33 @@ def test_the_ft_model_and_its_checkpoint_answer_through_serving(serving_stack: S
             assert isinstance(chat.choices[0].message.content, str)
             completion = client.completions.create(model=name, prompt="positive or", max_tokens=2, temperature=0)
             assert isinstance(completion.choices[0].text, str)
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_reinforcement_is_a_grpo_job_rewarded_by_the_openai_grader(stack: Stack, client: openai.OpenAI) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": "Capital of France?"}], "answer": "Paris"},
+        {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"},
+    ] * 2
+    training = client.files.create(file=("rft.jsonl", _jsonl(*rows)), purpose="fine-tune")
+    grader = {
+        "type": "string_check",
+        "name": "check",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "ne",
+    }
+    job = client.fine_tuning.jobs.create(
+        model=stack.settings.served_model_name,
+        training_file=training.id,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": grader, "hyperparameters": {"n_epochs": 1, "batch_size": 4}},  # type: ignore[typeddict-item]
+        },
+    )
+    assert job.method is not None and job.method.type == "reinforcement"
+    native = stack.wait_for_job(job.id, timeout=300)
+    assert native["status"] == "succeeded", native
+    assert native["objective"] == "grpo" and native["grader"]["type"] == "openai"
+    assert native["grader"]["grader"]["operation"] == "ne"
+    assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model is not None
