@@ -519,9 +519,9 @@ def test_reinforcement_is_a_grpo_job_rewarded_by_the_openai_grader(stack: Stack,
     job = client.fine_tuning.jobs.create(
         model=stack.settings.served_model_name,
         training_file=training.id,
-        method={
+        method={  # type: ignore[arg-type]
             "type": "reinforcement",
-            "reinforcement": {"grader": grader, "hyperparameters": {"n_epochs": 1, "batch_size": 4}},  # type: ignore[typeddict-item]
+            "reinforcement": {"grader": grader, "hyperparameters": {"n_epochs": 1, "batch_size": 4}},
         },
     )
     assert job.method is not None and job.method.type == "reinforcement"
