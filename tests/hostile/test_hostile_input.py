@@ -297,6 +297,8 @@ def _base_bodies(ids: dict[str, str], model: str) -> dict[tuple[str, str], list[
                 "stream": False,
                 "stream_options": {"include_usage": True},
                 "user": "u",
+                "echo": False,  # lm-eval's fields, on the /v1 allowlist: hostile values reach them too
+                "logprobs": 1,
             }
         ],
         ("POST", "/v1/chat/completions"): [
@@ -308,6 +310,8 @@ def _base_bodies(ids: dict[str, str], model: str) -> dict[tuple[str, str], list[
                 ],
                 "max_completion_tokens": 4,
                 "seed": 3,
+                "top_logprobs": 1,
+                "response_format": {"type": "text"},
             }
         ],
         ("POST", "/v1/fine_tuning/alpha/graders/run"): [
