@@ -230,15 +230,17 @@ _PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 _REFUSED_TYPES = {
     "python": "a python grader runs tenant code, and this deployment has no sandbox to run it in (user code never "
     "runs unconfined on a worker); use string_check, text_similarity or multi",
-    "score_model": "model graders (score_model, label_model) are not supported yet; use string_check, "
-    "text_similarity or multi",
-    "label_model": "model graders (score_model, label_model) are not supported yet; use string_check, "
-    "text_similarity or multi",
 }
+MODEL_GRADER_TYPES = ("score_model", "label_model")
+_MODEL_GRADERS_HERE = (
+    "model graders (score_model, label_model) run in /v1/fine_tuning/alpha/graders/validate and /run only: a "
+    "reinforcement job's reward does not call serving from its training child yet; use string_check, "
+    "text_similarity or multi"
+)
 _REFUSED_METRICS = {"cosine": "cosine needs an embeddings model, which this deployment does not serve"}
 
 
-class _MissingVariable(Exception):
+class MissingVariable(Exception):
     """A template names a field the sample or item does not have."""
 
 
@@ -286,7 +288,7 @@ def _lookup(value: Any, path: list[str]) -> Any:
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
             value = value[int(part)]
         else:
-            raise _MissingVariable(part)
+            raise MissingVariable(part)
     return value
 
 
@@ -307,7 +309,7 @@ def render(text: str, sample: str, item: Any) -> str:
             try:
                 root: Any = json.loads(sample)
             except (ValueError, RecursionError):
-                raise _MissingVariable("output_json") from None
+                raise MissingVariable("output_json") from None
         else:
             root = item
         value = _lookup(root, path)
@@ -320,7 +322,10 @@ class GradeResult(BaseModel):
 
     reward: float
     scores: dict[str, float]
-    errors: list[str] = Field(default_factory=list, description="invalid_variable_error, formula_error")
+    errors: list[str] = Field(
+        default_factory=list, description="invalid_variable_error, formula_error, model_grader_..."
+    )
+    detail: str | None = Field(None, description="What a model grader's judge call answered, when it failed")
 
 
 class _OpenAIGrader(BaseModel):
@@ -574,12 +579,149 @@ class OpenAIMulti(_OpenAIGrader):
 def _grade_simple(grader: OpenAIStringCheck | OpenAITextSimilarity, sample: str, item: Any) -> GradeResult:
     try:
         reward = grader.grade_one(sample, item)
-    except _MissingVariable:
+    except MissingVariable:
         return GradeResult(reward=0.0, scores={grader.name: 0.0}, errors=["invalid_variable_error"])
     return GradeResult(reward=reward, scores={grader.name: reward})
 
 
 OpenAIGraderModel = Annotated[OpenAIStringCheck | OpenAITextSimilarity | OpenAIMulti, Field(discriminator="type")]
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["input_text", "output_text"]
+    text: Template
+
+
+class JudgeMessage(BaseModel):
+    """One message of a model grader's input: text only (an image or audio part is refused naming it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Template | list[_TextPart] = Field(union_mode="left_to_right")
+    type: Literal["message"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        content = data.get("content") if isinstance(data, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text"):
+                raise ValueError(
+                    f"content.{j}.type must be input_text or output_text: the judge takes text only "
+                    f"(got {str(kind)[:40]!r})"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> JudgeMessage:
+        texts = [self.content] if isinstance(self.content, str) else [p.text for p in self.content]
+        for text in texts:
+            try:
+                _check_template(text)
+            except ValueError as e:
+                raise ValueError(f"content {e}") from None
+        return self
+
+    def rendered(self, sample: str, item: Any) -> dict[str, str]:
+        texts = [self.content] if isinstance(self.content, str) else [p.text for p in self.content]
+        # vLLM's chat templates know system, not OpenAI's newer developer role (the same instruction level).
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": "".join(render(t, sample, item) for t in texts)}
+
+
+class JudgeSampling(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_completions_tokens: int | None = Field(None, ge=1, le=4096)
+    seed: int | None = Field(None, ge=-(2**31), le=2**31 - 1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    reasoning_effort: str | None = Field(None, max_length=16, description="Accepted; the served models ignore it")
+
+
+class _OpenAIModelGrader(_OpenAIGrader):
+    """A grader whose verdict is a model's answer: a model this deployment serves, asked through its serving only."""
+
+    model: str = Field(min_length=1, max_length=512, description="The served base, or one of the tenant's models")
+    input: list[JudgeMessage] = Field(min_length=1, max_length=32)
+    sampling_params: JudgeSampling | None = None
+
+    def judge_messages(self, sample: str, item: Any) -> list[dict[str, str]]:
+        """The messages the judge answers (MissingVariable when a template names a field the item lacks)."""
+        return [m.rendered(sample, item) for m in self.input]
+
+    def _answer_schema(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def response_format(self) -> dict[str, Any]:
+        """Structured output: the judge's answer is {"result": ...} as vLLM's guided decoding constrains it."""
+        schema = {"type": "object", "properties": {"result": self._answer_schema()}, "required": ["result"]}
+        return {"type": "json_schema", "json_schema": {"name": "grade", "schema": schema}}
+
+
+def _answer_result(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value.get("result") if isinstance(value, dict) else None
+
+
+class OpenAIScoreModel(_OpenAIModelGrader):
+    """The judge's number, clamped to `range` (default [0, 1])."""
+
+    type: Literal["score_model"]
+    range: list[float] | None = Field(None, min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAIScoreModel:
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError(f"range must be [low, high] with low < high; got {self.range}")
+        return self
+
+    def _answer_schema(self) -> dict[str, Any]:
+        low, high = self.range or [0.0, 1.0]
+        return {"type": "number", "minimum": low, "maximum": high}
+
+    def reward_of(self, text: str) -> float | None:
+        """The score in the judge's answer, or None when it holds none."""
+        result = _answer_result(text)
+        if isinstance(result, bool) or not isinstance(result, int | float) or not math.isfinite(result):
+            return None
+        low, high = self.range or [0.0, 1.0]
+        return float(min(max(result, low), high))
+
+
+class OpenAILabelModel(_OpenAIModelGrader):
+    """1 when the judge's label is one of `passing_labels`, else 0."""
+
+    type: Literal["label_model"]
+    labels: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=1, max_length=32)
+    passing_labels: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenAILabelModel:
+        unknown = [label for label in self.passing_labels if label not in self.labels]
+        if unknown:
+            raise ValueError(f"passing_labels must be among labels; {unknown[0]!r} is not")
+        return self
+
+    def _answer_schema(self) -> dict[str, Any]:
+        return {"type": "string", "enum": list(self.labels)}
+
+    def reward_of(self, text: str) -> float | None:
+        result = _answer_result(text)
+        if not isinstance(result, str) or result not in self.labels:
+            return None
+        return float(result in self.passing_labels)
+
+
+ModelGrader = OpenAIScoreModel | OpenAILabelModel
+AnyOpenAIGrader = OpenAIStringCheck | OpenAITextSimilarity | OpenAIMulti | OpenAIScoreModel | OpenAILabelModel
 
 
 def grade_openai(grader: OpenAIStringCheck | OpenAITextSimilarity | OpenAIMulti, sample: str, item: Any) -> GradeResult:
@@ -595,19 +737,27 @@ class _OpenAISpec(BaseModel):
     grader: OpenAIGraderModel
 
 
-def _refused_type(value: Any, where: str) -> tuple[str, str] | None:
+class _OpenAISpecWithModels(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grader: Annotated[AnyOpenAIGrader, Field(discriminator="type")]
+
+
+def _refused_type(value: Any, where: str, *, model_graders: bool = False) -> tuple[str, str] | None:
     """(field, why) for a grader type that is refused on purpose, so its 400 says why rather than 'unknown'."""
     if not isinstance(value, dict):
         return None
     kind = value.get("type")
     if isinstance(kind, str) and kind in _REFUSED_TYPES:
         return f"{where}.type", f"{kind}: {_REFUSED_TYPES[kind]}"
+    if kind in MODEL_GRADER_TYPES and not model_graders:
+        return f"{where}.type", f"{kind}: {_MODEL_GRADERS_HERE}"
     if kind == "multi" and isinstance(value.get("graders"), dict):
         inner = value["graders"]
         if "type" in inner:
             return _refused_type(inner, f"{where}.graders")
         for name, sub in inner.items():
-            if isinstance(sub, dict) and sub.get("type") == "multi":
+            if isinstance(sub, dict) and sub.get("type") in ("multi", *MODEL_GRADER_TYPES):
                 return f"{where}.graders.{name}.type", "a multi grader's graders are string_check or text_similarity"
             found = _refused_type(sub, f"{where}.graders.{name}")
             if found:
@@ -633,27 +783,33 @@ def check_encodable(value: Any, param: str) -> None:
                 raise InvalidInput(f"{where}: contains an unpaired surrogate (\\ud800-\\udfff)", param=where) from None
 
 
-def parse_openai_grader(value: Any, *, param: str = "grader") -> OpenAIStringCheck | OpenAITextSimilarity | OpenAIMulti:
-    """A validated OpenAI grader from its JSON, or a 422 naming the field (the OpenAI routes answer it as a 400)."""
+def parse_openai_grader(value: Any, *, param: str = "grader", model_graders: bool = False) -> Any:
+    """A validated OpenAI grader from its JSON, or a 422 naming the field (the OpenAI routes answer it as a 400).
+
+    model_graders: whether score_model and label_model are taken (the graders routes); a job's reward refuses them.
+    """
     from pydantic import ValidationError
 
-    refused = _refused_type(value, param)
+    refused = _refused_type(value, param, model_graders=model_graders)
     if refused is not None:
         raise InvalidInput(f"{refused[0]}: {refused[1]}", param=refused[0])
     check_encodable(value, param)
+    spec = _OpenAISpecWithModels if model_graders else _OpenAISpec
     try:
-        return _OpenAISpec.model_validate({"grader": value}).grader
+        return spec.model_validate({"grader": value}).grader
     except ValidationError as e:
         path, message = _error_path(e, param, _OPENAI_VARIANT_TAGS)
         kind = e.errors()[0]["type"]
         if kind == "extra_forbidden":
             message = "is not a field of this grader"
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
-            path, message = f"{path}.type", f"{message} (a python grader or a model grader is refused, saying why)"
+            path, message = f"{path}.type", f"{message} (a python grader is refused, saying why)"
         raise InvalidInput(f"{path}: {message}", param=path) from None
 
 
-_OPENAI_VARIANT_TAGS = frozenset({"string_check", "text_similarity", "multi"})
+_OPENAI_VARIANT_TAGS = frozenset(
+    {"string_check", "text_similarity", "multi", "score_model", "label_model", "constrained-str", "list[_TextPart]"}
+)
 
 
 class OpenAIGraderSpec(_Grader):

@@ -4,15 +4,16 @@ not arithmetic) — each a 400 naming the field, never a 5xx."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pytest
 
 from api.services.openai_fine_tuning import BadRequest
-from api.services.openai_graders import native_grader_from_openai, run_grader
+from api.services.openai_graders import GraderContext, native_grader_from_openai, run_grader
 from core.dataset_formats import OBJECTIVES_BY_FORMAT, DatasetFormat, DatasetLineError, parse_jsonl
 from core.errors import InvalidInput
 from core.graders import grade_openai, parse_grader, parse_openai_grader, score, text_similarity
@@ -111,8 +112,8 @@ def test_multi_calculate_output_over_named_graders() -> None:
             "grader.graders.p.type",
             "no sandbox",
         ),
-        ({"type": "score_model", "name": "s", "model": "x", "input": []}, "grader.type", "not supported"),
-        ({"type": "label_model", "name": "s", "model": "x", "input": []}, "grader.type", "not supported"),
+        ({"type": "score_model", "name": "s", "model": "x", "input": []}, "grader.type", "graders/validate and /run"),
+        ({"type": "label_model", "name": "s", "model": "x", "input": []}, "grader.type", "graders/validate and /run"),
         ({**_check("eq"), "$ref": "http://127.0.0.1:1/x"}, "grader.$ref", "not a field"),
         ({**_check("eq"), "source": "print(1)"}, "grader.source", "not a field"),
         ({"type": "regex", "name": "r"}, "grader.type", "does not match"),
@@ -152,8 +153,54 @@ def test_a_run_body_that_utf8_cannot_hold_is_a_400_naming_the_field() -> None:
         ({"grader": _check("eq"), "model_sample": "a", "\ud800": 1}, "\\ud800"),
     ):
         with pytest.raises(BadRequest) as refused:
-            run_grader(body)
+            asyncio.run(run_grader(body, cast(GraderContext, None)))  # refused before the judge's context is read
         assert (refused.value.status_code, refused.value.param) == (400, param)
+
+
+def _judge(kind: str, model: str = "judge", **fields: Any) -> dict[str, Any]:
+    question = [
+        {"role": "developer", "content": "Grade the answer."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Q: {{item.q}} A: {{sample.output_text}}"}]},
+    ]
+    if kind == "label_model":
+        fields = {"labels": ["right", "wrong"], "passing_labels": ["right"], **fields}
+    return {"type": kind, "name": "judge", "model": model, "input": question, **fields}
+
+
+def test_model_graders_parse_and_read_the_judges_structured_answer() -> None:
+    score_model = parse_openai_grader(_judge("score_model", range=[0, 10]), model_graders=True)
+    assert score_model.judge_messages("4", {"q": "2+2?"}) == [
+        {"role": "system", "content": "Grade the answer."},
+        {"role": "user", "content": "Q: 2+2? A: 4"},
+    ]
+    assert score_model.response_format()["json_schema"]["schema"]["properties"]["result"]["maximum"] == 10
+    assert [score_model.reward_of(t) for t in ('{"result": 7.5}', '{"result": 99}', "7", '{"result": "x"}')] == [
+        7.5,
+        10.0,
+        None,
+        None,
+    ]
+    label_model = parse_openai_grader(_judge("label_model"), model_graders=True)
+    assert [label_model.reward_of(t) for t in ('{"result": "right"}', '{"result": "wrong"}', '{"result": "?"}')] == [
+        1.0,
+        0.0,
+        None,
+    ]
+    image = _judge("score_model")
+    image["input"][1]["content"] = [{"type": "input_image", "image_url": "http://127.0.0.1/x.png"}]
+    for grader, param in (
+        (_judge("label_model", passing_labels=["maybe"]), "grader.passing_labels"),
+        (_judge("score_model", range=[1, 0]), "grader.range"),
+        (
+            _judge("score_model", sampling_params={"max_completions_tokens": 10, "logit_bias": {}}),
+            "grader.sampling_params.logit_bias",
+        ),
+        (image, "grader.input.1.content.0.type"),
+        ({**_multi("exact"), "graders": {"exact": _judge("score_model")}}, "grader.graders.exact.type"),
+    ):
+        with pytest.raises(InvalidInput) as refused:
+            parse_openai_grader(grader, model_graders=True)
+        assert refused.value.param == param, refused.value.message
 
 
 def test_native_grader_of_an_openai_one_scores_the_row_fields() -> None:
@@ -262,3 +309,29 @@ def test_a_grpo_job_rewards_with_an_openai_grader_over_the_rows_fields(stack: St
     # An SFT job cannot train on rows with no answer: a 422 naming the objective.
     sft = stack.client.post("/jobs", json={"dataset_id": created.json()["id"], "objective": "sft"})
     assert (sft.status_code, sft.json()["error"]["param"]) == (422, "objective"), sft.text
+
+
+def test_model_graders_are_judged_by_a_model_this_deployment_serves(serving_stack: Stack) -> None:
+    """score_model and label_model through the real serving process: the base judges under structured output, so
+    even the tiny model's answer parses; a model the deployment does not serve is a 404 naming grader.model."""
+    with api_server(serving_stack.settings) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=serving_stack.api_key, max_retries=0)
+        graders: Any = client.fine_tuning.alpha.graders
+        base = serving_stack.settings.served_model_name
+        sampling = {"max_completions_tokens": 24, "temperature": 0, "seed": 1}
+        for kind, rewards in (("score_model", None), ("label_model", {0.0, 1.0})):
+            grader = _judge(kind, base, sampling_params=sampling)
+            assert graders.validate(grader=grader).grader.to_dict(warnings=False)["model"] == base
+            ran = graders.run(grader=grader, model_sample="4", item={"q": "2+2?"})
+            errors = ran.metadata.errors
+            assert not errors.model_grader_server_error, errors.model_grader_server_error_details
+            if not errors.model_grader_parse_error:  # 24 tokens may cut a guided answer short; then it says so
+                assert 0.0 <= ran.reward <= 1.0 and (rewards is None or ran.reward in rewards)
+            assert ran.metadata.token_usage and base in ran.model_grader_token_usage_per_model
+        for call in (
+            lambda: graders.validate(grader=_judge("score_model", "not-served")),
+            lambda: graders.run(grader=_judge("label_model", "ft:other:tenant:x:ftjob-1"), model_sample="4"),
+        ):
+            with pytest.raises(openai.NotFoundError) as refused:
+                call()
+            assert refused.value.param == "grader.model"
