@@ -142,6 +142,7 @@ def test_supervised_job_is_one_row_in_both_views(stack: Stack, client: openai.Op
         training_file=training.id,
         suffix="tiny",
         seed=7,
+        metadata={"stack": stack.kind, "flow": "both-views"},
         method=SUPERVISED,  # type: ignore[arg-type]
     )
     assert job.object == "fine_tuning.job" and job.id.startswith("ftjob-")
@@ -165,6 +166,11 @@ def test_supervised_job_is_one_row_in_both_views(stack: Stack, client: openai.Op
     assert finished.fine_tuned_model == f"ft:{base}:{org}:tiny:{job.id}"
     assert finished.trained_tokens is not None and finished.trained_tokens > 0
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
+    # The metadata filter in SQL, on either database: every given pair must match.
+    listed = client.fine_tuning.jobs.list(metadata={"stack": stack.kind, "flow": "both-views"}).data
+    assert [j.id for j in listed] == [job.id] and listed[0].metadata == {"stack": stack.kind, "flow": "both-views"}
+    assert client.fine_tuning.jobs.list(metadata={"stack": stack.kind, "flow": "other"}).data == []
+    assert stack.client.get(f"/jobs/{job.id}").json()["metadata"] == {"stack": stack.kind, "flow": "both-views"}
 
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     ids = [int(e.id.removeprefix("ftevent-")) for e in events]
@@ -258,6 +264,17 @@ def test_job_refusals_are_400s_naming_the_field(
     else:
         assert str(refused.value.param).startswith("method.supervised.hyperparameters.")
     assert len(stack.client.get("/jobs", params={"limit": 100}).json()["data"]) == before  # nothing half-made
+
+
+def test_unstorable_metadata_is_a_400_naming_it(stack: Stack, client: openai.OpenAI) -> None:
+    training = client.files.create(file=("u.jsonl", _jsonl(CHAT)), purpose="fine-tune")
+    body = '{"model": "%s", "training_file": "%s", "metadata": {"k": "\\ud800"}}'
+    response = stack.client.post(
+        "/v1/fine_tuning/jobs",
+        content=(body % (stack.settings.served_model_name, training.id)).encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert (response.status_code, response.json()["error"]["param"]) == (400, "metadata.k"), response.text
 
 
 def test_another_tenants_job_and_file_are_not_found(stack: Stack, api_url: str, client: openai.OpenAI) -> None:
@@ -481,8 +498,9 @@ def test_the_ft_model_and_its_checkpoint_answer_through_serving(serving_stack: S
     stack = serving_stack
     with api_server(stack.settings) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=stack.api_key, max_retries=0)
-        training = client.files.create(file=("train.jsonl", _jsonl(*TRAIN_ROWS)), purpose="fine-tune")
         stack.start_worker()
+        started = time.monotonic()
+        training = client.files.create(file=("train.jsonl", _jsonl(*TRAIN_ROWS)), purpose="fine-tune")
         try:
             job = client.fine_tuning.jobs.create(
                 model=stack.settings.served_model_name,
@@ -500,6 +518,9 @@ def test_the_ft_model_and_its_checkpoint_answer_through_serving(serving_stack: S
             assert isinstance(chat.choices[0].message.content, str)
             completion = client.completions.create(model=name, prompt="positive or", max_tokens=2, temperature=0)
             assert isinstance(completion.choices[0].text, str)
+        print(
+            f"\n[serving] upload, train, chat and complete with the ft: model and a checkpoint: {time.monotonic() - started:.1f} s"
+        )
 
 
 @pytest.mark.parametrize("stack", ["sqlite"], indirect=True)

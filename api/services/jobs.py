@@ -11,7 +11,7 @@ from api.services import usage as usage_service
 from api.services.datasets import get_dataset_or_404
 from core.dataset_formats import OBJECTIVES_BY_FORMAT
 from core.errors import Conflict, InvalidInput, NotFound
-from core.graders import parse_grader
+from core.graders import check_encodable, parse_grader
 from core.jobspec import ATTENTION_MODULES, LORA_METHODS, JobSpec
 from core.model_info import check_target_modules
 from core.models import Adapter, AdapterStatus, Dataset, Job, JobEvent, JobStatus, TrainingMethod, new_id
@@ -57,6 +57,8 @@ def create_job(
     dataset = get_dataset_or_404(session, tenant_id, spec.dataset_id)
     check_dataset_fits(dataset, spec.objective)
     hp.check_steps(settings, dataset.train_rows)
+    # JSON's \u escapes can spell strings (lone surrogates) that no database text holds.
+    check_encodable({"metadata": spec.metadata, "validation_dataset_id": spec.validation_dataset_id}, "")
     check_validation_dataset(session, tenant_id, spec)
     if spec.init_adapter is not None:
         adopt_init_adapter(spec, init_adapter_or_404(session, tenant_id, spec.init_adapter), base_model)
