@@ -286,7 +286,3 @@ async def relay_sse(
             out = rewrite(data) if rewrite is not None else data
         if out is not None:
             yield f"data: {out}\n\n"
-
-
-def servable_models(session: Session, settings: Settings, tenant_id: str) -> tuple[str, list[Adapter]]:
-    return settings.served_model_name, adapters_repo.list_servable_adapters(session, tenant_id)
