@@ -27,7 +27,7 @@ import math
 import operator
 import re
 from collections.abc import Iterator
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Annotated, Any, Literal
 
 import re2  # type: ignore[import-untyped]
@@ -412,10 +412,8 @@ def text_similarity(metric: str, output: str, reference: str) -> float:
 
         return SequenceMatcher(None, output, reference, autojunk=False).ratio()
     if metric.startswith("rouge_"):
-        from rouge_score import rouge_scorer
-
         kind = "rougeL" if metric == "rouge_l" else f"rouge{metric[-1]}"
-        return float(rouge_scorer.RougeScorer([kind]).score(reference, output)[kind].fmeasure)
+        return float(_rouge_scorer(kind).score(reference, output)[kind].fmeasure)
     out, ref = _tokens(output), _tokens(reference)
     if not out or not ref:
         return float(out == ref)
@@ -433,6 +431,14 @@ def text_similarity(metric: str, output: str, reference: str) -> float:
         # Exact and stem matches only: NLTK's synonym stage needs WordNet's data, which is not installed.
         return float(single_meteor_score(ref, out, wordnet=_NoWordNet()))
     raise ValueError(f"unknown metric {metric}")  # pragma: no cover - the Literal refuses it
+
+
+@lru_cache(maxsize=8)
+def _rouge_scorer(kind: str) -> Any:
+    """One scorer per ROUGE kind (a GRPO step scores every completion with it)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer([kind])
 
 
 class _NoWordNet:
