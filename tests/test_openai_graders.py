@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -285,10 +286,12 @@ def test_a_grpo_job_rewards_with_an_openai_grader_over_the_rows_fields(stack: St
     """The native GRPO path (what method.type reinforcement becomes) on an RFT file, one step on the tiny model.
 
     The grader's `ne` against an answer no completion gives scores 1 only where the row's `answer` reached it (a
-    missing item field scores 0), so a mean reward of 1 says every row's fields were there.
+    missing item field scores 0), so a mean reward of 1 says every row's fields were there; in training, and in the
+    before/after evaluation on the held-out rows too.
     """
     rows = [{**row, "answer": "no completion says this"} for row in RFT_ROWS * 2]
-    created = stack.client.post("/datasets", files={"file": ("rft.jsonl", _rft_file(*rows))})
+    files = {"file": ("rft.jsonl", _rft_file(*rows)), "test_file": ("test.jsonl", _rft_file(*rows[:2]))}
+    created = stack.client.post("/datasets", files=files)
     assert created.status_code == 201, created.text
     assert (created.json()["format"], created.json()["objectives"]) == ("reinforcement", ["grpo"])
     body = {
@@ -296,7 +299,7 @@ def test_a_grpo_job_rewards_with_an_openai_grader_over_the_rows_fields(stack: St
         "objective": "grpo",
         "grader": native_grader_from_openai(_check("ne"), "grader"),
         "hyperparameters": {"max_steps": 1, "batch_size": 4, "num_generations": 2, "max_completion_length": 4},
-        "evaluation": {"enabled": False},
+        "evaluation": {"max_new_tokens": 4, "batch_size": 2, "metrics": ["exact_match"]},
     }
     response = stack.client.post("/jobs", json=body)
     assert response.status_code == 201, response.text
@@ -306,6 +309,13 @@ def test_a_grpo_job_rewards_with_an_openai_grader_over_the_rows_fields(stack: St
     events = stack.client.get(f"/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
     metrics = [e["metrics"] for e in events if e["type"] == "metrics" and e["metrics"]]
     assert metrics and all(m["rewards/check/mean"] == 1.0 for m in metrics), metrics
+    deadline = time.monotonic() + 300
+    while stack.client.get(f"/jobs/{job['id']}").json()["evaluation"]["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, "the job's evaluation did not finish"
+        time.sleep(0.5)
+    report = stack.client.get(f"/jobs/{job['id']}/report").json()
+    grader = next(m for m in report["metrics"] if m["name"] == "grader")
+    assert (grader["base"], grader["adapter"]) == (1.0, 1.0), report
     # An SFT job cannot train on rows with no answer: a 422 naming the objective.
     sft = stack.client.post("/jobs", json={"dataset_id": created.json()["id"], "objective": "sft"})
     assert (sft.status_code, sft.json()["error"]["param"]) == (422, "objective"), sft.text

@@ -33,7 +33,7 @@ from core.evaluation.inference import (
     reference_losses,
 )
 from core.evaluation.metrics import LOSS_METRICS, TEXT_METRICS, mean_scores, score_example
-from core.graders import parse_grader
+from core.graders import parse_grader, score
 from core.logs import setup_logging
 from core.models import (
     Adapter,
@@ -86,8 +86,10 @@ def evaluate(run: EvaluationRun) -> None:
     limit = min(ev.max_examples or settings.max_evaluation_examples, settings.max_evaluation_examples)
     conversations = load_rows(store, dataset.path, ev.split)[:limit]
     # Preference pairs, in the order of their conversations (prompt + chosen): scored for preference accuracy too.
-    pairs = [r for r in load_records(store, dataset.path, ev.split) if isinstance(r, dict) and "chosen" in r]
-    pairs = pairs[:limit]
+    records = load_records(store, dataset.path, ev.split)
+    pairs = [r for r in records if isinstance(r, dict) and "chosen" in r][:limit]
+    # Reinforcement rows' fields, in the order of their conversations: what an OpenAI grader's {{item.<field>}} reads.
+    items = [r["item"] for r in records if isinstance(r, dict) and "item" in r][:limit] or None
     scales: list[float | None] = list(ev.scales) if adapter is not None and ev.scales else [None]
     run.write(n_examples=len(conversations), done_examples=0, results=[])
     if adapter is not None:
@@ -104,8 +106,9 @@ def evaluate(run: EvaluationRun) -> None:
         scale_started = time.monotonic()
         if scaler is not None and scale is not None:
             scaler.set_scale(scale)
+        before = done_scales * len(conversations)
         predictions, per_example, aggregate = _score_scale(
-            run, ev, model, tokenizer, conversations, prompts, references, budget, done=done_scales * len(conversations)
+            run, ev, model, tokenizer, conversations, prompts, references, budget, done=before, items=items
         )
         if pairs:
             _score_preferences(ev, model, tokenizer, pairs, budget, per_example, aggregate)
@@ -193,6 +196,7 @@ def _score_scale(
     budget: _Budget,
     *,
     done: int,
+    items: list[Any] | None = None,
 ) -> tuple[list[str], list[dict[str, float]], dict[str, Any]]:
     """(predictions, per-example scores, aggregate) at the model's current scale; `done` examples came before."""
     text_metrics = [m for m in ev.metrics if m in TEXT_METRICS]
@@ -217,7 +221,7 @@ def _score_scale(
         for i, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
             per_example[i].update(score_example(prediction, reference, text_metrics))
             if grader is not None:
-                per_example[i]["grader"] = float(grader.score(prediction, reference))
+                per_example[i]["grader"] = score(grader, prediction, reference, items[i] if items else None)
     aggregate: dict[str, Any] = mean_scores(per_example)
     if any(m in LOSS_METRICS for m in ev.metrics):
         _score_loss(ev, model, tokenizer, conversations, budget, per_example, aggregate)
