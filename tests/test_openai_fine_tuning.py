@@ -275,6 +275,8 @@ def test_unstorable_metadata_is_a_400_naming_it(stack: Stack, client: openai.Ope
         headers={"content-type": "application/json"},
     )
     assert (response.status_code, response.json()["error"]["param"]) == (400, "metadata.k"), response.text
+    many = stack.client.get("/v1/fine_tuning/jobs", params={f"metadata[k{i}]": "v" for i in range(17)})
+    assert (many.status_code, many.json()["error"]["param"]) == (400, "metadata"), many.text
 
 
 def test_another_tenants_job_and_file_are_not_found(stack: Stack, api_url: str, client: openai.OpenAI) -> None:
