@@ -23,8 +23,10 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Two lanes (tests/support/lanes.py: one owns the vLLM engine and Chromium, one session stack per lane) and the
+# slowest tests at the end of every log.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=25
 
 test-fast: install
 	$(PY) -m pytest -m "not stack and not serving and not training and not slow"

@@ -17,18 +17,27 @@ from core.demo_data import write_demo_dataset
 from core.migrate import upgrade
 from core.modelzoo import build_model
 from core.settings import Settings
+from tests.support.lanes import assign_lane, interrupt_on_sigterm, one_thread_per_lane
 from tests.support.markers import apply_fixture_markers, requires
 from tests.support.processes import free_port, stop_process_group
 from tests.support.serving import SERVING_TEST_SETTINGS, ServingProcess
 from tests.support.stack import Stack, bearer, mint_api_key, running_stack, settings_env, stack_settings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+one_thread_per_lane()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    interrupt_on_sigterm()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the lane groups into the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tiers by fixture (tests/support/markers.py): a test using a stack fixture is marked `stack`, and so on."""
+    """Tiers by fixture (tests/support/markers.py): a test using a stack fixture is marked `stack`, and so on;
+    then each test's lane for `pytest -n 2 --dist loadgroup` (tests/support/lanes.py)."""
     for item in items:
         apply_fixture_markers(item)
+        assign_lane(item)
 
 
 @pytest.fixture(scope="session")
