@@ -51,7 +51,6 @@ from worker.peft_methods import (
     trained_target_modules,
     wrap_for_method,
 )
-from worker.process import die_with_parent
 from worker.publishing import LeaseLost, publish_under_lease
 
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL
@@ -108,7 +107,7 @@ def training_command(settings: Settings, job_id: str, owner: str) -> list[str]:
             "--standalone",
             f"--nproc-per-node={distributed['num_processes']}",
             "-m",
-            "worker.training",
+            "worker.ddp_rank",  # worker.training's main, dying with torchrun from its first line
             job_id,
             owner,
         ]
@@ -438,7 +437,7 @@ def build_trainer(
             "compute_metrics": mean_token_accuracy,
             "preprocess_logits_for_metrics": argmax_logits,
         }
-    trainer = Trainer(
+    trainer = _with_token_accuracy(Trainer)(
         model=model,
         args=args,
         train_dataset=examples,
@@ -447,6 +446,36 @@ def build_trainer(
         **validation,
     )
     return trainer, collator
+
+
+def _with_token_accuracy(trainer_class: Any) -> Any:
+    """The Trainer, also logging the training batches' mean token accuracy (OpenAI's train_mean_token_accuracy)
+    beside each loss: the share of label tokens the model's argmax predicted, since the last log."""
+
+    class TokenAccuracyTrainer(trainer_class):
+        hits = 0
+        counted = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            logits = getattr(outputs, "logits", None)
+            labels = inputs.get("labels")
+            if model.training and logits is not None and labels is not None and logits.dim() == 3:
+                predicted, target = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
+                mask = target != IGNORE_INDEX
+                self.hits += int(((predicted == target) & mask).sum())
+                self.counted += int(mask.sum())
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs and self.counted:
+                logs["mean_token_accuracy"] = self.hits / self.counted
+                self.hits = self.counted = 0
+            super().log(logs, start_time)
+
+    return TokenAccuracyTrainer
 
 
 def trainable_model(base_model: str, method: str, hp: Hyperparameters, init_adapter_dir: str | None) -> Any:
@@ -763,10 +792,6 @@ def run(job_id: str, owner: str) -> int:
 
 
 def main() -> None:
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        # A DDP rank: torchrun starts each in a session of its own, so the supervisor's killpg of torchrun's group
-        # (cancel, time limit, lease loss) would not reach it. It dies with torchrun instead, however torchrun ends.
-        die_with_parent()
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
