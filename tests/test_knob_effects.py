@@ -36,7 +36,7 @@ def _train(model_dir: Path, config: str) -> dict[str, float]:
             "--model-dir",
             str(model_dir),
             "--steps",
-            "2",
+            "1",
             "--batch-size",
             "8",
             "--rows",
