@@ -382,7 +382,8 @@ def test_script_flow_validation_results_checkpoints_then_dpo(stack: Stack, clien
     assert len(client.files.content(results_id).content) == results.bytes
     assert list(rows[0]) == ["step", "train_loss", "train_mean_token_accuracy", "valid_loss",
                              "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy"]  # fmt: skip
-    assert rows[0]["train_loss"] and rows[-1]["step"] == "6" and rows[-1]["full_valid_loss"]
+    assert rows[0]["train_loss"] and rows[0]["train_mean_token_accuracy"]
+    assert rows[-1]["step"] == "6" and rows[-1]["full_valid_loss"] and rows[-1]["full_valid_mean_token_accuracy"]
     with pytest.raises(openai.BadRequestError):
         client.files.delete(results_id)
 
