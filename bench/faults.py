@@ -44,11 +44,11 @@ from bench.processes import (
     api_command,
     create_database,
     drop_database,
-    free_port,
     redis_command,
     sqlalchemy_url,
     worker_command,
 )
+from core.processes import free_port
 
 FAULTS = ("kill_worker", "kill_child", "kill_api", "restart_redis", "drop_db_connections")
 TERMINAL = {"succeeded", "failed", "cancelled"}

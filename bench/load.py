@@ -64,11 +64,11 @@ from bench.processes import (
     api_command,
     create_database,
     drop_database,
-    free_port,
     redis_command,
     sqlalchemy_url,
     worker_command,
 )
+from core.processes import free_port
 
 SERVING_TOKEN_HEADER = "X-Tuneserve-Serving-Token"
 APP_NAMES = {"api": "tuneserve-load-api", "worker": "tuneserve-load-worker", "serving": "tuneserve-load-serving"}

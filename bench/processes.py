@@ -6,23 +6,16 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psycopg
 
-from worker.process import die_with_parent
+from core.processes import start_in_own_group, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TUNESERVE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def create_database(prefix: str) -> tuple[str, str]:
@@ -65,16 +58,7 @@ class Proc:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.process = start_in_own_group(self.argv, env=self.env, log=self.log, cwd=ROOT)
 
     @property
     def pid(self) -> int:
@@ -86,15 +70,6 @@ class Proc:
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         """Signal the process group, then SIGKILL it after 30 s."""
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
+        if self.process is not None:
+            stop_process_group(self.process, sig)
+            self.process = None

@@ -43,7 +43,8 @@ from typing import Any
 
 import httpx
 
-from bench.processes import ROOT, Proc, api_command, create_database, drop_database, free_port, sqlalchemy_url
+from bench.processes import ROOT, Proc, api_command, create_database, drop_database, sqlalchemy_url
+from core.processes import free_port
 from core.serving_contract import CHAT_COMPLETIONS_PATH, HEALTH_PATH, TOKEN_HEADER
 
 MESSAGES = [{"role": "user", "content": "is this review good or bad: great fun"}]

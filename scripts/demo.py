@@ -21,8 +21,8 @@ import httpx
 from core.demo_data import write_demo_dataset
 from core.migrate import upgrade
 from core.modelzoo import build_model
+from core.processes import start_in_own_group, stop_process_group
 from core.settings import Settings
-from worker.process import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 API_PORT = int(os.environ.get("TUNESERVE_DEMO_PORT", "8765"))
@@ -39,16 +39,10 @@ class Processes:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"{name}.log").open("wb")
-        child = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,  # however the demo ends, its worker, serving and API end with it
-        )
+        log = self.log_dir / f"{name}.log"
+        log.unlink(missing_ok=True)  # this run's output only
+        # however the demo ends, its worker, serving and API end with it
+        child = start_in_own_group(args, env=env, log=log, cwd=ROOT)
         self.children.append((name, child))
         return child
 
@@ -62,11 +56,7 @@ class Processes:
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGTERM)
         for name, child in reversed(self.children):
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
+            stop_process_group(child, grace=20)
             print(f"  stopped {name} (pid {child.pid})")
 
 

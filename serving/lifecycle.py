@@ -9,18 +9,16 @@ a multiprocessing child: the kernel then kills it when its parent goes, however 
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
 
-PR_SET_PDEATHSIG = 1
+from core.processes import die_with_parent
 
 
 def register() -> None:
     if multiprocessing.parent_process() is None:
         return  # the serving process itself: whoever started it decides (tests, the demo and compose do)
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
         os._exit(1)  # the parent died before the prctl took effect

@@ -6,7 +6,7 @@ It asks for that before anything else, here, and not in worker.training: the sec
 torch and transformers are seconds in which a time limit or a cancel would otherwise leave an orphan.
 """
 
-from worker.process import die_with_parent
+from core.processes import die_with_parent
 
 if __name__ == "__main__":
     die_with_parent()

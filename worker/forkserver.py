@@ -35,7 +35,7 @@ from typing import Any
 
 import setproctitle
 
-from worker.process import die_with_parent
+from core.processes import die_with_parent
 
 log = logging.getLogger("tuneserve.forkserver")
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core.db import session_scope
 from core.models import AdapterOperation, Evaluation, Job, WorkStatus
+from core.processes import die_with_parent
 from core.queue import (
     ADAPTER_OPERATION_TASK,
     EVALUATE_TASK,
@@ -39,7 +40,6 @@ from core.storage import Store
 from worker import forkserver
 from worker.app import app
 from worker.forkserver import WARM_MODULES, ForkServerGone, WarmChild
-from worker.process import die_with_parent
 from worker.training import EXIT_TRANSIENT, training_command
 
 log = logging.getLogger("tuneserve.worker")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.paths import ROOT
-from tests.support.processes import die_with_parent, stop_process_group
+from tests.support.processes import start_in_own_group, stop_process_group
 
 
 @dataclass
@@ -27,16 +27,7 @@ class ServingProcess:
         """Spawn serving (its own process group) and return once /health answers: the port opens after the engine."""
         import httpx
 
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "serving"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        self.process = start_in_own_group([sys.executable, "-m", "serving"], env=self.env, log=self.log, cwd=ROOT)
         headers, deadline = {"X-Tuneserve-Serving-Token": self.token}, time.monotonic() + 300
         while True:
             if self.process.poll() is not None:

@@ -20,7 +20,7 @@ from core.migrate import upgrade
 from core.settings import Settings
 from tests.support.databases import create_pg_database, drop_pg_database, pg_url
 from tests.support.paths import REDIS_URL, ROOT, TERMINAL
-from tests.support.processes import die_with_parent
+from tests.support.processes import start_in_own_group, stop_process_group
 
 
 @dataclass
@@ -42,46 +42,15 @@ class Stack:
 
     def spawn_worker(self, log_path: Path, name: str = "celery") -> subprocess.Popen[bytes]:
         """A Celery worker process (its own process group) on this stack's queue; the caller stops it."""
-        log = log_path.open("ab")
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--pool=solo",
-                "--concurrency=1",
-                "-Q",
-                self.settings.queue_name,
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "-n",
-                f"{name}@%h",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+        argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
+                "-Q", self.settings.queue_name, "--loglevel=INFO", "--without-gossip", "--without-mingle",
+                "-n", f"{name}@%h"]  # fmt: skip
+        return start_in_own_group(argv, env=self.env, log=log_path, cwd=ROOT)
 
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
-        if self.worker is None:
-            return
-        try:
-            os.killpg(self.worker.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.worker.pid, signal.SIGKILL)
-            self.worker.wait()
-        self.worker = None
+        if self.worker is not None:
+            stop_process_group(self.worker, sig)
+            self.worker = None
 
     def wait_for_job(
         self, job_id: str, *, until: set[str] | None = None, timeout: float = 240, condition: Any = None
