@@ -23,10 +23,11 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from bench.processes import Proc, worker_command
+from bench.processes import Proc
 from core.demo_data import write_demo_dataset
 from core.migrate import upgrade
 from core.modelzoo import build_model
+from core.processes import worker_command
 from core.settings import Settings
 
 POLL_SECONDS = 0.02

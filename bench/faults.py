@@ -37,18 +37,8 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.processes import (
-    PG_ADMIN_URL,
-    ROOT,
-    Proc,
-    api_command,
-    create_database,
-    drop_database,
-    redis_command,
-    sqlalchemy_url,
-    worker_command,
-)
-from core.processes import free_port
+from bench.processes import PG_ADMIN_URL, ROOT, Proc, create_database, drop_database, redis_command, sqlalchemy_url
+from core.processes import api_command, free_port, worker_command
 
 FAULTS = ("kill_worker", "kill_child", "kill_api", "restart_redis", "drop_db_connections")
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -91,7 +81,7 @@ class Bench:
         logs = work / "logs"
         logs.mkdir()
         self.redis = Proc("redis", redis_command(self.redis_port), self.env, logs / "redis.log")
-        self.api = Proc("api", api_command(self.api_port), self.env, logs / "api.log")
+        self.api = Proc("api", api_command(self.api_port, log_level="warning"), self.env, logs / "api.log")
         self.worker = Proc("worker", worker_command("faults"), self.env, logs / "worker.log")
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
         self.injected: list[dict[str, Any]] = []

@@ -57,18 +57,8 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.processes import (
-    PG_ADMIN_URL,
-    ROOT,
-    Proc,
-    api_command,
-    create_database,
-    drop_database,
-    redis_command,
-    sqlalchemy_url,
-    worker_command,
-)
-from core.processes import free_port
+from bench.processes import PG_ADMIN_URL, ROOT, Proc, create_database, drop_database, redis_command, sqlalchemy_url
+from core.processes import api_command, free_port, worker_command
 
 SERVING_TOKEN_HEADER = "X-Tuneserve-Serving-Token"
 APP_NAMES = {"api": "tuneserve-load-api", "worker": "tuneserve-load-worker", "serving": "tuneserve-load-serving"}
@@ -1024,7 +1014,7 @@ class Bench:
 
         self.redis = Proc("redis", redis_command(self.redis_port), env, logs / "redis.log")
         self.serving = Proc("serving", [sys.executable, "-m", "serving"], with_app("serving"), logs / "serving.log")
-        self.api = Proc("api", api_command(self.api_port), with_app("api"), logs / "api.log")
+        self.api = Proc("api", api_command(self.api_port, log_level="warning"), with_app("api"), logs / "api.log")
         self.worker = Proc("worker", worker_command("load"), with_app("worker"), logs / "worker.log")
 
     def make_tenants(self) -> list[Tenant]:

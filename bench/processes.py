@@ -7,7 +7,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -38,16 +37,6 @@ def sqlalchemy_url(pg_url: str) -> str:
 def redis_command(port: int) -> list[str]:
     """A private redis-server that keeps nothing: a restart loses every message, as one without AOF does."""
     return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-
-
-def api_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-            "--port", str(port), "--log-level", "warning"]  # fmt: skip
-
-
-def worker_command(queue: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
-            "-Q", queue, "--loglevel=INFO", "--without-gossip", "--without-mingle"]  # fmt: skip
 
 
 class Proc:

@@ -43,8 +43,8 @@ from typing import Any
 
 import httpx
 
-from bench.processes import ROOT, Proc, api_command, create_database, drop_database, sqlalchemy_url
-from core.processes import free_port
+from bench.processes import ROOT, Proc, create_database, drop_database, sqlalchemy_url
+from core.processes import api_command, free_port
 from core.serving_contract import CHAT_COMPLETIONS_PATH, HEALTH_PATH, TOKEN_HEADER
 
 MESSAGES = [{"role": "user", "content": "is this review good or bad: great fun"}]
@@ -394,7 +394,7 @@ def main() -> None:
         api_key = mint_api_key(settings)
         env = dict(os.environ, PYTHONPATH=str(ROOT), **{f"TUNESERVE_{k.upper()}": str(v) for k, v in values.items()})
         serving = Proc("serving", [sys.executable, "-m", "serving"], env, work / "serving.log")
-        api = Proc("api", api_command(api_port), env, work / "api.log")
+        api = Proc("api", api_command(api_port, log_level="warning"), env, work / "api.log")
         procs = [serving, api]
         for proc in procs:
             proc.start()

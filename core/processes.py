@@ -13,10 +13,42 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+
+# A worker runs one task at a time in the solo pool: the task supervises its job's child (which has the GPU and the
+# worker's fork server to itself), and gossip and mingle are cluster chatter that leases make unnecessary.
+# docker-compose.yml runs the same arguments (tests/test_compose.py checks).
+WORKER_ARGUMENTS = (
+    "-A",
+    "worker.app",
+    "worker",
+    "--pool=solo",
+    "--concurrency=1",
+    "--without-gossip",
+    "--without-mingle",
+)
+
+
+def worker_command(queue: str, *, name: str | None = None) -> list[str]:
+    """A Celery worker on `queue` (named `name@host` when several share a machine)."""
+    return [sys.executable, "-m", "celery", *WORKER_ARGUMENTS, "-Q", queue, "--loglevel=INFO"] + (
+        ["-n", f"{name}@%h"] if name else []
+    )
+
+
+def serving_command() -> list[str]:
+    """`python -m serving`: vLLM's OpenAI server with tuneserve's adapter resolver and guard (serving/)."""
+    return [sys.executable, "-m", "serving"]
+
+
+def api_command(port: int, *, host: str = "127.0.0.1", log_level: str = "info") -> list[str]:
+    """The API under uvicorn, built by its factory from the environment's settings (`tuneserve-api` in compose)."""
+    return [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", host, "--port", str(port),
+            "--log-level", log_level]  # fmt: skip
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

@@ -21,7 +21,13 @@ import httpx
 from core.demo_data import write_demo_dataset
 from core.migrate import upgrade
 from core.modelzoo import build_model
-from core.processes import start_in_own_group, stop_process_group
+from core.processes import (
+    api_command,
+    serving_command,
+    start_in_own_group,
+    stop_process_group,
+    worker_command,
+)
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,39 +122,9 @@ def main() -> int:
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), TUNESERVE_BASE_MODEL=str(model_dir))
     with managed(log_dir) as processes:
-        processes.start(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--pool=solo",
-                "--concurrency=1",
-                "-Q",
-                settings.queue_name,
-                "--loglevel=INFO",
-            ],
-            env,
-        )
-        processes.start("serving", [sys.executable, "-m", "serving"], env)
-        processes.start(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "api.main:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(API_PORT),
-            ],
-            env,
-        )
+        processes.start("worker", worker_command(settings.queue_name), env)
+        processes.start("serving", serving_command(), env)
+        processes.start("api", api_command(API_PORT), env)
         with httpx.Client(base_url=f"http://127.0.0.1:{API_PORT}", timeout=120) as client:
             wait_until(lambda: _ready(client), timeout=60, processes=processes, what="api readiness")
             print(f"  api ready on {API_URL} (docs at {API_URL}/docs); serving (vLLM) is starting")

@@ -23,6 +23,7 @@ import yaml
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
+from core.processes import WORKER_ARGUMENTS, serving_command, worker_command
 from core.settings import PLACEHOLDER_SECRET, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,15 +48,6 @@ def scripts() -> dict[str, str]:
 def command(compose: dict[str, Any], service: str) -> list[str]:
     cmd = compose["services"][service]["command"]
     return cmd if isinstance(cmd, list) else cmd.split()
-
-
-def string_lists(path: Path) -> list[list[str]]:
-    """The string constants of every list literal in a source file (argv lists that start processes)."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.List):
-            out.append([e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)])
-    return out
 
 
 def has_main_guard(module: str) -> bool:
@@ -114,25 +106,13 @@ def test_project_commands_are_real_entrypoints(compose: dict[str, Any], scripts:
     # migrate / serving: `python -m <module>`, a module with a __main__ guard.
     assert command(compose, "migrate") == ["python", "-m", "core.migrate"]
     assert has_main_guard("core.migrate")
-    assert command(compose, "serving") == ["python", "-m", "serving"]
+    # serving and the worker: what core/processes.py builds for the demo, the tests and the benchmarks, with the
+    # image's `python` / `celery` for this interpreter's `python -m`.
+    assert command(compose, "serving") == ["python", *serving_command()[1:]]
     assert importlib.util.find_spec("serving.__main__") is not None and has_main_guard("serving.__main__")
     assert scripts["tuneserve-serving"] == "serving.__main__:main"
-    assert ["-m", "serving"] in [lst[-2:] for lst in string_lists(ROOT / "tests/support/serving.py")], (
-        "the serving test fixture starts `python -m serving`"
-    )
-
-    # worker: the same celery arguments as the test suite's and the demo's worker.
-    worker = command(compose, "worker")
-    assert worker[:3] == ["celery", "-A", "worker.app"]
-    queue_at = worker.index("-Q")
-    celery_args = worker[1:queue_at]
-    for source in (ROOT / "tests/support/stack.py", ROOT / "scripts/demo.py"):
-        started = [lst for lst in string_lists(source) if "worker.app" in lst]
-        assert started, f"{source.name} starts no celery worker"
-        assert any(lst[lst.index("-A") : lst.index("-A") + len(celery_args)] == celery_args for lst in started), (
-            f"{source.name} starts the worker differently from docker-compose.yml: {started}"
-        )
-    assert "--pool=solo" in worker and "--concurrency=1" in worker, "one training task per GPU"
+    assert command(compose, "worker") == ["celery", *worker_command("tuneserve")[3:]]
+    assert "--pool=solo" in WORKER_ARGUMENTS and "--concurrency=1" in WORKER_ARGUMENTS, "one training task per GPU"
     spec = importlib.util.find_spec("worker.app")
     assert spec is not None and spec.origin
     assigned = {

@@ -48,7 +48,7 @@ from tests.support.adapters import files_of, peft_adapter, tar_gz
 from tests.support.jobs import FAST_RECOVERY, TRAIN, assert_succeeded_once, submit_job, training_children, wait_until
 from tests.support.markers import requires
 from tests.support.paths import ROOT
-from tests.support.processes import die_with_parent, free_port, stop_process_group
+from tests.support.processes import api_command, free_port, start_in_own_group, stop_process_group
 from tests.support.stack import Stack, bearer, mint_api_key, running_stack
 
 DURABLE = {**FAST_RECOVERY, "sweep_min_age_seconds": 2, "sweep_interval_seconds": 1.0}
@@ -89,26 +89,7 @@ def api_server(durable_stack: Stack, tmp_path: Path) -> Iterator[httpx.Client]:
     stack = durable_stack
     port = free_port()
     env = {**stack.env, "TUNESERVE_RECONCILE_INTERVAL_SECONDS": "0"}
-    with (tmp_path / "api.log").open("ab") as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "api.main:create_app",
-                "--factory",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+    server = start_in_own_group(api_command(port, log_level="warning"), env=env, log=tmp_path / "api.log", cwd=ROOT)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=bearer(stack.api_key), timeout=60)
 
     def answers() -> bool:

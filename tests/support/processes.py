@@ -3,6 +3,22 @@ worker, the benchmarks and the demo use too)."""
 
 from __future__ import annotations
 
-from core.processes import die_with_parent, free_port, start_in_own_group, stop_process_group
+from core.processes import (
+    api_command,
+    die_with_parent,
+    free_port,
+    serving_command,
+    start_in_own_group,
+    stop_process_group,
+    worker_command,
+)
 
-__all__ = ["die_with_parent", "free_port", "start_in_own_group", "stop_process_group"]
+__all__ = [
+    "api_command",
+    "die_with_parent",
+    "free_port",
+    "serving_command",
+    "start_in_own_group",
+    "stop_process_group",
+    "worker_command",
+]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.support.paths import ROOT
-from tests.support.processes import start_in_own_group, stop_process_group
+from tests.support.processes import serving_command, start_in_own_group, stop_process_group
 
 
 @dataclass
@@ -27,7 +26,7 @@ class ServingProcess:
         """Spawn serving (its own process group) and return once /health answers: the port opens after the engine."""
         import httpx
 
-        self.process = start_in_own_group([sys.executable, "-m", "serving"], env=self.env, log=self.log, cwd=ROOT)
+        self.process = start_in_own_group(serving_command(), env=self.env, log=self.log, cwd=ROOT)
         headers, deadline = {"X-Tuneserve-Serving-Token": self.token}, time.monotonic() + 300
         while True:
             if self.process.poll() is not None:

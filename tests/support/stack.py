@@ -6,7 +6,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from core.migrate import upgrade
 from core.settings import Settings
 from tests.support.databases import create_pg_database, drop_pg_database, pg_url
 from tests.support.paths import REDIS_URL, ROOT, TERMINAL
-from tests.support.processes import start_in_own_group, stop_process_group
+from tests.support.processes import start_in_own_group, stop_process_group, worker_command
 
 
 @dataclass
@@ -42,9 +41,7 @@ class Stack:
 
     def spawn_worker(self, log_path: Path, name: str = "celery") -> subprocess.Popen[bytes]:
         """A Celery worker process (its own process group) on this stack's queue; the caller stops it."""
-        argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo", "--concurrency=1",
-                "-Q", self.settings.queue_name, "--loglevel=INFO", "--without-gossip", "--without-mingle",
-                "-n", f"{name}@%h"]  # fmt: skip
+        argv = worker_command(self.settings.queue_name, name=name)
         return start_in_own_group(argv, env=self.env, log=log_path, cwd=ROOT)
 
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
