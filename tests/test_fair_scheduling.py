@@ -141,5 +141,7 @@ def test_tenant_bs_one_job_runs_before_tenant_as_third(stack: Stack, demo_files:
     b_started = started(job_b, bearer(key_b))
     a_started = [started(j) for j in jobs_a]
     assert b_started is not None
-    # A's first was claimed as it arrived; the next free worker took B's, before A's second and third.
-    assert [j for j, at in zip(jobs_a, a_started, strict=True) if at is not None and at < b_started] == jobs_a[:1]
+    # A's first is claimed as it arrives if the worker is free; the next free worker takes B's, before A's second and
+    # third (or B's first of all, when the worker was busy and A was served more recently, by an earlier test).
+    before_b = [j for j, at in zip(jobs_a, a_started, strict=True) if at is not None and at < b_started]
+    assert before_b in ([], jobs_a[:1]), (before_b, jobs_a)
