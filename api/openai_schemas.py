@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.jobspec import Method
+
 
 class FileObject(BaseModel):
     id: str
@@ -38,9 +40,11 @@ Auto = Literal["auto"]
 
 
 class OpenAIHyperparameters(BaseModel):
-    """OpenAI's method hyperparameters; "auto" resolves to the native API's documented defaults."""
+    """OpenAI's method hyperparameters; "auto" resolves to the native API's documented defaults. Native knobs
+    (core.jobspec.Hyperparameters: lora_r, max_seq_length, ...) may ride along; any other name is a 400 naming it
+    (api.services.openai_fine_tuning checks the extras)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     n_epochs: Auto | int | None = Field(None, description="auto: the native default, 3")
     batch_size: Auto | int | None = Field(None, description="auto: the native default, 8")
@@ -80,6 +84,9 @@ class OpenAIJobCreate(BaseModel):
     )
     method: OpenAIMethod | None = None
     hyperparameters: OpenAIHyperparameters | None = Field(None, description="Deprecated by OpenAI; use method")
+    peft: Method | None = Field(
+        None, description="tuneserve's own: the PEFT method (lora by default, qlora, dora, ...)"
+    )
     integrations: list[dict[str, Any]] | None = None
 
 

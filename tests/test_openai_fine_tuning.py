@@ -245,6 +245,10 @@ def test_a_native_job_is_an_openai_job(stack: Stack, client: openai.OpenAI) -> N
             "method.reinforcement.grader.type",
         ),
         ({"suffix": "has space"}, "suffix"),
+        ({"peft": "magic"}, "peft"),
+        ({"hyperparameters": {"bogus_knob": 1}}, "hyperparameters.bogus_knob"),
+        ({"hyperparameters": {"learning_rate": 0.1}}, "hyperparameters.learning_rate"),  # the multiplier's
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"lora_r": 7}}}}, None),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
         ({"metadata": {"k": "v" * 513}}, "metadata.k"),
         ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}}, None),
@@ -348,9 +352,15 @@ def test_script_flow_validation_results_checkpoints_then_dpo(stack: Stack, clien
         suffix=suffix,
         seed=3,
         metadata={"team": "search", "run": "a"},
-        # 8 rows / 4 a step: 2 steps an epoch, a checkpoint each epoch.
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4}}},
+        # 8 rows / 4 a step: 2 steps an epoch, a checkpoint each epoch; a native knob and the PEFT choice ride along.
+        method={  # type: ignore[arg-type]
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4, "lora_r": 16}},
+        },
+        extra_body={"peft": "lora"},
     )
+    native_spec = stack.client.get(f"/jobs/{job.id}").json()
+    assert (native_spec["method"], native_spec["hyperparameters"]["lora_r"]) == ("lora", 16)
     assert (job.validation_file, job.metadata) == (validation.id, {"team": "search", "run": "a"})
     assert job.hyperparameters.learning_rate_multiplier == 1.0  # "auto": the native default learning rate
     assert stack.wait_for_job(job.id)["status"] == "succeeded"

@@ -198,6 +198,22 @@ PARAM_OF_NATIVE = {
     "validation_dataset_id": "validation_file",
     "init_adapter": "model",
     "grader": "method.reinforcement.grader",
+    "method": "peft",
+    "objective": "method.type",
+}
+
+
+# Native hyperparameters a /v1 job may carry beside OpenAI's: all but those OpenAI's own fields (or this mapping)
+# set, so one value never has two names.
+NATIVE_KNOBS = frozenset(Hyperparameters.model_fields) - {
+    "n_epochs",
+    "batch_size",
+    "learning_rate",
+    "beta",
+    "seed",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "checkpoint_adapters",
 }
 
 
@@ -257,6 +273,15 @@ def _resolve_hyperparameters(body: OpenAIJobCreate) -> tuple[str, Hyperparameter
         if kind != "dpo":
             raise BadRequest("beta applies to method.type dpo", param=f"{param_root}.beta")
         fields["beta"] = hp.beta
+    for name, value in (hp.model_extra or {}).items():
+        if name not in NATIVE_KNOBS:
+            raise BadRequest(
+                f"{param_root}.{name} is not a hyperparameter here: OpenAI's are n_epochs, batch_size, "
+                "learning_rate_multiplier and beta; tuneserve's own (lora_r, max_seq_length, ...) may ride along",
+                param=f"{param_root}.{name}",
+                code="invalid_value",
+            )
+        fields[name] = value
     try:
         return OBJECTIVE_OF_TYPE[kind], Hyperparameters(**fields), param_root
     except ValidationError as e:
@@ -321,7 +346,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, raw: dict[s
     body = parse_job_create(raw)
     if body.integrations:
         raise BadRequest("integrations (wandb) are not supported here", param="integrations")
-    objective, hp, _ = _resolve_hyperparameters(body)
+    objective, hp, param_root = _resolve_hyperparameters(body)
     grader = _reinforcement_grader(body) if objective == "grpo" else None
     if body.seed is not None:
         hp.seed = body.seed
@@ -345,6 +370,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, raw: dict[s
         spec = JobSpec(
             dataset_id=dataset.id,
             base_model=base_model,
+            method=body.peft or "lora",
             objective=objective,
             init_adapter=init_adapter,
             grader=grader,
@@ -361,7 +387,9 @@ def create_job(session: Session, settings: Settings, tenant_id: str, raw: dict[s
         job, _ = jobs_service.create_job(session, settings, tenant_id, spec)
     except InvalidInput as e:
         param = e.param or ""
-        mapped = PARAM_OF_NATIVE.get(param, param.replace("hyperparameters.", "method.hyperparameters.", 1) or None)
+        if param.startswith("hyperparameters."):
+            param = param_root + param.removeprefix("hyperparameters")
+        mapped = PARAM_OF_NATIVE.get(param, param or None)
         raise as_bad_request(InvalidInput(e.message, param=mapped, code=e.code)) from None
     return job
 
