@@ -128,7 +128,7 @@ def test_project_commands_are_real_entrypoints(compose: dict[str, Any], scripts:
     assert "hf download" in " ".join(command(compose, "fetch-model"))
     assert entry_points(group="console_scripts", name="hf"), "huggingface_hub's `hf` command is missing"
 
-    # The CLI the README documents.
+    # The CLI docs/cli.md documents.
     assert scripts["tuneserve"] == "cli.main:main"
 
 
