@@ -29,6 +29,7 @@ from core.migrate import upgrade
 from core.modelzoo import build_model
 from core.processes import worker_command
 from core.settings import Settings
+from core.statuses import TERMINAL_STATUSES
 
 POLL_SECONDS = 0.02
 JOB = {"hyperparameters": {"max_steps": 2, "batch_size": 4}, "evaluation": {"enabled": False}}
@@ -47,7 +48,7 @@ def _until_done(client: TestClient, path: str, timeout: float = 300) -> dict[str
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = client.get(path).json()
-        if body["status"] in ("succeeded", "failed", "cancelled"):
+        if body["status"] in TERMINAL_STATUSES:
             return body
         time.sleep(0.1)
     raise RuntimeError(f"{path} did not finish in {timeout} s")

@@ -39,9 +39,10 @@ import psycopg
 
 from bench.processes import PG_ADMIN_URL, ROOT, Proc, create_database, drop_database, redis_command, sqlalchemy_url
 from core.processes import api_command, free_port, worker_command
+from core.statuses import TERMINAL_STATUSES
 
 FAULTS = ("kill_worker", "kill_child", "kill_api", "restart_redis", "drop_db_connections")
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = TERMINAL_STATUSES
 
 
 class Bench:

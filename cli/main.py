@@ -20,8 +20,8 @@ from rich.table import Table
 from cli.admin import admin_app
 from cli.client import DEFAULT_API_URL, Api, ApiError
 from cli.plot import loss_curve, save_loss_plot
+from core.statuses import TERMINAL_STATUSES
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 STATUS_STYLE = {
     "succeeded": "green",
     "failed": "red",
@@ -302,7 +302,7 @@ def jobs_show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="Jo
         (
             "status",
             styled(job["status"])
-            + (" (cancel requested)" if job["cancel_requested"] and job["status"] not in TERMINAL else ""),
+            + (" (cancel requested)" if job["cancel_requested"] and job["status"] not in TERMINAL_STATUSES else ""),
         ),
         ("dataset", job["dataset_id"]),
         ("base model", job["base_model"]),
@@ -378,7 +378,7 @@ def jobs_watch(
                 loss=fmt_number(job["last_loss"]),
                 eta=fmt_seconds(p["eta_seconds"]),
             )
-            if job["status"] in TERMINAL:
+            if job["status"] in TERMINAL_STATUSES:
                 break
             time.sleep(interval)
     if state.json:

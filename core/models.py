@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.db import Base
+from core.statuses import TERMINAL_STATUSES
 
 
 def utcnow() -> datetime:
@@ -45,7 +46,7 @@ class JobStatus(str, enum.Enum):
 
     @property
     def is_terminal(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+        return self.value in TERMINAL_STATUSES
 
 
 class AdapterStatus(str, enum.Enum):
@@ -239,7 +240,7 @@ class WorkStatus(str, enum.Enum):
 
     @property
     def is_terminal(self) -> bool:
-        return self in (WorkStatus.succeeded, WorkStatus.failed, WorkStatus.cancelled)
+        return self.value in TERMINAL_STATUSES
 
 
 class LeasedWork:

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from core.demo_data import write_demo_dataset
+from core.statuses import TERMINAL_STATUSES
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "var" / "compose"
@@ -339,7 +340,7 @@ def api_story(key: str) -> None:
         with step("job resumes from its checkpoint and succeeds", "tuneserve_worker_1"):
             j = wait_for(
                 "the job to finish",
-                lambda: (lambda j: j if j["status"] in ("succeeded", "failed", "cancelled") else None)(job()),
+                lambda: (lambda j: j if j["status"] in TERMINAL_STATUSES else None)(job()),
                 900,
                 "worker",
             )

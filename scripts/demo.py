@@ -29,6 +29,7 @@ from core.processes import (
     worker_command,
 )
 from core.settings import Settings
+from core.statuses import TERMINAL_STATUSES
 
 ROOT = Path(__file__).resolve().parent.parent
 API_PORT = int(os.environ.get("TUNESERVE_DEMO_PORT", "8765"))
@@ -176,7 +177,7 @@ def run_story(client: httpx.Client, processes: Processes, train_file: Path, test
             end="",
             flush=True,
         )
-        return current if current["status"] in ("succeeded", "failed", "cancelled") else None
+        return current if current["status"] in TERMINAL_STATUSES else None
 
     job = wait_until(finished, timeout=1800, processes=processes, what="training")
     print(f"\n  {job['status']} in {time.monotonic() - submitted_at:.1f}s from POST /jobs")

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from core.demo_data import write_demo_preference_dataset
+from core.statuses import TERMINAL_STATUSES
 from tests.support.stack import Stack
 
 TRAIN = {"learning_rate": 3e-3, "batch_size": 16, "seed": 0, "max_seq_length": 64}
@@ -55,7 +56,7 @@ def run_job(stack: Stack, body: dict[str, Any], *, evaluated: bool = False, time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = stack.client.get(f"/jobs/{job['id']}").json()
-        if job["evaluation"]["status"] in ("succeeded", "failed", "cancelled"):
+        if job["evaluation"]["status"] in TERMINAL_STATUSES:
             assert job["evaluation"]["status"] == "succeeded", job
             return job
         time.sleep(0.5)

@@ -35,10 +35,10 @@ from core.bounds import MAX_INT32
 from core.db import get_session_factory
 from core.repository import jobs as jobs_repo
 from core.settings import Settings
+from core.statuses import TERMINAL_STATUSES
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 # At most this many events per poll: a client that reconnects far behind catches up over a few polls.
 EVENTS_PER_POLL = 500
 
@@ -87,7 +87,7 @@ async def _stream(
             last_job = job
             yield _sse("job", job)
         # Terminal and caught up: the client has every event the job will ever have.
-        if job["status"] in TERMINAL and len(events) < EVENTS_PER_POLL:
+        if job["status"] in TERMINAL_STATUSES and len(events) < EVENTS_PER_POLL:
             yield _sse("end", {"reason": "terminal", "status": job["status"]})
             return
         if not follow:

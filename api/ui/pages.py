@@ -16,6 +16,7 @@ from fastapi.templating import Jinja2Templates
 
 from api.ui import assets
 from api.ui.docs import DOCS_URL
+from core.statuses import TERMINAL_STATUSES
 
 PAGES = {
     "datasets": "Datasets",
@@ -37,6 +38,7 @@ def _render(request: Request, template: str, title: str, nav: str, **context: ob
             "pages": PAGES,
             "assets": assets,
             "prefix": assets.CONSOLE_PREFIX,
+            "terminal_statuses": " ".join(sorted(TERMINAL_STATUSES)),
             "docs_url": DOCS_URL,
             # Whether the sign-in page must ask for a key: with auth off (make demo) there is none to ask for.
             "auth_enabled": request.app.state.settings.auth_enabled,

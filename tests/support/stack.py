@@ -7,7 +7,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +50,9 @@ class Stack:
             self.worker = None
 
     def wait_for_job(
-        self, job_id: str, *, until: set[str] | None = None, timeout: float = 240, condition: Any = None
+        self, job_id: str, *, until: Collection[str] = TERMINAL, timeout: float = 240, condition: Any = None
     ) -> dict[str, Any]:
         """Poll the job until it reaches one of `until` (default: a terminal state) or `condition(job)`."""
-        until = until or TERMINAL
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.client.get(f"/jobs/{job_id}").json()

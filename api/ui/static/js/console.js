@@ -8,7 +8,8 @@
 
 const KEY_STORAGE = "tuneserve.apiKey";
 const PREFIX = document.documentElement.dataset.prefix || "/ui";
-const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+// The statuses that end a record: core/statuses.py, through the page.
+const TERMINAL = new Set((document.documentElement.dataset.terminalStatuses || "").split(" "));
 
 // Set once Alpine has started every component on the page: what a test (or a script) waits for before acting.
 document.addEventListener("alpine:initialized", () => {
