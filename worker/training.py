@@ -310,6 +310,7 @@ def argmax_logits(logits: Any, _labels: Any) -> Any:
 def mean_token_accuracy(eval_prediction: Any) -> dict[str, float]:
     """The share of label tokens predicted exactly (the prediction at t is for the token at t + 1)."""
     predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+    predictions = predictions[:, -labels.shape[1] :]  # prompt learning's virtual tokens come first
     mask = labels[:, 1:] != IGNORE_INDEX
     hits = (predictions[:, :-1] == labels[:, 1:]) & mask
     return {"mean_token_accuracy": float(hits.sum() / max(int(mask.sum()), 1))}
@@ -463,6 +464,8 @@ def _with_token_accuracy(trainer_class: Any) -> Any:
             logits = getattr(outputs, "logits", None)
             labels = inputs.get("labels")
             if model.training and logits is not None and labels is not None and logits.dim() == 3:
+                # Prompt learning (prompt/prefix/p-tuning) puts its virtual tokens' positions before the labels'.
+                logits = logits[:, -labels.shape[1] :]
                 predicted, target = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
                 mask = target != IGNORE_INDEX
                 self.hits += int(((predicted == target) & mask).sum())
