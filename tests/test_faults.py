@@ -141,9 +141,10 @@ def test_duplicate_delivery_is_turned_away_by_the_lease(fault_stack: Stack) -> N
     logs = (stack.worker_log, dup_log)
     dup = stack.spawn_worker(dup_log, name="dup")
     try:
+        # Ready to claim at once: the worker's fork server has preloaded (an attempt waits for that before it claims).
         wait_until(
-            lambda: "dup@" in dup_log.read_text() and " ready." in dup_log.read_text(),
-            timeout=60,
+            lambda: "dup@" in dup_log.read_text() and ": preloaded in" in dup_log.read_text(),
+            timeout=120,
             what="the second worker to be ready",
         )
         job_id = submit_job(stack, max_steps=40)

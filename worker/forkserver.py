@@ -128,8 +128,12 @@ def serve(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
+    started = time.monotonic()
     _preload()
     _send(sock, {"ready": True})
+    # Into the worker's log (the server shares its stderr): from here an attempt starts warm, and at once.
+    sys.stderr.write(f"forkserver {os.getpid()}: preloaded in {time.monotonic() - started:.1f} s\n")
+    sys.stderr.flush()
     children: set[int] = set()
     buffer = b""
     while True:
