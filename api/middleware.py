@@ -55,7 +55,12 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 # The routes whose body is a multipart upload, with the setting that caps it.
-UPLOAD_LIMITS = {("POST", "/datasets"): "max_upload_bytes", ("POST", "/adapters"): "max_adapter_upload_bytes"}
+# /v1/files is a dataset upload (the OpenAI view of POST /datasets): the same cap.
+UPLOAD_LIMITS = {
+    ("POST", "/datasets"): "max_upload_bytes",
+    ("POST", "/v1/files"): "max_upload_bytes",
+    ("POST", "/adapters"): "max_adapter_upload_bytes",
+}
 # The routes whose body is an upload that the API spools and parses (or unpacks in a child): each holds one of the
 # tenant's upload slots while it runs.
 UPLOAD_ROUTES = frozenset({("POST", "/datasets"), ("POST", "/v1/files"), ("POST", "/adapters")})

@@ -92,6 +92,22 @@ def test_file_refusals_name_the_field_and_leave_nothing(stack: Stack, client: op
             call("file-does-not-exist")
 
 
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_a_file_is_capped_as_an_upload_not_as_a_json_body(stack: Stack) -> None:
+    """/v1/files is POST /datasets by another name: max_upload_bytes caps it, not the JSON body cap."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    settings = stack.settings.model_copy(update={"max_json_body_bytes": 16 * 1024, "reconcile_interval_seconds": 0})
+    big = _jsonl(*[CHAT] * 400)  # ~40 KiB: past the JSON cap, far under the upload cap
+    assert settings.max_json_body_bytes < len(big) < settings.max_upload_bytes
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {stack.api_key}"}) as http:
+        response = http.post("/v1/files", files={"file": ("big.jsonl", big)}, data={"purpose": "fine-tune"})
+        assert response.status_code == 200, response.text
+        assert response.json()["bytes"] == len(big)
+
+
 def test_another_tenants_file_is_not_found(stack: Stack, api_url: str, client: openai.OpenAI) -> None:
     mine = client.files.create(file=("mine.jsonl", _jsonl(CHAT)), purpose="fine-tune")
     other = openai.OpenAI(
