@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -15,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.support.aio import run_async
 from tests.support.http import api_server
 from tests.support.stack import Stack, mint_api_key
 
@@ -141,7 +141,7 @@ def test_async_client_uploads_and_reads_back(stack: Stack, api_url: str) -> None
             created = await aclient.files.create(file=("a.jsonl", _jsonl(CHAT)), purpose="fine-tune")
             return (await aclient.files.content(created.id)).content
 
-    assert asyncio.run(flow()) == _jsonl(CHAT)
+    assert run_async(flow()) == _jsonl(CHAT)
 
 
 SUPERVISED = {

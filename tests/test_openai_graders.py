@@ -4,7 +4,6 @@ not arithmetic) — each a 400 naming the field, never a 5xx."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from api.services.openai_graders import GraderContext, native_grader_from_openai
 from core.dataset_formats import OBJECTIVES_BY_FORMAT, DatasetFormat, DatasetLineError, parse_jsonl
 from core.errors import InvalidInput
 from core.graders import grade_openai, parse_grader, parse_openai_grader, score, text_similarity
+from tests.support.aio import run_async
 from tests.support.http import api_server
 from tests.support.stack import Stack
 from worker.objectives import reward_function, trl_rows
@@ -154,7 +154,7 @@ def test_a_run_body_that_utf8_cannot_hold_is_a_400_naming_the_field() -> None:
         ({"grader": _check("eq"), "model_sample": "a", "\ud800": 1}, "\\ud800"),
     ):
         with pytest.raises(BadRequest) as refused:
-            asyncio.run(run_grader(body, cast(GraderContext, None)))  # refused before the judge's context is read
+            run_async(run_grader(body, cast(GraderContext, None)))  # refused before the judge's context is read
         assert (refused.value.status_code, refused.value.param) == (400, param)
 
 

@@ -17,6 +17,7 @@ import jsonschema  # type: ignore[import-untyped]
 import openai
 import pytest
 
+from tests.support.aio import run_async
 from tests.support.generation import MAX_NEW, PROMPTS, Reference, make_adapter, unique
 from tests.support.http import api_server, assert_error
 from tests.support.stack import Stack, bearer, mint_api_key
@@ -277,7 +278,7 @@ def test_a_tenant_past_its_concurrent_generations_gets_429(serving_stack: Stack)
             return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(5)))
 
     with api_server(settings) as url:
-        responses = asyncio.run(run(url))
+        responses = run_async(run(url))
         statuses = sorted(r.status_code for r in responses)
         assert statuses.count(200) >= 2 and 429 in statuses and set(statuses) == {200, 429}, statuses
         refused = next(r for r in responses if r.status_code == 429)
@@ -285,5 +286,5 @@ def test_a_tenant_past_its_concurrent_generations_gets_429(serving_stack: Stack)
         assert "TUNESERVE_MAX_CONCURRENT_GENERATIONS_PER_TENANT" in error["message"]
         assert int(refused.headers["Retry-After"]) >= 1
         # Every slot was given back when its generation ended.
-        again = asyncio.run(run(url))
+        again = run_async(run(url))
         assert [r.status_code for r in again].count(200) >= 2

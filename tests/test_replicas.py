@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from api.services.serving_client import replica_order
 from core.migrate import upgrade
 from core.settings import Settings
+from tests.support.aio import run_async
 from tests.support.databases import drop_pg_database
 from tests.support.generation import PROMPTS, Reference, make_adapter, unique
 from tests.support.http import api_server, assert_error
@@ -145,7 +146,7 @@ def test_32_slow_streams_hold_no_database_connection_while_light_routes_answer(
         upgrade(settings.database_url)
         key = mint_api_key(settings)
         with api_server(settings) as url:
-            asyncio.run(_slow_streams_beside_light_routes(url, key, settings, databases[0], demo_files[0]))
+            run_async(_slow_streams_beside_light_routes(url, key, settings, databases[0], demo_files[0]))
     finally:
         for name in databases:
             drop_pg_database(name)

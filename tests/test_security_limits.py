@@ -23,6 +23,7 @@ from core.model_info import weight_shapes
 from core.models import Dataset
 from core.settings import Settings
 from tests.support.adapters import tar_gz
+from tests.support.aio import run_async
 from tests.support.stack import bearer, mint_api_key
 
 LOCAL = "http://127.0.0.1:8000"
@@ -184,7 +185,7 @@ def test_concurrent_uploads_past_the_cap_are_429_before_the_body_is_read(app_set
             again = await http.post("/datasets", content=head + rows + tail, headers={**headers, **mine})
             return second.status_code, other.status_code, done.status_code, again.status_code, second.text
 
-    second, other, first, again, text = asyncio.run(scenario())
+    second, other, first, again, text = run_async(scenario())
     assert second == 429 and "TUNESERVE_MAX_CONCURRENT_UPLOADS_PER_TENANT" in text, text
     assert (other, first, again) == (201, 201, 201)
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.storage import Store
+from tests.support.aio import run_async
 from tests.support.generation import MAX_NEW, PROMPTS, Reference, generate, make_adapter, unique
 from tests.support.http import Response, api_server, assert_error
 from tests.support.processes import free_port
@@ -108,7 +109,7 @@ def test_many_adapters_concurrently_each_equals_its_reference(
                 )
             )
 
-    responses = asyncio.run(run_all())
+    responses = run_async(run_all())
     for (name, request), response in zip(jobs, responses, strict=True):
         assert response.status_code == 200, response.text
         assert response.json()["token_ids"] == reference.greedy(dirs.get(name) if name else None, request), name
@@ -183,7 +184,7 @@ def test_broken_adapters_fail_alone_while_others_keep_answering(
                 )
             )
 
-    responses = asyncio.run(run_all())
+    responses = run_async(run_all())
     for name, response in zip(list(names) + [good] * 3, responses, strict=True):
         if name == good:
             assert response.status_code == 200, response.text

@@ -19,6 +19,7 @@ import signal
 import threading
 
 import pytest
+from _pytest.nodeid import NodeId
 
 
 def lane_of(item: pytest.Item) -> str:
@@ -31,7 +32,18 @@ def lane_of(item: pytest.Item) -> str:
 
 
 def assign_lane(item: pytest.Item) -> None:
-    item.add_marker(pytest.mark.xdist_group(lane_of(item)))
+    """Mark the item's group and put it in its node id, `ID@GROUP`, which is what loadgroup schedules by.
+
+    xdist 3.8 appends the group by setting `item._nodeid`, which pytest 9 no longer reads (a node id is now the
+    structured `item._id`), so it is done here. The same line gives schemathesis's items, which all share one node
+    id (the operation is only in their name), ids of their own: xdist keys its work by node id and would otherwise
+    run one operation of the fifty.
+    """
+    lane = lane_of(item)
+    item.add_marker(pytest.mark.xdist_group(lane))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        module, _, name = item.nodeid.rpartition("::")
+        item._id = NodeId.parse(f"{module}::{item.name}@{lane}")
 
 
 def one_thread_per_lane() -> None:

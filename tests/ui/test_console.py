@@ -215,6 +215,7 @@ def test_cancel_a_queued_job_from_its_page(browser: Any, console_stack: ConsoleS
         r.page.once("dialog", lambda dialog: dialog.accept())
         r.page.get_by_role("button", name="Cancel job").click()
         status.filter(has_text="cancelled").wait_for()
-        assert r.page.get_by_role("button", name="Cancel job").is_hidden()
+        # Alpine applies the button's x-show in its own effect, after the status text: wait for it, don't sample.
+        r.page.get_by_role("button", name="Cancel job").wait_for(state="hidden", timeout=5000)
     with httpx.Client(base_url=console_stack.url, headers=bearer(console_stack.key_a), timeout=30) as client:
         assert client.get(f"/jobs/{job['id']}").json()["status"] == "cancelled"
