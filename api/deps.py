@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.services import adapters as adapters_service
+from api.services import evaluations as evaluations_service
+from api.services import jobs as jobs_service
 from core.auth import tenant_for_key
+from core.bounds import MAX_INT32
 from core.db import get_session_factory
 from core.errors import Unauthenticated
-from core.models import DEFAULT_TENANT_ID
+from core.models import DEFAULT_TENANT_ID, Adapter, Evaluation, Job
 from core.settings import Settings
 
 
@@ -82,3 +87,49 @@ IdempotencyKeyHeader = Annotated[
         "request returns the resource the first one made (200, Idempotent-Replayed: true)",
     ),
 ]
+
+
+# Validating dependencies: a route that takes a job, adapter or evaluation id gets the tenant's row, or the 404
+# naming the path parameter, from one loader each (the services' own `..._or_404`, which other services reuse).
+# FastAPI runs a dependency before it validates the route's own query and body, so a route that has those too
+# (a job's events, an evaluation's samples, derive and merge) calls the loader in its body instead: a request
+# wrong in both ways keeps its 422, as before.
+
+
+def _tenants_job(session: SessionDep, tenant: TenantDep, job_id: str) -> Job:
+    return jobs_service.get_job_or_404(session, tenant, job_id)
+
+
+def _tenants_adapter(session: SessionDep, tenant: TenantDep, name: str) -> Adapter:
+    return adapters_service.live_adapter_or_404(session, tenant, name)
+
+
+def _tenants_evaluation(session: SessionDep, tenant: TenantDep, evaluation_id: str) -> Evaluation:
+    return evaluations_service.get_evaluation_or_404(session, tenant, evaluation_id)
+
+
+JobDep = Annotated[Job, Depends(_tenants_job)]
+AdapterDep = Annotated[Adapter, Depends(_tenants_adapter)]  # not deleted, too
+EvaluationDep = Annotated[Evaluation, Depends(_tenants_evaluation)]
+
+
+@dataclass(frozen=True)
+class Page:
+    """Which page of a newest-first list: at most `limit` rows after the row whose id is `after`."""
+
+    limit: int
+    after: str | None
+
+
+async def _page(
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=40)] = None,
+) -> Page:
+    return Page(limit=limit, after=after)
+
+
+PageParams = Annotated[Page, Depends(_page)]
+
+# A job's events are numbered: their cursor is an event id, and a page may be longer.
+EventCursor = Annotated[int | None, Query(ge=0, le=MAX_INT32, description="Continue after this event id")]
+EventLimit = Annotated[int, Query(ge=1, le=1000)]

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import AdapterDep, PageParams, SessionDep, SettingsDep, TenantDep
 from api.routing import StrictJSONRoute
 from api.schemas import AdapterOperationOut, AdapterOut, ErrorResponse, ListResponse
 from api.services import adapter_imports as imports_service
@@ -13,8 +13,7 @@ from api.services import adapter_operations as operations_service
 from api.services import adapters as adapters_service
 from api.services.serving_client import ServingClient, get_serving_client
 from core.adapter_ops import MAX_SCALE, MIN_SCALE
-from core.errors import NotFound
-from core.models import AdapterStatus, OperationKind
+from core.models import OperationKind
 from core.repository import adapters as adapters_repo
 
 router = APIRouter(prefix="/adapters", tags=["adapters"], route_class=StrictJSONRoute)
@@ -55,21 +54,13 @@ async def import_adapter(
 
 
 @router.get("", response_model=ListResponse[AdapterOut])
-def list_adapters(
-    session: SessionDep,
-    tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=40)] = None,
-) -> ListResponse[AdapterOut]:
-    rows, has_more = adapters_repo.list_adapters(session, tenant, limit=limit, after=after)
+def list_adapters(session: SessionDep, tenant: TenantDep, page: PageParams) -> ListResponse[AdapterOut]:
+    rows, has_more = adapters_repo.list_adapters(session, tenant, limit=page.limit, after=page.after)
     return ListResponse[AdapterOut](data=[AdapterOut.of(a) for a in rows], has_more=has_more)
 
 
 @router.get("/{name}", response_model=AdapterOut)
-def get_adapter(session: SessionDep, tenant: TenantDep, name: str) -> AdapterOut:
-    adapter = adapters_repo.get_owned_adapter(session, tenant, name)
-    if adapter is None or adapter.status == AdapterStatus.deleted:
-        raise NotFound(f"no adapter named {name!r}", param="name")
+def get_adapter(adapter: AdapterDep) -> AdapterOut:
     return AdapterOut.of(adapter)
 
 

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import EvaluationDep, PageParams, SessionDep, SettingsDep, TenantDep
 from api.routing import StrictJSONRoute
 from api.schemas import ErrorResponse, EvaluationOut, EvaluationSamplePage, ListResponse
 from api.services import evaluations as service
@@ -26,17 +26,18 @@ def create_evaluation(
 def list_evaluations(
     session: SessionDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=40)] = None,
+    page: PageParams,
     job_id: Annotated[str | None, Query(max_length=40)] = None,
 ) -> ListResponse[EvaluationOut]:
-    rows, has_more = evaluations_repo.list_evaluations(session, tenant, limit=limit, after=after, job_id=job_id)
+    rows, has_more = evaluations_repo.list_evaluations(
+        session, tenant, limit=page.limit, after=page.after, job_id=job_id
+    )
     return ListResponse[EvaluationOut](data=[EvaluationOut.of(e) for e in rows], has_more=has_more)
 
 
 @router.get("/{evaluation_id}", response_model=EvaluationOut)
-def get_evaluation(session: SessionDep, tenant: TenantDep, evaluation_id: str) -> EvaluationOut:
-    return EvaluationOut.of(service.get_evaluation_or_404(session, tenant, evaluation_id))
+def get_evaluation(evaluation: EvaluationDep) -> EvaluationOut:
+    return EvaluationOut.of(evaluation)
 
 
 @router.post(
@@ -44,10 +45,10 @@ def get_evaluation(session: SessionDep, tenant: TenantDep, evaluation_id: str) -
     response_model=EvaluationOut,
     responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
 )
-def cancel_evaluation(session: SessionDep, tenant: TenantDep, evaluation_id: str) -> EvaluationOut:
+def cancel_evaluation(session: SessionDep, evaluation: EvaluationDep) -> EvaluationOut:
     """A queued evaluation is `cancelled` at once; a running one stays `running` with `cancel_requested` until its
     worker stops it. 409 once it has ended."""
-    return EvaluationOut.of(service.cancel_evaluation(session, tenant, evaluation_id))
+    return EvaluationOut.of(service.cancel_evaluation(session, evaluation))
 
 
 @router.get("/{evaluation_id}/samples", response_model=EvaluationSamplePage)
@@ -61,5 +62,6 @@ def list_samples(
         float | None, Query(allow_inf_nan=False, description="Only the samples at this adapter scale")
     ] = None,
 ) -> EvaluationSamplePage:
+    # Not EvaluationDep: a bad limit, offset or scale is a 422 before the 404 (api/deps.py).
     evaluation = service.get_evaluation_or_404(session, tenant, evaluation_id)
     return service.sample_page(session, evaluation, limit=limit, offset=offset, scale=scale)

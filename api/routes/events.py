@@ -21,17 +21,16 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import EventCursor, SessionDep, SettingsDep, TenantDep
 from api.schemas import JobEventOut, JobOut
 from api.services import evaluations as evaluations_service
 from api.services import jobs as jobs_service
-from core.bounds import MAX_INT32
 from core.db import get_session_factory
 from core.repository import jobs as jobs_repo
 from core.settings import Settings
@@ -115,10 +114,11 @@ def stream_job_events(
     settings: SettingsDep,
     tenant: TenantDep,
     job_id: str,
-    after: Annotated[int | None, Query(ge=0, le=MAX_INT32, description="Continue after this event id")] = None,
+    after: EventCursor = None,
 ) -> StreamingResponse:
     """The job's events and status as they happen (SSE); what the console's job page draws its loss chart from."""
-    jobs_service.get_job_or_404(session, tenant, job_id)  # 404 before the stream starts; the session ends here
+    # 404 before the stream starts; the session ends here. Not JobDep: a bad cursor is a 422 first (api/deps.py).
+    jobs_service.get_job_or_404(session, tenant, job_id)
     follow = "text/event-stream" in request.headers.get("accept", "")
     return StreamingResponse(
         _stream(request, settings, tenant, job_id, after, follow),

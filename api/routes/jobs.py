@@ -1,17 +1,23 @@
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Response
 
-from fastapi import APIRouter, Query, Response
-
-from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, TenantDep
+from api.deps import (
+    EventCursor,
+    EventLimit,
+    IdempotencyKeyHeader,
+    JobDep,
+    PageParams,
+    SessionDep,
+    SettingsDep,
+    TenantDep,
+)
 from api.routing import StrictJSONRoute
 from api.schemas import CheckpointOut, ErrorResponse, JobEventOut, JobOut, JobReport, ListResponse
 from api.services import evaluations as evaluations_service
 from api.services import job_control
 from api.services import jobs as service
 from api.services.idempotency import mark_replayed
-from core.bounds import MAX_INT32
 from core.checkpoints import list_checkpoints
 from core.jobspec import JobSpec
 from core.models import JobStatus
@@ -47,24 +53,22 @@ def create_job(
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=40)] = None,
+    page: PageParams,
     status: JobStatus | None = None,
 ) -> ListResponse[JobOut]:
-    rows, has_more = jobs_repo.list_jobs(session, tenant, limit=limit, after=after, status=status)
+    rows, has_more = jobs_repo.list_jobs(session, tenant, limit=page.limit, after=page.after, status=status)
     return ListResponse[JobOut](data=[JobOut.of(j) for j in rows], has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
-    job = service.get_job_or_404(session, tenant, job_id)
+def get_job(session: SessionDep, job: JobDep) -> JobOut:
     return JobOut.of(job).model_copy(update={"evaluation": evaluations_service.job_summary(session, job)})
 
 
 @router.get("/{job_id}/report", response_model=JobReport)
-def get_job_report(session: SessionDep, tenant: TenantDep, job_id: str) -> JobReport:
+def get_job_report(session: SessionDep, job: JobDep) -> JobReport:
     """Base model vs the job's adapter on the test split, metric by metric."""
-    return evaluations_service.job_report(session, service.get_job_or_404(session, tenant, job_id))
+    return evaluations_service.job_report(session, job)
 
 
 @router.get("/{job_id}/events", response_model=ListResponse[JobEventOut])
@@ -72,10 +76,10 @@ def list_job_events(
     session: SessionDep,
     tenant: TenantDep,
     job_id: str,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[int | None, Query(ge=0, le=MAX_INT32, description="Continue after this event id")] = None,
+    limit: EventLimit = 100,
+    after: EventCursor = None,
 ) -> ListResponse[JobEventOut]:
-    service.get_job_or_404(session, tenant, job_id)
+    service.get_job_or_404(session, tenant, job_id)  # not JobDep: a bad limit or cursor is a 422 first (api/deps.py)
     rows, has_more = jobs_repo.list_events(session, job_id, limit=limit, after=after)
     return ListResponse[JobEventOut](data=[JobEventOut.of(e) for e in rows], has_more=has_more)
 
@@ -86,21 +90,18 @@ def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
 
 
 @router.post("/{job_id}/pause", response_model=JobOut, responses={409: {"model": ErrorResponse}})
-def pause_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+def pause_job(session: SessionDep, job: JobDep) -> JobOut:
     """Stop at a checkpoint and free the worker (a queued job pauses at once); resume continues from there."""
-    return JobOut.of(job_control.pause_job(session, tenant, job_id))
+    return JobOut.of(job_control.pause_job(session, job))
 
 
 @router.post("/{job_id}/resume", response_model=JobOut, responses={409: {"model": ErrorResponse}})
-def resume_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: str) -> JobOut:
+def resume_job(session: SessionDep, settings: SettingsDep, job: JobDep) -> JobOut:
     """Queue a paused job again; it continues from its last checkpoint, not from step 0."""
-    return JobOut.of(job_control.resume_job(session, settings, tenant, job_id))
+    return JobOut.of(job_control.resume_job(session, settings, job))
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointOut])
-def list_job_checkpoints(
-    session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: str
-) -> ListResponse[CheckpointOut]:
-    service.get_job_or_404(session, tenant, job_id)
-    rows = [CheckpointOut(**c.to_public()) for c in list_checkpoints(settings, job_id)]
+def list_job_checkpoints(settings: SettingsDep, job: JobDep) -> ListResponse[CheckpointOut]:
+    rows = [CheckpointOut(**c.to_public()) for c in list_checkpoints(settings, job.id)]
     return ListResponse[CheckpointOut](data=rows, has_more=False)

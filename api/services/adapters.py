@@ -11,11 +11,19 @@ from starlette.concurrency import run_in_threadpool
 from api.services.serving_client import ServingClient
 from core.cleanup import delete_adapter_files
 from core.errors import NotFound
-from core.models import Adapter
+from core.models import Adapter, AdapterStatus
 from core.repository import adapters as adapters_repo
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def live_adapter_or_404(session: Session, tenant_id: str, name: str, *, param: str = "name") -> Adapter:
+    """The tenant's adapter named `name`, unless it was deleted; else the 404 naming `param`, the field that named it."""
+    adapter = adapters_repo.get_owned_adapter(session, tenant_id, name)
+    if adapter is None or adapter.status == AdapterStatus.deleted:
+        raise NotFound(f"no adapter named {name!r}", param=param)
+    return adapter
 
 
 def _mark_deleted(session: Session, tenant_id: str, name: str) -> Adapter:

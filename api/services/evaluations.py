@@ -16,6 +16,7 @@ from api.schemas import (
     MetricComparison,
 )
 from api.services import usage as usage_service
+from api.services.adapters import live_adapter_or_404
 from api.services.datasets import get_dataset_or_404
 from core.adapter_ops import check_scalable
 from core.errors import Conflict, InvalidInput, NotFound
@@ -23,7 +24,6 @@ from core.evaluation.metrics import ALL_METRICS, LOWER_IS_BETTER
 from core.evaluation.spec import EvaluationSpec
 from core.models import AdapterStatus, Evaluation, EvaluationSample, Job, JobStatus, WorkStatus
 from core.queue import commit_and_send
-from core.repository import adapters as adapters_repo
 from core.repository import evaluations as evaluations_repo
 from core.repository import leases
 from core.repository.datasets import get_dataset
@@ -58,9 +58,7 @@ def create_evaluation(session: Session, settings: Settings, tenant_id: str, spec
                 "scales apply to an adapter; give adapter, or leave scales out for the base model", param="scales"
             )
     else:
-        adapter = adapters_repo.get_owned_adapter(session, tenant_id, spec.adapter)
-        if adapter is None or adapter.status == AdapterStatus.deleted:
-            raise NotFound(f"no adapter named {spec.adapter!r}", param="adapter")
+        adapter = live_adapter_or_404(session, tenant_id, spec.adapter, param="adapter")
         if adapter.status != AdapterStatus.ready:
             raise InvalidInput(f"adapter {spec.adapter!r} is {adapter.status.value}", param="adapter")
         scales = list(spec.scales) if spec.scales is not None else [1.0]
@@ -96,17 +94,16 @@ def get_evaluation_or_404(session: Session, tenant_id: str, evaluation_id: str) 
     return evaluation
 
 
-def cancel_evaluation(session: Session, tenant_id: str, evaluation_id: str) -> Evaluation:
+def cancel_evaluation(session: Session, evaluation: Evaluation) -> Evaluation:
     """A queued evaluation is cancelled at once; a running one is flagged for its worker (409 once it ended)."""
-    evaluation = get_evaluation_or_404(session, tenant_id, evaluation_id)
     if evaluation.status.is_terminal:
         raise Conflict(
-            f"evaluation {evaluation_id} is already {evaluation.status.value}",
+            f"evaluation {evaluation.id} is already {evaluation.status.value}",
             param="evaluation_id",
             code="evaluation_finished",
         )
-    leases.request_cancel(session, Evaluation, evaluation_id)
-    return get_evaluation_or_404(session, tenant_id, evaluation_id)
+    leases.request_cancel(session, Evaluation, evaluation.id)
+    return evaluation  # request_cancel expired it: what the caller reads next is the row as it is now
 
 
 def sample_page(

@@ -21,29 +21,27 @@ def check_controllable(job: Job) -> None:
         raise Conflict(f"job {job.id} is being cancelled", param="job_id", code="job_cancelling")
 
 
-def pause_job(session: Session, tenant_id: str, job_id: str) -> Job:
+def pause_job(session: Session, job: Job) -> Job:
     """Queued: paused at once. Running: asked to pause at its next step (a checkpoint is saved there). Paused: as is."""
-    job = get_job_or_404(session, tenant_id, job_id)
     check_controllable(job)
     if job.status in (JobStatus.queued, JobStatus.running) and not job.pause_requested:
         was = job.status
-        job_control.request_pause(session, job_id)
+        job_control.request_pause(session, job.id)
         message = "job paused (it was queued)" if was == JobStatus.queued else "pause requested"
-        jobs_repo.add_event(session, JobEvent(job_id=job_id, kind="status", message=message))
-    return get_job_or_404(session, tenant_id, job_id)
+        jobs_repo.add_event(session, JobEvent(job_id=job.id, kind="status", message=message))
+    return job  # request_pause expired it: what the caller reads next is the row as it is now
 
 
-def resume_job(session: Session, settings: Settings, tenant_id: str, job_id: str) -> Job:
+def resume_job(session: Session, settings: Settings, job: Job) -> Job:
     """Paused: queued again, to continue from its last checkpoint. A pause not reached yet is called off. Else as is."""
-    job = get_job_or_404(session, tenant_id, job_id)
     check_controllable(job)
     if job.status == JobStatus.paused or job.pause_requested:
-        if job_control.resume(session, job_id):
-            jobs_repo.add_event(session, JobEvent(job_id=job_id, kind="status", message="job resumed: queued"))
-            commit_and_send(session, settings, Job, job_id)
+        if job_control.resume(session, job.id):
+            jobs_repo.add_event(session, JobEvent(job_id=job.id, kind="status", message="job resumed: queued"))
+            commit_and_send(session, settings, Job, job.id)
         else:
-            jobs_repo.add_event(session, JobEvent(job_id=job_id, kind="status", message="pause called off"))
-    return get_job_or_404(session, tenant_id, job_id)
+            jobs_repo.add_event(session, JobEvent(job_id=job.id, kind="status", message="pause called off"))
+    return job  # resume expired it, as above
 
 
 def pause_or_as_is(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -51,7 +49,7 @@ def pause_or_as_is(session: Session, tenant_id: str, job_id: str) -> Job:
     job = get_job_or_404(session, tenant_id, job_id)
     if job.status.is_terminal or job.cancel_requested:
         return job
-    return pause_job(session, tenant_id, job_id)
+    return pause_job(session, job)
 
 
 def resume_or_as_is(session: Session, settings: Settings, tenant_id: str, job_id: str) -> Job:
@@ -59,4 +57,4 @@ def resume_or_as_is(session: Session, settings: Settings, tenant_id: str, job_id
     job = get_job_or_404(session, tenant_id, job_id)
     if job.status.is_terminal or job.cancel_requested:
         return job
-    return resume_job(session, settings, tenant_id, job_id)
+    return resume_job(session, settings, job)

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from api.services import idempotency as idempotency_service
 from api.services import usage as usage_service
+from api.services.adapters import live_adapter_or_404
 from api.services.datasets import get_dataset_or_404
 from core.dataset_formats import OBJECTIVES_BY_FORMAT
 from core.errors import Conflict, InvalidInput, NotFound
@@ -16,7 +17,6 @@ from core.jobspec import ATTENTION_MODULES, LORA_METHODS, JobSpec
 from core.model_info import check_target_modules
 from core.models import Adapter, AdapterStatus, Dataset, Job, JobEvent, JobStatus, TrainingMethod, new_id
 from core.queue import commit_and_send
-from core.repository import adapters as adapters_repo
 from core.repository import datasets as datasets_repo
 from core.repository import jobs as jobs_repo
 from core.repository import leases
@@ -61,7 +61,8 @@ def create_job(
     check_encodable({"metadata": spec.metadata, "validation_dataset_id": spec.validation_dataset_id}, "")
     check_validation_dataset(session, tenant_id, spec)
     if spec.init_adapter is not None:
-        adopt_init_adapter(spec, init_adapter_or_404(session, tenant_id, spec.init_adapter), base_model)
+        adapter = live_adapter_or_404(session, tenant_id, spec.init_adapter, param="init_adapter")
+        adopt_init_adapter(spec, adapter, base_model)
     job_id = new_id("ftjob")
     if idempotency is not None and (winner := idempotency_service.claim_key(session, idempotency, job_id)):
         return get_job_or_404(session, tenant_id, winner), True
@@ -128,13 +129,6 @@ def check_dataset_fits(dataset: Dataset, objective: str) -> None:
             param="objective",
             code="dataset_objective_mismatch",
         )
-
-
-def init_adapter_or_404(session: Session, tenant_id: str, name: str) -> Adapter:
-    adapter = adapters_repo.get_owned_adapter(session, tenant_id, name)
-    if adapter is None or adapter.status == AdapterStatus.deleted:
-        raise NotFound(f"no adapter named {name!r}", param="init_adapter")
-    return adapter
 
 
 def adopt_init_adapter(spec: JobSpec, adapter: Adapter, base_model: str) -> None:
